@@ -1,0 +1,1 @@
+"""autopipec-hpc: DFT data to a validated ACE potential."""

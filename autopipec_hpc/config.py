@@ -1,0 +1,183 @@
+"""Typed settings: what to train (TrainConfig) and where to run it (SiteConfig).
+
+Both load from YAML and refuse unknown keys by name, because pacemaker itself
+silently ignores keys it does not know (facts.md) and a typo must not cost a
+day of GPU time.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from autopipec_hpc.errors import ConfigError
+
+# Radial and angular budgets per body order (pacemaker's own UNARY defaults);
+# max_degree = body order - 1 selects how many of them are used.
+NRADMAX_BY_ORDERS = [15, 6, 4, 3, 2, 2]
+LMAX_BY_ORDERS = [0, 3, 3, 2, 2, 1]
+
+_NAME = re.compile(r"^[A-Za-z0-9_.-]+$")
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class TrainConfig(_Strict):
+    """Training settings; the mapping onto pacemaker's input.yaml is in ``pacemaker_input``."""
+
+    cutoff: float = Field(5.0, gt=0, description="ACE radial cutoff rcut, Angstrom")
+    b_basis_size: int = Field(500, ge=1, description="functions per element")
+    max_degree: int = Field(3, ge=1, le=len(NRADMAX_BY_ORDERS), description="body order - 1")
+    energy_weight: float = Field(1.0, ge=0)
+    force_weight: float = Field(100.0, ge=0)
+    l1_coeffs: float = Field(1e-8, ge=0, description="L1 regularization")
+    l2_coeffs: float = Field(1e-8, ge=0, description="L2 regularization")
+    maxiter: int = Field(1500, ge=1)
+    optimizer: Literal["BFGS", "L-BFGS-B"] = "BFGS"
+    batch_size: int = Field(100, ge=1)
+    seed: int = 42
+    test_fraction: float = Field(0.1, ge=0, lt=1)
+    zbl_inner: float = Field(1.0, gt=0, description="LAMMPS pair_style zbl inner cutoff")
+    zbl_outer: float = Field(2.0, gt=0, description="LAMMPS pair_style zbl outer cutoff")
+    reference_energies: dict[str, float] | None = Field(
+        None, description="isolated-atom energies per element; fitted by least squares if absent"
+    )
+    max_energy_rmse_mev: float = Field(1000.0, gt=0, description="divergence threshold, meV/atom")
+    max_force_rmse_mev: float = Field(10000.0, gt=0, description="divergence threshold, meV/A")
+    timeout_hours: float = Field(24.0, gt=0)
+
+    @model_validator(mode="after")
+    def _check(self) -> "TrainConfig":
+        if self.zbl_inner >= self.zbl_outer:
+            raise ValueError(f"zbl_inner ({self.zbl_inner}) must be smaller than zbl_outer ({self.zbl_outer})")
+        if self.energy_weight + self.force_weight == 0:
+            raise ValueError("energy_weight and force_weight cannot both be 0")
+        return self
+
+    @property
+    def kappa(self) -> float:
+        """pacemaker's energy/force balance: loss = (1-k) E-term + k F-term."""
+        return self.force_weight / (self.energy_weight + self.force_weight)
+
+    @property
+    def nradmax_by_orders(self) -> list[int]:
+        return NRADMAX_BY_ORDERS[: self.max_degree]
+
+    @property
+    def lmax_by_orders(self) -> list[int]:
+        return LMAX_BY_ORDERS[: self.max_degree]
+
+    @classmethod
+    def from_yaml(cls, path: str | Path | None) -> "TrainConfig":
+        return load_model(cls, path)
+
+
+class JobResources(_Strict):
+    partition: str | None = None
+    account: str | None = None
+    qos: str | None = None
+    gpus: int = Field(0, ge=0)
+    cpus: int = Field(1, ge=1)
+    mem_gb: float = Field(4.0, gt=0)
+    time_minutes: int = Field(60, ge=1)
+
+    @field_validator("partition", "account", "qos")
+    @classmethod
+    def _safe_name(cls, value: str | None) -> str | None:
+        if value is not None and not _NAME.match(value):
+            raise ValueError(f"{value!r} may only hold letters, digits, '_', '.' and '-'")
+        return value
+
+
+class PacemakerSetup(_Strict):
+    command: str = Field("pacemaker", description="pacemaker executable on the compute node")
+    evaluator: Literal["tensorpot", "pyace"] = "tensorpot"
+
+    @field_validator("command")
+    @classmethod
+    def _no_shell(cls, value: str) -> str:
+        if not value or any(ch in value for ch in "\n;&|`$<>'\"\\") or " " in value.strip():
+            raise ValueError(f"pacemaker command must be one executable path or name, got {value!r}")
+        return value.strip()
+
+
+class SiteConfig(_Strict):
+    """Where and how the pipeline runs: one small YAML file per site."""
+
+    name: str = "local"
+    scheduler: Literal["local", "slurm"] = "local"
+    work_dir: Path = Path("runs")
+    output_dir: Path = Path("output")
+    database: str = "output/structures.db"
+    setup: list[str] = Field(default_factory=list, description="shell lines run before each job")
+    python: str = Field("python3", description="python of the compute-node environment")
+    pacemaker: PacemakerSetup = PacemakerSetup()
+    train: JobResources = JobResources()
+    evaluate: JobResources = JobResources()
+    max_restarts: int = Field(2, ge=0, description="requeues after a time limit or preemption")
+    signal_delay_s: int = Field(60, ge=5, description="SIGUSR2 this long before the time limit")
+    result_timeout_s: float = Field(
+        7 * 24 * 3600.0, gt=0, description="how long `submit --wait` waits for a result"
+    )
+
+    @field_validator("name")
+    @classmethod
+    def _safe_site_name(cls, value: str) -> str:
+        if not _NAME.match(value):
+            raise ValueError(f"site name {value!r} may only hold letters, digits, '_', '.' and '-'")
+        return value
+
+    @field_validator("setup")
+    @classmethod
+    def _one_line_each(cls, value: list[str]) -> list[str]:
+        for line in value:
+            if "\n" in line or "\r" in line or "\0" in line:
+                raise ValueError(f"setup line {line!r} must be a single line")
+        return value
+
+    @field_validator("python")
+    @classmethod
+    def _python_path(cls, value: str) -> str:
+        if not value or any(ch in value for ch in "\n;&|`$<>'\" \\"):
+            raise ValueError(f"python must be one executable path or name, got {value!r}")
+        return value
+
+    @classmethod
+    def from_yaml(cls, path: str | Path | None) -> "SiteConfig":
+        return load_model(cls, path)
+
+
+def load_model(cls: type[_Strict], path: str | Path | None):
+    """Build ``cls`` from a YAML file (defaults when ``path`` is None); errors name the key."""
+    if path is None:
+        return cls()
+    path = Path(path)
+    try:
+        raw: Any = yaml.safe_load(path.read_text()) or {}
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: no such file") from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML ({exc})") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: expected a mapping of settings, got {type(raw).__name__}")
+    try:
+        return cls.model_validate(raw)
+    except ValidationError as exc:
+        raise ConfigError(f"{path}: {describe_validation_error(exc)}") from None
+
+
+def describe_validation_error(exc: ValidationError) -> str:
+    parts = []
+    for err in exc.errors():
+        key = ".".join(str(p) for p in err["loc"]) or "(top level)"
+        if err["type"] == "extra_forbidden":
+            parts.append(f"unknown key '{key}'")
+        else:
+            parts.append(f"'{key}': {err['msg']}")
+    return "; ".join(parts)

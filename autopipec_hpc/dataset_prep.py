@@ -1,0 +1,441 @@
+"""Labelled structures -> ZBL-delta datasets pacemaker trains and tests on.
+
+Two streaming passes over the structures, so memory follows the largest
+structure and the shard size, never the number of structures:
+
+1. check labels, compute the ZBL energy, note id / config_type / composition;
+   then split (stratified by config_type) and settle the reference energies;
+2. compute ZBL energy and forces again, write the delta targets to
+   pacemaker pickles (sharded by atom count) and Extended XYZ.
+
+Target energy = E_DFT - E_ZBL - sum of per-element reference energies;
+target forces = F_DFT - F_ZBL.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import logging
+import os
+import tempfile
+from collections import Counter, defaultdict
+from collections.abc import Iterable, Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import IO, Any
+
+import ase.io
+import numpy as np
+import pandas as pd
+from ase import Atoms
+
+from autopipec_hpc.errors import ConfigError, InsufficientDataError, StructureError
+from autopipec_hpc.physics import ZBLCalculator, fit_reference_energies, per_atom_reference
+
+log = logging.getLogger(__name__)
+
+MANIFEST = "dataset.json"
+PICKLE_PROTOCOL = 4  # what pacemaker's own writers use; readable by older pandas
+
+
+@dataclass(frozen=True)
+class DatasetSettings:
+    test_fraction: float = 0.1
+    seed: int = 42
+    zbl_inner: float = 1.0
+    zbl_outer: float = 2.0
+    reference_energies: Mapping[str, float] | None = None
+    shard_atoms: int = 50_000
+    write_extxyz: bool = True
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.test_fraction < 1.0:
+            raise ConfigError(f"test_fraction must be in [0, 1), got {self.test_fraction}")
+        if self.shard_atoms < 1:
+            raise ConfigError(f"shard_atoms must be >= 1, got {self.shard_atoms}")
+        ZBLCalculator(self.zbl_inner, self.zbl_outer)  # validates the cutoffs
+
+
+@dataclass
+class SkippedStructure:
+    db_id: Any
+    config_type: str
+    reason: str
+
+
+@dataclass
+class DatasetManifest:
+    """What ``prepare`` wrote; saved as ``dataset.json`` beside the files."""
+
+    directory: str
+    train_files: list[str]
+    test_files: list[str]
+    train_extxyz: str | None
+    test_extxyz: str | None
+    train_ids: list[int]
+    test_ids: list[int]
+    train_counts: dict[str, int]
+    test_counts: dict[str, int]
+    single_structure_types: list[str]
+    skipped: list[SkippedStructure]
+    reference_energies: dict[str, float]
+    reference_energies_source: str
+    elements: list[str]
+    zbl_inner: float
+    zbl_outer: float
+    zbl_energy_range: tuple[float, float]
+    zbl_energy_per_atom_range: tuple[float, float]
+    target_energy_per_atom_range: tuple[float, float]
+    min_distance: float
+    has_force_weights: bool
+    test_fraction: float
+    seed: int
+
+    @property
+    def train_paths(self) -> list[Path]:
+        return [Path(self.directory) / f for f in self.train_files]
+
+    @property
+    def test_paths(self) -> list[Path]:
+        return [Path(self.directory) / f for f in self.test_files]
+
+    def save(self) -> Path:
+        path = Path(self.directory) / MANIFEST
+        atomic_write_text(path, json.dumps(asdict(self), indent=2))
+        return path
+
+    @classmethod
+    def load(cls, directory: str | Path) -> "DatasetManifest":
+        raw = json.loads((Path(directory) / MANIFEST).read_text())
+        raw["skipped"] = [SkippedStructure(**s) for s in raw["skipped"]]
+        for key in ("zbl_energy_range", "zbl_energy_per_atom_range", "target_energy_per_atom_range"):
+            raw[key] = tuple(raw[key])
+        raw["directory"] = str(directory)
+        return cls(**raw)
+
+
+@dataclass
+class _Seen:
+    """What pass 1 keeps per usable structure: small, independent of its size."""
+
+    db_id: int
+    config_type: str
+    natoms: int
+    composition: dict[str, int]
+    energy_dft: float
+    energy_zbl: float
+
+
+# -- atomic files --------------------------------------------------------------
+@contextmanager
+def atomic_output(path: Path, mode: str = "wb") -> Iterator[IO]:
+    """Write to a temporary file beside ``path``; rename over it only on success."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, mode) as handle:
+            yield handle
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.chmod(tmp, 0o666 & ~_umask())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def read_pickle(path: str | Path) -> pd.DataFrame:
+    return pd.read_pickle(path, compression="gzip")
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    with atomic_output(path, "w") as handle:
+        handle.write(text)
+
+
+def write_pickle(df: pd.DataFrame, path: Path) -> None:
+    """pacemaker's format: a gzip-compressed pandas pickle."""
+    with atomic_output(path, "wb") as raw:
+        with gzip.GzipFile(fileobj=raw, mode="wb", mtime=0) as gz:
+            df.to_pickle(gz, protocol=PICKLE_PROTOCOL)
+
+
+# -- checks and split ---------------------------------------------------------
+def dft_labels(atoms: Atoms) -> tuple[float, np.ndarray]:
+    """The DFT energy and forces of a structure, or StructureError saying what is wrong."""
+    results = atoms.calc.results if atoms.calc is not None else {}
+    energy = results.get("energy")
+    forces = results.get("forces")
+    if energy is None:
+        raise StructureError("missing energy")
+    if not np.isfinite(energy):
+        raise StructureError(f"energy is {energy}")
+    if forces is None:
+        raise StructureError("missing forces")
+    forces = np.asarray(forces, dtype=float)
+    if forces.shape != (len(atoms), 3):
+        raise StructureError(f"forces have shape {forces.shape}, expected ({len(atoms)}, 3)")
+    if not np.isfinite(forces).all():
+        bad = int(np.argwhere(~np.isfinite(forces))[0][0])
+        raise StructureError(f"forces contain NaN or Inf (atom {bad})")
+    mask = atoms.arrays.get("force_mask")
+    if mask is not None and np.shape(mask) != (len(atoms),):
+        raise StructureError(f"force_mask has shape {np.shape(mask)}, expected ({len(atoms)},)")
+    return float(energy), forces
+
+
+def stratified_split(
+    config_types: Mapping[int, str], test_fraction: float, seed: int
+) -> tuple[list[int], list[int], list[str]]:
+    """Train ids, test ids, and the config_types that had a single structure.
+
+    Each config_type with n >= 2 structures puts round(f * n) of them, at least
+    one and at most n - 1, in the test set. Deterministic for a given seed and
+    set of ids, whatever order the ids came in.
+    """
+    groups: dict[str, list[int]] = defaultdict(list)
+    for db_id, ctype in config_types.items():
+        groups[ctype].append(db_id)
+    rng = np.random.default_rng(seed)
+    train: list[int] = []
+    test: list[int] = []
+    singles: list[str] = []
+    for ctype in sorted(groups):
+        ids = sorted(groups[ctype])
+        if len(ids) == 1:
+            singles.append(ctype)
+            train.extend(ids)
+            continue
+        n_test = 0 if test_fraction == 0 else min(max(1, round(test_fraction * len(ids))), len(ids) - 1)
+        order = rng.permutation(len(ids))
+        test.extend(ids[k] for k in order[:n_test])
+        train.extend(ids[k] for k in order[n_test:])
+    return sorted(train), sorted(test), singles
+
+
+# -- writers -------------------------------------------------------------------
+class _ShardedPickleWriter:
+    """Rows -> ``{stem}-NNN.pckl.gzip`` files of at most ``shard_atoms`` atoms each."""
+
+    def __init__(self, directory: Path, stem: str, shard_atoms: int) -> None:
+        self.directory = directory
+        self.stem = stem
+        self.shard_atoms = shard_atoms
+        self.rows: list[dict[str, Any]] = []
+        self.atoms_in_shard = 0
+        self.files: list[str] = []
+
+    def add(self, row: dict[str, Any]) -> None:
+        natoms = len(row["ase_atoms"])
+        if self.rows and self.atoms_in_shard + natoms > self.shard_atoms:
+            self._flush()
+        self.rows.append(row)
+        self.atoms_in_shard += natoms
+
+    def _flush(self) -> None:
+        name = f"{self.stem}-{len(self.files):03d}.pckl.gzip"
+        write_pickle(pd.DataFrame(self.rows), self.directory / name)
+        self.files.append(name)
+        self.rows = []
+        self.atoms_in_shard = 0
+
+    def close(self) -> list[str]:
+        if self.rows:
+            self._flush()
+        return self.files
+
+
+def extxyz_frame(atoms: Atoms, energy: float, forces: np.ndarray, config_type: str,
+                 db_id: int, force_weights: np.ndarray | None) -> Atoms:
+    """The frame written to Extended XYZ: ``species pos forces [force_weights]`` columns,
+    energy, config_type and database id in the comment line."""
+    frame = Atoms(numbers=atoms.numbers, positions=atoms.positions, cell=atoms.cell, pbc=atoms.pbc)
+    frame.info["config_type"] = config_type
+    frame.info["db_id"] = int(db_id)
+    frame.info["energy"] = float(energy)
+    # As plain arrays (not a calculator) so forces come before the weights column.
+    frame.arrays["forces"] = np.asarray(forces, dtype=float)
+    if force_weights is not None:
+        frame.arrays["force_weights"] = np.asarray(force_weights, dtype=float)
+    return frame
+
+
+# -- the builder ----------------------------------------------------------------
+class DatasetBuilder:
+    """Builds the train and test datasets of one training run."""
+
+    def __init__(self, settings: DatasetSettings | None = None) -> None:
+        self.settings = settings or DatasetSettings()
+        self.zbl = ZBLCalculator(self.settings.zbl_inner, self.settings.zbl_outer)
+
+    def _scan(self, structures: Iterable[Atoms]) -> tuple[list[_Seen], list[SkippedStructure], bool, float]:
+        seen: list[_Seen] = []
+        skipped: list[SkippedStructure] = []
+        has_mask = False
+        min_distance = np.inf
+        for index, atoms in enumerate(structures):
+            db_id = atoms.info.get("db_id", index)
+            atoms.info.setdefault("db_id", db_id)
+            ctype = str(atoms.info.get("config_type", "default"))
+            try:
+                energy, _ = dft_labels(atoms)
+                pairs = self.zbl.pairs(atoms)
+                e_zbl = self.zbl.evaluate(atoms, pairs=pairs)[0]
+            except StructureError as exc:
+                reason = str(exc).split(": ", 1)[-1] if str(exc).startswith("structure") else str(exc)
+                log.warning("skipping structure id=%s (%s): %s", db_id, ctype, reason)
+                skipped.append(SkippedStructure(db_id=db_id, config_type=ctype, reason=reason))
+                continue
+            has_mask = has_mask or "force_mask" in atoms.arrays
+            if len(pairs[2]):
+                min_distance = min(min_distance, float(pairs[2].min()))
+            seen.append(
+                _Seen(int(db_id), ctype, len(atoms), dict(Counter(atoms.get_chemical_symbols())),
+                      energy, e_zbl)
+            )
+        return seen, skipped, has_mask, float(min_distance)
+
+    def prepare_dataset(self, structures: Iterable[Atoms], output_path: str | Path) -> DatasetManifest:
+        """Write train/test pickles, Extended XYZ and ``dataset.json`` into ``output_path``.
+
+        ``structures`` is iterated twice (a list, or a re-iterable database
+        view). Each Atoms carries its DFT labels in a calculator, and
+        ``info['db_id']`` / ``info['config_type']``; ``arrays['force_mask']``
+        is optional. Unusable structures are skipped, logged and listed.
+        """
+        settings = self.settings
+        out = Path(output_path)
+        seen, skipped, has_mask, min_distance = self._scan(structures)
+        if not seen:
+            detail = f" ({len(skipped)} skipped: {skipped[0].reason} ...)" if skipped else ""
+            raise InsufficientDataError(f"no usable structures to build a dataset from{detail}")
+        by_id = {s.db_id: s for s in seen}
+        if len(by_id) != len(seen):
+            raise InsufficientDataError("structure ids are not unique; cannot split reproducibly")
+        train_ids, test_ids, singles = stratified_split(
+            {s.db_id: s.config_type for s in seen}, settings.test_fraction, settings.seed
+        )
+        if not train_ids:
+            raise InsufficientDataError("no structures left for training after the split")
+        if settings.reference_energies is not None:
+            references = {k: float(v) for k, v in settings.reference_energies.items()}
+            source = "given"
+        else:
+            train = [by_id[i] for i in train_ids]
+            references = fit_reference_energies(
+                [s.composition for s in train], [s.energy_dft - s.energy_zbl for s in train]
+            )
+            source = "least squares on the training set"
+        elements = sorted({el for s in seen for el in s.composition})
+        missing = sorted(set(elements) - set(references))
+        if missing:
+            raise ConfigError(f"reference_energies has no value for element(s) {', '.join(missing)}")
+
+        out.mkdir(parents=True, exist_ok=True)
+        split_of = {i: "train" for i in train_ids} | {i: "test" for i in test_ids}
+        writers = {
+            name: _ShardedPickleWriter(out, name, settings.shard_atoms) for name in ("train", "test")
+        }
+        xyz_paths = {name: out / f"{name}.extxyz" for name in ("train", "test")}
+        target_epa: list[float] = []
+        with _maybe_xyz(xyz_paths["train"], settings.write_extxyz) as xyz_train, _maybe_xyz(
+            xyz_paths["test"], settings.write_extxyz and bool(test_ids)
+        ) as xyz_test:
+            xyz = {"train": xyz_train, "test": xyz_test}
+            for index, atoms in enumerate(structures):
+                db_id = int(atoms.info.get("db_id", index))
+                split = split_of.get(db_id)
+                if split is None:
+                    continue  # skipped in pass 1
+                atoms.info.setdefault("db_id", db_id)
+                row, frame = self._delta_row(atoms, by_id[db_id], references, has_mask)
+                target_epa.append(row["energy_corrected"] / len(atoms))
+                writers[split].add(row)
+                if xyz[split] is not None:
+                    ase.io.write(xyz[split], frame, format="extxyz")
+        train_files = writers["train"].close()
+        test_files = writers["test"].close()
+        counts = {
+            name: dict(sorted(Counter(by_id[i].config_type for i in ids).items()))
+            for name, ids in (("train", train_ids), ("test", test_ids))
+        }
+        e_zbl = np.array([s.energy_zbl for s in seen])
+        e_zbl_pa = np.array([s.energy_zbl / s.natoms for s in seen])
+        manifest = DatasetManifest(
+            directory=str(out),
+            train_files=train_files,
+            test_files=test_files,
+            train_extxyz=xyz_paths["train"].name if settings.write_extxyz else None,
+            test_extxyz=xyz_paths["test"].name if settings.write_extxyz and test_ids else None,
+            train_ids=train_ids,
+            test_ids=test_ids,
+            train_counts=counts["train"],
+            test_counts=counts["test"],
+            single_structure_types=singles,
+            skipped=skipped,
+            reference_energies=references,
+            reference_energies_source=source,
+            elements=elements,
+            zbl_inner=settings.zbl_inner,
+            zbl_outer=settings.zbl_outer,
+            zbl_energy_range=(float(e_zbl.min()), float(e_zbl.max())),
+            zbl_energy_per_atom_range=(float(e_zbl_pa.min()), float(e_zbl_pa.max())),
+            target_energy_per_atom_range=(float(min(target_epa)), float(max(target_epa))),
+            min_distance=min_distance,
+            has_force_weights=has_mask,
+            test_fraction=settings.test_fraction,
+            seed=settings.seed,
+        )
+        manifest.save()
+        return manifest
+
+    def _delta_row(self, atoms: Atoms, seen: _Seen, references: Mapping[str, float],
+                   has_mask: bool) -> tuple[dict[str, Any], Atoms]:
+        energy_dft, forces_dft = dft_labels(atoms)
+        if abs(energy_dft - seen.energy_dft) > 0:
+            raise StructureError(f"structure id={seen.db_id} changed between the two passes")
+        e_zbl, _, f_zbl, _ = self.zbl.evaluate(atoms)
+        e_ref = float(per_atom_reference(atoms, references).sum())
+        target_e = energy_dft - e_zbl - e_ref
+        target_f = forces_dft - f_zbl
+        clean = Atoms(numbers=atoms.numbers, positions=atoms.positions, cell=atoms.cell, pbc=atoms.pbc)
+        row: dict[str, Any] = {
+            "ase_atoms": clean,
+            # pacemaker recomputes energy_corrected from `energy` when it
+            # distrusts the range; both hold the target so either way it trains on it.
+            "energy": target_e,
+            "energy_corrected": target_e,
+            "forces": target_f,
+            "config_type": seen.config_type,
+            "db_id": seen.db_id,
+            "energy_dft": energy_dft,
+            "forces_dft": forces_dft,
+            "energy_zbl": e_zbl,
+            "forces_zbl": f_zbl,
+            "energy_reference": e_ref,
+        }
+        weights = None
+        if has_mask:
+            mask = atoms.arrays.get("force_mask")
+            weights = np.ones(len(atoms)) if mask is None else (np.asarray(mask) != 0).astype(float)
+            row["w_energy"] = 1.0
+            row["w_forces"] = weights
+        frame = extxyz_frame(atoms, target_e, target_f, seen.config_type, seen.db_id, weights)
+        return row, frame
+
+
+@contextmanager
+def _maybe_xyz(path: Path, enabled: bool) -> Iterator[IO | None]:
+    if not enabled:
+        yield None
+        return
+    with atomic_output(path, "w") as handle:
+        yield handle

@@ -1,0 +1,257 @@
+"""The ASE database: labelled structures in, training records out.
+
+Structure rows are ordinary ASE rows: energy and forces as single-point
+results, ``status`` and ``config_type`` as key-value pairs, an optional
+per-atom ``force_mask`` in ``data``. Training records are rows too (with no
+atoms and ``record=training``), so ``ase db FILE record=training`` lists them
+next to the data they came from.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import ase.db
+import ase.io
+import numpy as np
+from ase import Atoms
+from ase.calculators.singlepoint import SinglePointCalculator
+
+from autopipec_hpc.errors import DatabaseError, ImportDataError
+
+READY = "TRAINING_READY"
+TRAINING_RECORD = "training"
+RECORD_STATES = ("SUBMITTED", "RUNNING", "SUCCEEDED", "FAILED", "DIVERGED", "CANCELLED")
+
+
+def _is_url(target: str) -> bool:
+    return "://" in target
+
+
+@dataclass(frozen=True)
+class TrainingRecord:
+    generation: int
+    status: str
+    reason: str
+    row_id: int
+    values: dict[str, Any]
+    data: dict[str, Any]
+
+
+class DatabaseManager:
+    """One ASE database (a SQLite path by default, or any URL ``ase.db`` accepts)."""
+
+    def __init__(self, target: str | Path) -> None:
+        self.target = str(target)
+        if not _is_url(self.target):
+            path = Path(self.target)
+            if path.suffix not in (".db", ".json"):
+                raise DatabaseError(
+                    f"database {self.target!r}: expected a .db (SQLite) or .json path, or a URL"
+                )
+            path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            self._db = ase.db.connect(self.target, append=True)
+        except Exception as exc:  # ase raises many kinds; the path is what the user needs
+            raise DatabaseError(f"cannot open database {self.target!r}: {exc}") from exc
+
+    # -- structures ---------------------------------------------------------
+    def import_files(
+        self,
+        paths: Sequence[str | Path],
+        status: str = READY,
+        config_type: str | None = None,
+    ) -> int:
+        """Add every frame of ``paths``; all or nothing.
+
+        Every frame is checked before the first row is written, and the rows are
+        written in one transaction, so a refused file leaves the database as it was.
+        """
+        for path in paths:
+            for index, atoms in enumerate(ase.io.iread(str(path), index=":")):
+                _labels_of(atoms, f"{path}: frame {index}")
+        count = 0
+        with self._db as db:
+            for path in paths:
+                for index, atoms in enumerate(ase.io.iread(str(path), index=":")):
+                    energy, forces = _labels_of(atoms, f"{path}: frame {index}")
+                    ctype = config_type or str(atoms.info.get("config_type", "default"))
+                    row_atoms = Atoms(
+                        numbers=atoms.numbers,
+                        positions=atoms.positions,
+                        cell=atoms.cell,
+                        pbc=atoms.pbc,
+                    )
+                    row_atoms.calc = SinglePointCalculator(row_atoms, energy=energy, forces=forces)
+                    data = {}
+                    if "force_mask" in atoms.arrays:
+                        data["force_mask"] = np.asarray(atoms.arrays["force_mask"], dtype=np.int8)
+                    db.write(
+                        row_atoms,
+                        status=status,
+                        config_type=ctype,
+                        source=Path(path).name,
+                        frame=index,
+                        data=data,
+                    )
+                    count += 1
+        return count
+
+    def add_structure(
+        self,
+        atoms: Atoms,
+        energy: float,
+        forces: np.ndarray,
+        config_type: str,
+        status: str = READY,
+        force_mask: np.ndarray | None = None,
+    ) -> int:
+        """Write one labelled structure. Labels are stored as given, even bad ones:
+        the dataset stage is where they are judged, and it names the row at fault."""
+        row_atoms = Atoms(numbers=atoms.numbers, positions=atoms.positions, cell=atoms.cell, pbc=atoms.pbc)
+        row_atoms.calc = SinglePointCalculator(row_atoms, energy=energy, forces=forces)
+        data = {} if force_mask is None else {"force_mask": np.asarray(force_mask, dtype=np.int8)}
+        return self._db.write(row_atoms, status=status, config_type=config_type, data=data)
+
+    def count(self, **selection: Any) -> int:
+        return self._db.count(**selection)
+
+    def ready_structures(self, status: str = READY) -> "ReadyStructures":
+        return ReadyStructures(self, status)
+
+    def iter_structures(self, status: str = READY) -> Iterator[Atoms]:
+        """Stream the rows with ``status``, as Atoms carrying their labels.
+
+        ``info`` holds ``db_id`` and ``config_type``; the calculator holds the
+        DFT energy and forces (``None`` where a row lacks them); a force mask
+        is in ``arrays['force_mask']``.
+        """
+        for row in self._db.select(status=status, sort="id"):
+            atoms = Atoms(numbers=row.numbers, positions=row.positions, cell=row.cell, pbc=row.pbc)
+            energy = row.get("energy")
+            forces = row.get("forces")
+            atoms.calc = SinglePointCalculator(atoms, energy=energy, forces=forces)
+            atoms.info["db_id"] = row.id
+            atoms.info["config_type"] = str(row.get("config_type", "default"))
+            mask = row.data.get("force_mask") if row.data else None
+            if mask is not None:
+                atoms.arrays["force_mask"] = np.asarray(mask)
+            yield atoms
+
+    def mark_used(self, generation: int, train_ids: Sequence[int], test_ids: Sequence[int]) -> None:
+        """Record which generation trained (or tested) on each structure, in one transaction."""
+        with self._db as db:
+            for ids, split in ((train_ids, "train"), (test_ids, "test")):
+                for row_id in ids:
+                    db.update(int(row_id), generation=int(generation), split=split)
+
+    # -- training records ---------------------------------------------------
+    def _record_row(self, generation: int):
+        rows = list(self._db.select(record=TRAINING_RECORD, generation=int(generation)))
+        return rows[0] if rows else None
+
+    def get_record(self, generation: int) -> TrainingRecord | None:
+        row = self._record_row(generation)
+        return None if row is None else _record_from_row(row)
+
+    def records(self) -> list[TrainingRecord]:
+        rows = self._db.select(record=TRAINING_RECORD, sort="generation")
+        return [_record_from_row(row) for row in rows]
+
+    def next_generation(self) -> int:
+        gens = [r.generation for r in self.records()]
+        return max(gens) + 1 if gens else 1
+
+    def write_record(
+        self,
+        generation: int,
+        status: str,
+        reason: str = "",
+        values: dict[str, Any] | None = None,
+        data: dict[str, Any] | None = None,
+    ) -> int:
+        """Create or update the record of ``generation``; earlier values and data are kept."""
+        if status not in RECORD_STATES:
+            raise DatabaseError(f"unknown training status {status!r}; expected one of {RECORD_STATES}")
+        clean = {k: _clean_value(v) for k, v in (values or {}).items()}
+        clean = {k: v for k, v in clean.items() if v is not None}
+        row = self._record_row(generation)
+        stamp = time.time()
+        if row is None:
+            return self._db.write(
+                Atoms(),
+                record=TRAINING_RECORD,
+                generation=int(generation),
+                status=status,
+                reason=reason,
+                updated=stamp,
+                data=data or {},
+                **clean,
+            )
+        merged = dict(row.data or {})
+        merged.update(data or {})
+        self._db.update(
+            row.id, status=status, reason=reason, updated=stamp, data=merged, **clean
+        )
+        return row.id
+
+
+class ReadyStructures:
+    """A re-iterable view of the ready rows: each ``iter`` is a fresh streaming query."""
+
+    def __init__(self, db: DatabaseManager, status: str) -> None:
+        self._db = db
+        self._status = status
+
+    def __iter__(self) -> Iterator[Atoms]:
+        return self._db.iter_structures(self._status)
+
+    def __len__(self) -> int:
+        return self._db.count(status=self._status)
+
+
+def _clean_value(value: Any) -> Any:
+    """ASE key-value pairs take bool, int, float and str only; NaN cannot be a key."""
+    if isinstance(value, (bool, int, str)):
+        return value
+    if isinstance(value, (float, np.floating)):
+        return float(value) if math.isfinite(value) else None
+    if isinstance(value, np.integer):
+        return int(value)
+    return str(value)
+
+
+def _record_from_row(row) -> TrainingRecord:
+    skip = {"record", "generation", "status", "reason"}
+    values = {k: v for k, v in row.key_value_pairs.items() if k not in skip}
+    return TrainingRecord(
+        generation=int(row.generation),
+        status=str(row.status),
+        reason=str(row.get("reason", "")),
+        row_id=row.id,
+        values=values,
+        data=dict(row.data or {}),
+    )
+
+
+def _labels_of(atoms: Atoms, where: str) -> tuple[float, np.ndarray]:
+    """Energy and forces of an imported frame, or an error naming the frame."""
+    calc = atoms.calc
+    results = getattr(calc, "results", {}) if calc is not None else {}
+    energy = results.get("energy", atoms.info.get("energy"))
+    forces = results.get("forces", atoms.arrays.get("forces"))
+    if energy is None:
+        raise ImportDataError(f"{where} has no energy; nothing was imported")
+    if forces is None:
+        raise ImportDataError(f"{where} has no forces; nothing was imported")
+    forces = np.asarray(forces, dtype=float)
+    if forces.shape != (len(atoms), 3):
+        raise ImportDataError(
+            f"{where} has forces of shape {forces.shape}, expected ({len(atoms)}, 3); nothing was imported"
+        )
+    return float(energy), forces

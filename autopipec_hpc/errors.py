@@ -1,0 +1,55 @@
+"""Named errors, one per way the pipeline can refuse or fail.
+
+Every message names the structure, setting or file at fault, so the CLI can
+print it as one line.
+"""
+
+from __future__ import annotations
+
+
+class AutopipecError(Exception):
+    """Base class: the CLI turns these into one clear line and a non-zero exit."""
+
+
+class ConfigError(AutopipecError):
+    """A setting is unknown, missing or out of range."""
+
+
+class DatabaseError(AutopipecError):
+    """The database cannot be opened or a row cannot be read."""
+
+
+class ImportDataError(AutopipecError):
+    """A file offered to `import` holds a frame without energy or forces."""
+
+
+class InsufficientDataError(AutopipecError):
+    """Too few usable structures to build a training set."""
+
+
+class StructureError(AutopipecError):
+    """One structure cannot be used (bad geometry, bad element, bad labels)."""
+
+
+class TrainingFailedError(AutopipecError):
+    """pacemaker exited non-zero, timed out or left no potential."""
+
+    def __init__(self, message: str, log_tail: str = "") -> None:
+        super().__init__(message)
+        self.log_tail = log_tail
+
+
+class TrainingDivergenceError(AutopipecError):
+    """The fit produced NaN or errors above the configured thresholds."""
+
+
+class PublicationError(AutopipecError):
+    """A potential could not be published (or would overwrite a good one)."""
+
+
+class PreflightError(AutopipecError):
+    """A check before submission failed; nothing was submitted."""
+
+
+class SchedulerError(AutopipecError):
+    """The scheduler refused a job or lost track of it."""

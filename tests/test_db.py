@@ -1,0 +1,91 @@
+"""DatabaseManager: a real ASE database, all-or-nothing import, streamed selection."""
+
+from __future__ import annotations
+
+import ase.db
+import ase.io
+import numpy as np
+import pytest
+from ase.build import bulk
+from ase.calculators.singlepoint import SinglePointCalculator
+
+from autopipec_hpc.db import DatabaseManager
+from autopipec_hpc.errors import DatabaseError, ImportDataError
+
+
+def test_import_keeps_config_types_and_is_browsable_with_ase(tmp_path, cu_dft_path):
+    path = tmp_path / "cu.db"
+    db = DatabaseManager(path)
+    assert db.import_files([cu_dft_path]) == 105
+    plain = ase.db.connect(path)  # what `ase db` opens
+    assert plain.count(status="TRAINING_READY") == 105
+    frames = ase.io.read(cu_dft_path, ":")
+    row = plain.get(id=7)
+    assert row.config_type == frames[6].info["config_type"]
+    assert row.energy == pytest.approx(frames[6].get_potential_energy())
+    np.testing.assert_allclose(row.forces, frames[6].get_forces())
+
+
+def test_frame_without_forces_is_refused_by_index_and_nothing_is_imported(tmp_path):
+    good = bulk("Cu", "fcc", a=3.6, cubic=True)
+    good.calc = SinglePointCalculator(good, energy=-1.0, forces=np.zeros((4, 3)))
+    bad = bulk("Cu", "fcc", a=3.7, cubic=True)
+    bad.calc = SinglePointCalculator(bad, energy=-1.0)
+    src = tmp_path / "mixed.extxyz"
+    ase.io.write(src, [good, good, bad, good])
+    db = DatabaseManager(tmp_path / "x.db")
+    with pytest.raises(ImportDataError, match=r"frame 2 has no forces"):
+        db.import_files([src])
+    assert db.count() == 0
+
+
+def test_frame_without_energy_is_refused(tmp_path):
+    atoms = bulk("Cu", "fcc", a=3.6, cubic=True)
+    atoms.arrays["forces"] = np.zeros((4, 3))
+    src = tmp_path / "noenergy.xyz"
+    ase.io.write(src, atoms, format="extxyz")
+    with pytest.raises(ImportDataError, match=r"frame 0 has no energy"):
+        DatabaseManager(tmp_path / "x.db").import_files([src])
+
+
+def test_a_refused_second_file_leaves_the_first_file_unimported_too(tmp_path):
+    good = bulk("Cu", "fcc", a=3.6, cubic=True)
+    good.calc = SinglePointCalculator(good, energy=-1.0, forces=np.zeros((4, 3)))
+    ok = tmp_path / "ok.extxyz"
+    ase.io.write(ok, [good] * 3)
+    bad = tmp_path / "bad.xyz"
+    ase.io.write(bad, bulk("Cu"), format="extxyz")
+    db = DatabaseManager(tmp_path / "x.db")
+    with pytest.raises(ImportDataError, match="bad.xyz: frame 0"):
+        db.import_files([ok, bad])
+    assert db.count() == 0
+
+
+def test_ready_structures_stream_and_reiterate(tmp_path):
+    db = DatabaseManager(tmp_path / "x.db")
+    for k in range(5):
+        atoms = bulk("Cu", "fcc", a=3.6 + 0.01 * k, cubic=True)
+        db.add_structure(atoms, -1.0 * k, np.zeros((4, 3)), config_type=f"t{k % 2}")
+    db.add_structure(bulk("Cu", cubic=True), 0.0, np.zeros((4, 3)), "t0", status="NEW")
+    view = db.ready_structures()
+    it = iter(view)
+    first = next(it)  # a generator: rows come one at a time
+    assert first.info["db_id"] == 1 and first.info["config_type"] == "t0"
+    assert len(list(view)) == 5 == len(view)
+    assert [a.info["db_id"] for a in view] == [1, 2, 3, 4, 5]
+
+
+def test_training_records_are_rows_ase_can_select(tmp_path):
+    db = DatabaseManager(tmp_path / "x.db")
+    db.write_record(1, "RUNNING", values={"rmse_energy_mev": float("nan")})
+    db.write_record(1, "SUCCEEDED", values={"rmse_energy_mev": 3.5}, data={"config": {"cutoff": 5.0}})
+    rec = db.get_record(1)
+    assert rec.status == "SUCCEEDED" and rec.values["rmse_energy_mev"] == 3.5
+    assert rec.data["config"]["cutoff"] == 5.0
+    assert db.next_generation() == 2
+    assert ase.db.connect(tmp_path / "x.db").count(record="training") == 1
+
+
+def test_unknown_path_kind_is_refused(tmp_path):
+    with pytest.raises(DatabaseError, match="expected a .db"):
+        DatabaseManager(tmp_path / "x.txt")
