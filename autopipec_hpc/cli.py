@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+from dataclasses import replace
 import logging
 import sys
 from pathlib import Path
@@ -11,9 +12,20 @@ from rich.console import Console
 from rich.table import Table
 
 from autopipec_hpc.config import SiteConfig, TrainConfig
-from autopipec_hpc.dataset_prep import DatasetBuilder, DatasetManifest, DatasetSettings
-from autopipec_hpc.db import READY, DatabaseManager
-from autopipec_hpc.errors import AutopipecError, InsufficientDataError
+from autopipec_hpc.dataset_prep import DatasetManifest
+from autopipec_hpc.db import READY, DatabaseManager, TrainingRecord
+from autopipec_hpc.errors import AutopipecError
+from autopipec_hpc.jobs import dataset_settings, prepare_dataset_from_db
+from autopipec_hpc.submission import (
+    cancel_generation,
+    find_run,
+    job_states,
+    submit_generation,
+    wait_for_generation,
+)
+
+PROJECT = Path(__file__).resolve().parent.parent
+DEFAULT_SITE = PROJECT / "site_configs" / "local.yaml"
 
 console = Console()
 err_console = Console(stderr=True)
@@ -28,7 +40,7 @@ def cmd_import(args: argparse.Namespace) -> int:
 
 
 def cmd_example_data(args: argparse.Namespace) -> int:
-    from autopipec_hpc.example_data import write_example_database
+    from autopipec_hpc.example_data import demo_train_config, write_example_database
 
     db = DatabaseManager(args.db)
     n = write_example_database(db)
@@ -36,28 +48,138 @@ def cmd_example_data(args: argparse.Namespace) -> int:
     return 0
 
 
-def dataset_settings(config: TrainConfig, seed: int | None, test_fraction: float | None) -> DatasetSettings:
-    return DatasetSettings(
-        test_fraction=config.test_fraction if test_fraction is None else test_fraction,
-        seed=config.seed if seed is None else seed,
-        zbl_inner=config.zbl_inner,
-        zbl_outer=config.zbl_outer,
-        reference_energies=config.reference_energies,
-    )
-
-
 def cmd_prepare(args: argparse.Namespace) -> int:
     config = TrainConfig.from_yaml(args.config)
-    db = DatabaseManager(args.db)
-    if db.count(status=args.status) == 0:
-        raise InsufficientDataError(f"no structures with status={args.status} in {args.db}; nothing written")
-    builder = DatasetBuilder(dataset_settings(config, args.seed, args.test_fraction))
-    manifest = builder.prepare_dataset(db.ready_structures(args.status), args.out)
+    overrides = {"seed": args.seed, "test_fraction": args.test_fraction}
+    settings = replace(dataset_settings(config), **{k: v for k, v in overrides.items() if v is not None})
+    manifest = prepare_dataset_from_db(DatabaseManager(args.db), settings, args.out, args.status)
     print_dataset_summary(manifest)
     return 0
 
 
+def _site_and_db(args: argparse.Namespace) -> tuple[SiteConfig, str]:
+    site = SiteConfig.from_yaml(args.site)
+    return site, args.db or site.database
+
+
+def cmd_submit(args: argparse.Namespace) -> int:
+    site, database = _site_and_db(args)
+    config = TrainConfig.from_yaml(args.config)
+    sub = submit_generation(database, site, config, args.generation, args.force)
+    print_dataset_summary(sub.manifest)
+    console.print(
+        f"generation {sub.spec.generation} submitted ({sub.jobs.scheduler}): training job {sub.jobs.train}, "
+        f"evaluation job {sub.jobs.evaluate} (after training succeeds); run folder {sub.spec.run_dir}"
+    )
+    if not args.wait:
+        return 0
+    record = wait_for_generation(Path(sub.spec.run_dir), site.result_timeout_s)
+    print_records([record], detail=True)
+    return 0
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    site, database = _site_and_db(args)
+    db = DatabaseManager(database)
+    records = db.records()
+    if args.generation is not None:
+        records = [r for r in records if r.generation == args.generation]
+    table = Table(title=f"training generations in {database}")
+    for col in ("generation", "status", "jobs (train / evaluate)", "reason", "run folder"):
+        table.add_column(col)
+    for r in records:
+        run_dir = r.values.get("run_dir", "")
+        jobs = ""
+        if run_dir and Path(run_dir, "jobs.json").exists():
+            states = job_states(Path(run_dir))
+            jobs = f"{r.values.get('train_job', '?')} {states['train']} / {r.values.get('evaluate_job', '?')} {states['evaluate']}"
+        table.add_row(str(r.generation), _coloured(r.status), jobs, r.reason[:80], str(run_dir))
+    console.print(table)
+    return 0
+
+
+def cmd_results(args: argparse.Namespace) -> int:
+    site, database = _site_and_db(args)
+    records = DatabaseManager(database).records()
+    if args.generation is not None:
+        records = [r for r in records if r.generation == args.generation]
+        if not records:
+            raise AutopipecError(f"no training record for generation {args.generation} in {database}")
+    print_records(records, detail=args.generation is not None)
+    return 0
+
+
+def cmd_cancel(args: argparse.Namespace) -> int:
+    site, database = _site_and_db(args)
+    run_dir = find_run(site, args.generation, database)
+    cancel_generation(run_dir)
+    console.print(f"generation {args.generation}: jobs cancelled, record CANCELLED ({run_dir})")
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    """Example data, then the whole pipeline locally with a small, quick fit."""
+    from autopipec_hpc.example_data import demo_train_config, write_example_database
+
+    site = SiteConfig.from_yaml(args.site)
+    database = args.db or site.database
+    db = DatabaseManager(database)
+    if db.count(status=READY) == 0:
+        n = write_example_database(db)
+        console.print(f"wrote {n} example copper structures (EMT labels) into {database}")
+    config = TrainConfig.from_yaml(args.config) if args.config else demo_train_config()
+    sub = submit_generation(database, site, config, None, force=False)
+    print_dataset_summary(sub.manifest)
+    console.print(f"generation {sub.spec.generation}: training and evaluation jobs {sub.jobs.train}, "
+                  f"{sub.jobs.evaluate} on the {site.scheduler} executor; waiting...")
+    record = wait_for_generation(Path(sub.spec.run_dir), site.result_timeout_s)
+    print_records([record], detail=True)
+    return 0
+
+
 # -- presentation ---------------------------------------------------------------
+def _coloured(status: str) -> str:
+    colour = {"SUCCEEDED": "green", "FAILED": "red", "DIVERGED": "red", "CANCELLED": "yellow"}.get(status, "cyan")
+    return f"[{colour}]{status}[/{colour}]"
+
+
+def _fmt(value, digits: int = 2) -> str:
+    return f"{value:.{digits}f}" if isinstance(value, (int, float)) else "-"
+
+
+def print_records(records: list[TrainingRecord], detail: bool = False) -> None:
+    table = Table(title="training results (holdout: ACE + ZBL + reference energies vs DFT)")
+    for col in ("gen", "status", "E RMSE meV/at", "E MAE meV/at", "F RMSE meV/A", "train E / F",
+                "iters", "wall s", "potential / reason"):
+        table.add_column(col)
+    for r in records:
+        v = r.values
+        table.add_row(
+            str(r.generation), _coloured(r.status),
+            _fmt(v.get("test_energy_rmse_mev")), _fmt(v.get("test_energy_mae_mev")),
+            _fmt(v.get("test_force_rmse_mev"), 1),
+            f"{_fmt(v.get('train_energy_rmse_mev'))} / {_fmt(v.get('train_force_rmse_mev'), 1)}",
+            str(v.get("iterations", "-")), _fmt(v.get("wall_time_s"), 0),
+            str(v.get("potential_path") or r.reason),
+        )
+    console.print(table)
+    console.print("force errors are per Cartesian component")
+    for r in records if detail else []:
+        metrics = r.data.get("metrics")
+        if metrics:
+            per = Table(title=f"generation {r.generation} holdout per config_type")
+            for col in ("config_type", "structures", "E RMSE (residual)", "E RMSE (total)",
+                        "E MAE (total)", "F RMSE (residual)", "F RMSE (total)"):
+                per.add_column(col)
+            for ct, tot in metrics["total_by_config_type"].items():
+                res = metrics["residual_by_config_type"][ct]
+                per.add_row(ct, str(tot["structures"]), _fmt(res["energy_rmse_mev"]),
+                            _fmt(tot["energy_rmse_mev"]), _fmt(tot["energy_mae_mev"]),
+                            _fmt(res["force_rmse_mev"], 1), _fmt(tot["force_rmse_mev"], 1))
+            console.print(per)
+        if r.data.get("log_tail"):
+            console.print(f"[b]log tail of generation {r.generation}:[/b]\n{r.data['log_tail']}", highlight=False)
+
 def print_dataset_summary(m: DatasetManifest) -> None:
     table = Table(title=f"dataset in {m.directory}")
     table.add_column("config_type")
@@ -124,6 +246,38 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--test-fraction", type=float, default=None)
     p.add_argument("--status", default=READY)
     p.set_defaults(func=cmd_prepare)
+
+    def site_args(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--site", type=Path, default=DEFAULT_SITE, help="site config YAML")
+        p.add_argument("--db", default=None, help="database (default: the site's)")
+
+    p = sub.add_parser("submit", help="prepare datasets, submit training and its evaluation")
+    site_args(p)
+    p.add_argument("--config", type=Path, default=None, help="TrainConfig YAML")
+    p.add_argument("--generation", type=int, default=None, help="default: one more than the last")
+    p.add_argument("--wait", action="store_true", help="wait for the result and show it")
+    p.add_argument("--force", action="store_true", help="retrain a generation that succeeded")
+    p.set_defaults(func=cmd_submit)
+
+    p = sub.add_parser("status", help="generations and their jobs")
+    site_args(p)
+    p.add_argument("--generation", type=int, default=None)
+    p.set_defaults(func=cmd_status)
+
+    p = sub.add_parser("results", help="metrics of finished generations")
+    site_args(p)
+    p.add_argument("--generation", type=int, default=None)
+    p.set_defaults(func=cmd_results)
+
+    p = sub.add_parser("cancel", help="cancel a generation's jobs")
+    site_args(p)
+    p.add_argument("--generation", type=int, required=True)
+    p.set_defaults(func=cmd_cancel)
+
+    p = sub.add_parser("demo", help="example data and a quick end-to-end run")
+    site_args(p)
+    p.add_argument("--config", type=Path, default=None, help="default: a small quick fit")
+    p.set_defaults(func=cmd_demo)
 
     return parser
 

@@ -8,6 +8,8 @@ day of GPU time.
 from __future__ import annotations
 
 import re
+import shutil
+import sys
 from pathlib import Path
 from typing import Any, Literal
 
@@ -116,7 +118,9 @@ class SiteConfig(_Strict):
     output_dir: Path = Path("output")
     database: str = "output/structures.db"
     setup: list[str] = Field(default_factory=list, description="shell lines run before each job")
-    python: str = Field("python3", description="python of the compute-node environment")
+    python: str | None = Field(
+        None, description="python of the compute-node environment (default: the one running autopipec-hpc)"
+    )
     pacemaker: PacemakerSetup = PacemakerSetup()
     train: JobResources = JobResources()
     evaluate: JobResources = JobResources()
@@ -143,14 +147,27 @@ class SiteConfig(_Strict):
 
     @field_validator("python")
     @classmethod
-    def _python_path(cls, value: str) -> str:
-        if not value or any(ch in value for ch in "\n;&|`$<>'\" \\"):
+    def _python_path(cls, value: str | None) -> str | None:
+        if value is not None and (not value or any(ch in value for ch in "\n;&|`$<>'\" \\")):
             raise ValueError(f"python must be one executable path or name, got {value!r}")
         return value
+
+    @property
+    def python_executable(self) -> str:
+        return self.python or sys.executable
 
     @classmethod
     def from_yaml(cls, path: str | Path | None) -> "SiteConfig":
         return load_model(cls, path)
+
+
+def resolve_command(name: str) -> str:
+    """``name`` on PATH, else beside the running interpreter (an un-activated venv)."""
+    found = shutil.which(name)
+    if found:
+        return found
+    sibling = Path(sys.executable).parent / name
+    return str(sibling) if sibling.exists() else name
 
 
 def load_model(cls: type[_Strict], path: str | Path | None):

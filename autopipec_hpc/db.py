@@ -217,7 +217,18 @@ class ReadyStructures:
 
 def _clean_value(value: Any) -> Any:
     """ASE key-value pairs take bool, int, float and str only; NaN cannot be a key."""
-    if isinstance(value, (bool, int, str)):
+    if isinstance(value, str):
+        # ase.db refuses strings that read as numbers (job ids): store those as numbers.
+        try:
+            return int(value)
+        except ValueError:
+            pass
+        try:
+            float(value)
+            return f"'{value}'"
+        except ValueError:
+            return value
+    if isinstance(value, (bool, int)):
         return value
     if isinstance(value, (float, np.floating)):
         return float(value) if math.isfinite(value) else None

@@ -12,6 +12,7 @@ from ase.build import bulk
 from ase.calculators.emt import EMT
 from ase.calculators.singlepoint import SinglePointCalculator
 
+from autopipec_hpc.config import TrainConfig
 from autopipec_hpc.db import READY, DatabaseManager
 
 FCC_A = 3.61
@@ -55,3 +56,13 @@ def write_example_database(db: DatabaseManager, seed: int = 7) -> int:
         )
         count += 1
     return count
+
+
+def demo_train_config() -> TrainConfig:
+    """A small, quick fit (tens of seconds on one core) for the demo and the tests.
+
+    Production fits keep TrainConfig's defaults (500 functions per element).
+    """
+    return TrainConfig(
+        b_basis_size=16, max_degree=2, maxiter=20, energy_weight=1.0, force_weight=1.0, batch_size=50
+    )

@@ -1,0 +1,344 @@
+"""The pipeline's steps as job bodies any scheduler can run.
+
+``prepare_run`` runs on the login node (dataset + run folder + record);
+``TrainJob`` and ``EvaluateJob`` run wherever the scheduler puts them and
+need only the run folder. A run folder holds the whole story of one
+generation::
+
+    runs/gen-0003/
+      run.json            what was asked: generation, database, site, training config
+      dataset/            the delta datasets and dataset.json
+      attempt-1/ ...      one pacemaker run directory per attempt (requeues add more)
+      train.done          the training job's verdict, for the evaluation job
+      evaluation/         metrics.json and parity.png of the holdout evaluation
+      submitit/           job scripts, logs and pickles of the scheduler
+      jobs.json           the scheduler and job ids, for status/cancel from a new process
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import submitit
+
+from autopipec_hpc.config import SiteConfig, TrainConfig
+from autopipec_hpc.dataset_prep import DatasetBuilder, DatasetManifest, DatasetSettings, atomic_write_text
+from autopipec_hpc.db import READY, DatabaseManager
+from autopipec_hpc.errors import (
+    AutopipecError,
+    InsufficientDataError,
+    PublicationError,
+    TrainingDivergenceError,
+    TrainingFailedError,
+)
+from autopipec_hpc import evaluation, registry
+from autopipec_hpc.pacemaker_wrapper import INTERIM_POTENTIAL, PacemakerWrapper, TrainingResult, check_divergence
+
+log = logging.getLogger(__name__)
+
+RUN_SPEC = "run.json"
+TRAIN_DONE = "train.done"
+JOBS_FILE = "jobs.json"
+CANCEL_MARKER = "cancel.requested"
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    generation: int
+    run_dir: str
+    database: str
+    output_dir: str
+    site: dict[str, Any]
+    config: dict[str, Any]
+    force: bool = False
+
+    @property
+    def path(self) -> Path:
+        return Path(self.run_dir)
+
+    @property
+    def site_config(self) -> SiteConfig:
+        return SiteConfig.model_validate(self.site)
+
+    @property
+    def train_config(self) -> TrainConfig:
+        return TrainConfig.model_validate(self.config)
+
+    @property
+    def dataset_dir(self) -> Path:
+        return self.path / "dataset"
+
+    def save(self) -> None:
+        atomic_write_text(self.path / RUN_SPEC, json.dumps(asdict(self), indent=2))
+
+    @classmethod
+    def load(cls, run_dir: str | Path) -> "RunSpec":
+        return cls(**json.loads((Path(run_dir) / RUN_SPEC).read_text()))
+
+
+# -- login node ---------------------------------------------------------------
+def dataset_settings(config: TrainConfig) -> DatasetSettings:
+    return DatasetSettings(
+        test_fraction=config.test_fraction,
+        seed=config.seed,
+        zbl_inner=config.zbl_inner,
+        zbl_outer=config.zbl_outer,
+        reference_energies=config.reference_energies,
+    )
+
+
+def prepare_dataset_from_db(
+    db: DatabaseManager, settings: DatasetSettings, out: Path, status: str = READY
+) -> DatasetManifest:
+    if db.count(status=status) == 0:
+        raise InsufficientDataError(f"no structures with status={status} in {db.target}; nothing written")
+    return DatasetBuilder(settings).prepare_dataset(db.ready_structures(status), out)
+
+
+def prepare_run(
+    database: str,
+    site: SiteConfig,
+    config: TrainConfig,
+    generation: int | None = None,
+    force: bool = False,
+) -> tuple[RunSpec, DatasetManifest]:
+    """Make the run folder and datasets of a generation and record it as SUBMITTED."""
+    db = DatabaseManager(database)
+    generation = db.next_generation() if generation is None else generation
+    existing = db.get_record(generation)
+    if existing is not None and existing.status == "SUCCEEDED" and not force:
+        raise AutopipecError(
+            f"generation {generation} already succeeded ({existing.values.get('potential_path', '')}); "
+            "use --force to train it again"
+        )
+    if existing is not None and existing.status in ("SUBMITTED", "RUNNING") and not force:
+        raise AutopipecError(f"generation {generation} is {existing.status}; cancel it or use --force")
+    work = Path(site.work_dir).resolve()
+    run_dir = _fresh_dir(work / f"gen-{generation:04d}")
+    spec = RunSpec(
+        generation=generation,
+        run_dir=str(run_dir),
+        database=_absolute_db(database),
+        output_dir=str(Path(site.output_dir).resolve()),
+        site=site.model_dump(mode="json"),
+        config=config.model_dump(mode="json"),
+        force=force,
+    )
+    try:
+        manifest = prepare_dataset_from_db(db, dataset_settings(config), spec.dataset_dir)
+    except BaseException:
+        shutil.rmtree(run_dir, ignore_errors=True)
+        raise
+    spec.save()
+    db.write_record(
+        generation,
+        "SUBMITTED",
+        values={"run_dir": str(run_dir), "n_train": len(manifest.train_ids), "n_test": len(manifest.test_ids)},
+        data={"config": spec.config, "site": site.name, "reference_energies": manifest.reference_energies},
+    )
+    return spec, manifest
+
+
+def _absolute_db(database: str) -> str:
+    return database if "://" in database else str(Path(database).resolve())
+
+
+def _fresh_dir(path: Path) -> Path:
+    candidate, k = path, 1
+    while True:
+        try:
+            candidate.mkdir(parents=True)
+            return candidate
+        except FileExistsError:
+            k += 1
+            candidate = path.with_name(f"{path.name}-r{k}")
+
+
+# -- job bodies -----------------------------------------------------------------
+def _attempts(run_dir: Path) -> list[Path]:
+    return sorted(
+        (p for p in run_dir.glob("attempt-*") if p.is_dir()), key=lambda p: int(p.name.split("-")[1])
+    )
+
+
+def _record_failure(spec: RunSpec, status: str, reason: str, log_tail: str = "") -> None:
+    if (spec.path / CANCEL_MARKER).exists():
+        status, reason = "CANCELLED", "cancelled by user"
+    db = DatabaseManager(spec.database)
+    db.write_record(spec.generation, status, reason=reason, data={"log_tail": log_tail} if log_tail else None)
+    atomic_write_text(spec.path / TRAIN_DONE, json.dumps({"ok": False, "status": status, "reason": reason}))
+
+
+class TrainJob(submitit.helpers.Checkpointable):
+    """Train one generation. Requeued on time limit or preemption; a requeued run
+    resumes from the last attempt's interim potential, up to ``max_restarts`` times."""
+
+    def __call__(self, run_dir: str) -> dict[str, Any]:
+        spec = RunSpec.load(run_dir)
+        config = spec.train_config
+        site = spec.site_config
+        db = DatabaseManager(spec.database)
+        previous = _attempts(spec.path)
+        resume_from = next(
+            (a / INTERIM_POTENTIAL for a in reversed(previous) if (a / INTERIM_POTENTIAL).exists()), None
+        )
+        attempt = spec.path / f"attempt-{len(previous) + 1}"
+        db.write_record(
+            spec.generation,
+            "RUNNING",
+            values={"attempt": len(previous) + 1, "host": os.uname().nodename},
+        )
+        manifest = DatasetManifest.load(spec.dataset_dir)
+        wrapper = PacemakerWrapper(command=site.pacemaker.command, evaluator=site.pacemaker.evaluator)
+        try:
+            result = wrapper.run_training(
+                manifest.train_paths,
+                manifest.test_paths,
+                config,
+                run_dir=attempt,
+                elements=manifest.elements,
+                initial_potential=resume_from,
+                generation=spec.generation,
+            )
+        except TrainingDivergenceError as exc:
+            _record_failure(spec, "DIVERGED", str(exc))
+            raise
+        except TrainingFailedError as exc:
+            _record_failure(spec, "FAILED", str(exc), exc.log_tail)
+            raise
+        atomic_write_text(spec.path / TRAIN_DONE, json.dumps({"ok": True, "attempt": result.run_dir}))
+        return asdict(result)
+
+    def checkpoint(self, run_dir: str) -> submitit.helpers.DelayedSubmission | None:
+        spec = RunSpec.load(run_dir)
+        restarts = max(0, len(_attempts(spec.path)) - 1)
+        if restarts >= spec.site_config.max_restarts:
+            _record_failure(spec, "FAILED", f"time limit reached after {restarts} restarts (max_restarts)")
+            return None
+        DatabaseManager(spec.database).write_record(
+            spec.generation, "SUBMITTED", reason=f"requeued after a time limit or preemption ({restarts + 1})"
+        )
+        return submitit.helpers.DelayedSubmission(self, run_dir)
+
+
+def training_verdict(run_dir: Path) -> dict[str, Any] | None:
+    path = run_dir / TRAIN_DONE
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+class EvaluateJob:
+    """Evaluate the trained potential on the holdout set; publish it only if it holds."""
+
+    def __call__(self, run_dir: str) -> dict[str, Any]:
+        spec = RunSpec.load(run_dir)
+        verdict = training_verdict(spec.path)
+        if verdict is None or not verdict.get("ok"):
+            reason = (verdict or {}).get("reason", "training did not finish")
+            raise TrainingFailedError(f"nothing to evaluate for generation {spec.generation}: {reason}")
+        return evaluate_and_publish(spec, Path(verdict["attempt"]))
+
+
+def evaluate_and_publish(spec: RunSpec, attempt: Path) -> dict[str, Any]:
+    from pyace import PyACECalculator
+
+    config = spec.train_config
+    site = spec.site_config
+    db = DatabaseManager(spec.database)
+    manifest = DatasetManifest.load(spec.dataset_dir)
+    result = TrainingResult.load(attempt)
+    staging = registry.new_staging_dir(spec.output_dir, spec.generation)
+    try:
+        registry.stage_potential(
+            staging,
+            Path(result.potential),
+            attempt / "fitting_data_info.pckl.gzip",
+            manifest.elements,
+            manifest.zbl_inner,
+            manifest.zbl_outer,
+            manifest.reference_energies,
+            spec.generation,
+            site.pacemaker.command,
+        )
+        report, total = evaluation.evaluate(
+            manifest.test_paths,
+            PyACECalculator(str(staging / registry.POTENTIAL_YAML)),
+            registry.load_calculator(staging),
+        )
+        check_divergence(config, report.total.energy_rmse_mev, report.total.force_rmse_mev, "holdout")
+        if not manifest.test_ids:
+            log.warning("generation %s has no holdout structures; metrics are empty", spec.generation)
+        training = evaluation.training_curve(attempt / "metrics.txt")
+        extra = {
+            "generation": spec.generation,
+            "training": training,
+            "wall_time_s": result.wall_time_s,
+            "attempt": str(attempt),
+            "pacemaker_test_rmse": {
+                "energy_mev": result.test_rmse_energy_mev,
+                "force_mev": result.test_rmse_force_mev,
+            },
+        }
+        evaluation_dir = spec.path / "evaluation"
+        evaluation_dir.mkdir(exist_ok=True)
+        report.save(staging / "metrics.json", extra)
+        evaluation.parity_plot(total, staging / "parity.png", f"generation {spec.generation}: holdout, ACE + ZBL")
+        shutil.copy2(attempt / "input.yaml", staging / "input.yaml")
+        shutil.copy2(spec.dataset_dir / "dataset.json", staging / "dataset.json")
+        for name in ("metrics.json", "parity.png"):
+            shutil.copy2(staging / name, evaluation_dir / name)
+        final = registry.publish(staging, spec.output_dir, spec.generation, force=spec.force)
+    except TrainingDivergenceError as exc:
+        registry.discard(staging)
+        _record_failure(spec, "DIVERGED", str(exc))
+        raise
+    except (PublicationError, AutopipecError) as exc:
+        registry.discard(staging)
+        db.write_record(spec.generation, "FAILED", reason=f"evaluation/publication failed: {exc}")
+        raise
+    except BaseException:
+        registry.discard(staging)
+        raise
+    db.mark_used(spec.generation, manifest.train_ids, manifest.test_ids)
+    values = {
+        "potential_path": str(final),
+        "iterations": training.get("iterations", result.iterations),
+        "wall_time_s": result.wall_time_s,
+        "train_energy_rmse_mev": training.get("energy_rmse_mev", result.train_rmse_energy_mev),
+        "train_force_rmse_mev": training.get("force_rmse_mev", result.train_rmse_force_mev),
+        "test_energy_rmse_mev": report.total.energy_rmse_mev,
+        "test_energy_mae_mev": report.total.energy_mae_mev,
+        "test_force_rmse_mev": report.total.force_rmse_mev,
+        "residual_energy_rmse_mev": report.residual.energy_rmse_mev,
+        "residual_force_rmse_mev": report.residual.force_rmse_mev,
+    }
+    db.write_record(
+        spec.generation, "SUCCEEDED", reason="", values=values,
+        data={"metrics": json.loads((final / "metrics.json").read_text())},
+    )
+    return values
+
+
+def wait_for_training(run_dir: str, train_alive, poll_s: float = 1.0) -> dict[str, Any]:
+    """The local executor's ``afterok``: block until training has a verdict, or its job is gone."""
+    path = Path(run_dir)
+    while True:
+        verdict = training_verdict(path)
+        if verdict is not None:
+            return verdict
+        if not train_alive():
+            time.sleep(poll_s)  # the verdict may land just after the process ends
+            verdict = training_verdict(path)
+            if verdict is not None:
+                return verdict
+            spec = RunSpec.load(run_dir)
+            _record_failure(spec, "FAILED", "the training job ended without a result")
+            return {"ok": False, "reason": "the training job ended without a result"}
+        time.sleep(poll_s)
+

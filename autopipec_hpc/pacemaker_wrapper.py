@@ -1,0 +1,385 @@
+"""Run the real pacemaker: render input.yaml, stream its output, read its metrics.
+
+Each attempt gets its own run directory, which holds the whole story in
+pacemaker's own file contract (input.yaml, log.txt, metrics.txt,
+*_pred.pckl.gzip, output_potential.yaml) plus ``pacemaker.out`` (our copy of
+its stdout) and ``training.json`` (what we read from it).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import signal
+import subprocess
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import jinja2
+import pandas as pd
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from autopipec_hpc.config import TrainConfig, resolve_command
+from autopipec_hpc.dataset_prep import atomic_write_text
+from autopipec_hpc.errors import TrainingDivergenceError, TrainingFailedError
+
+TEMPLATES = Path(__file__).resolve().parent.parent / "job_templates"
+OUTPUT_POTENTIAL = "output_potential.yaml"
+INTERIM_POTENTIAL = "interim_potential_0.yaml"
+STDOUT_LOG = "pacemaker.out"
+RESULT_FILE = "training.json"
+
+_NUM = r"([-+]?(?:\d+\.?\d*(?:[eE][-+]?\d+)?|nan|inf))"
+# Between display steps: "Iteration   #7  (1051 evals):  Loss: 9.5e-03 | RMSE Energy(low): 37.99 (..) meV/at | Forces(low): 97.14 (..) meV/A"
+SHORT_ITERATION = re.compile(
+    rf"(?:Iteration|Initial state:)\s*#(\d+).*?Loss:\s*{_NUM}.*?RMSE Energy\(low\):\s*{_NUM}.*?Forces\(low\):\s*{_NUM}",
+    re.IGNORECASE,
+)
+# At display steps, a block: "Iteration:  #2   Loss:    Total:  3.9e-01 (100%)" ... "   RMSE:  E  E_low  F  F_low"
+BLOCK_ITERATION = re.compile(rf"Iteration:\s*#(\d+)\s+Loss:\s+Total:\s*{_NUM}", re.IGNORECASE)
+BLOCK_RMSE = re.compile(rf"^\s*RMSE:\s*{_NUM}\s+{_NUM}\s+{_NUM}", re.IGNORECASE)
+# pyace prints one of these per loss evaluation, run together on one line: noise.
+EVAL_NOISE = re.compile(r"Eval \d+: loss=\S+\s*")
+
+
+class IterationParser:
+    """Turns pacemaker's stdout lines into progress records (both of its formats)."""
+
+    def __init__(self) -> None:
+        self._block: tuple[int, float] | None = None
+
+    def feed(self, line: str) -> "FitProgress | None":
+        short = SHORT_ITERATION.search(line)
+        if short:
+            return FitProgress(int(short[1]), float(short[2]), float(short[3]), float(short[4]))
+        block = BLOCK_ITERATION.search(line)
+        if block:
+            self._block = (int(block[1]), float(block[2]))
+            return None
+        rmse = BLOCK_RMSE.search(line)
+        if rmse and self._block is not None:
+            iteration, loss = self._block
+            self._block = None
+            return FitProgress(iteration, loss, float(rmse[1]), float(rmse[3]))
+        return None
+
+
+@dataclass
+class FitProgress:
+    iteration: int = 0
+    loss: float = math.nan
+    rmse_energy_mev: float = math.nan
+    rmse_force_mev: float = math.nan
+
+
+@dataclass
+class TrainingResult:
+    """What one pacemaker attempt produced; RMSEs in meV/atom and meV/A (per component)."""
+
+    run_dir: str
+    potential: str
+    iterations: int
+    wall_time_s: float
+    train_rmse_energy_mev: float
+    train_rmse_force_mev: float
+    test_rmse_energy_mev: float | None
+    test_rmse_force_mev: float | None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def save(self) -> Path:
+        path = Path(self.run_dir) / RESULT_FILE
+        atomic_write_text(path, json.dumps(asdict(self), indent=2))
+        return path
+
+    @classmethod
+    def load(cls, run_dir: str | Path) -> "TrainingResult":
+        return cls(**json.loads((Path(run_dir) / RESULT_FILE).read_text()))
+
+
+def yaml_float(value: float) -> str:
+    """A float every YAML reader parses as a float: '1e-08' is a string to YAML 1.1."""
+    text = repr(float(value))
+    mantissa, _, exponent = text.partition("e")
+    if exponent and "." not in mantissa:
+        text = f"{mantissa}.0e{exponent}"
+    return text
+
+
+def template_environment(directory: Path = TEMPLATES) -> jinja2.Environment:
+    if not directory.is_dir():
+        raise TrainingFailedError(f"job templates not found in {directory}")
+    env = jinja2.Environment(
+        loader=jinja2.FileSystemLoader(str(directory)),
+        undefined=jinja2.StrictUndefined,
+        keep_trailing_newline=True,
+    )
+    env.filters["float"] = yaml_float
+    return env
+
+
+def render_input(
+    config: TrainConfig,
+    elements: Sequence[str],
+    train_files: Sequence[str],
+    test_files: Sequence[str],
+    evaluator: str,
+    generation: int = 0,
+) -> str:
+    """pacemaker's input.yaml for ``config``; dataset paths as given (absolute is safest)."""
+    template = template_environment().get_template("input.yaml.j2")
+    return template.render(
+        config=config,
+        elements=list(elements),
+        train_files=list(train_files),
+        test_files=list(test_files),
+        evaluator=evaluator,
+        generation=generation,
+        display_step=max(1, min(50, config.maxiter // 20 or 1)),
+    )
+
+
+def read_metrics_table(path: Path) -> pd.DataFrame | None:
+    """pacemaker's whitespace tables (metrics.txt, test_metrics.txt); None if absent or empty."""
+    if not path.exists() or path.stat().st_size == 0:
+        return None
+    table = pd.read_csv(path, sep=r"\s+")
+    table = table[pd.to_numeric(table["iter_num"], errors="coerce").notna()]  # repeated headers
+    return table.apply(pd.to_numeric, errors="coerce") if len(table) else None
+
+
+def _last_metrics(table: pd.DataFrame | None) -> tuple[float | None, float | None, int]:
+    if table is None:
+        return None, None, 0
+    last = table.iloc[-1]
+    return 1000.0 * float(last["rmse_epa"]), 1000.0 * float(last["rmse_f_comp"]), int(last["iter_num"])
+
+
+def log_tail(run_dir: Path, lines: int = 25) -> str:
+    for name in ("log.txt", STDOUT_LOG):
+        path = Path(run_dir) / name
+        if path.exists():
+            text = path.read_text(errors="replace").splitlines()
+            return "\n".join(text[-lines:])
+    return ""
+
+
+def check_divergence(config: TrainConfig, energy_mev: float | None, force_mev: float | None, what: str) -> None:
+    """NaN or an RMSE above the configured thresholds means the fit diverged."""
+    for value, limit, name, unit in (
+        (energy_mev, config.max_energy_rmse_mev, "energy RMSE", "meV/atom"),
+        (force_mev, config.max_force_rmse_mev, "force RMSE", "meV/A"),
+    ):
+        if value is None:
+            continue
+        if not math.isfinite(value):
+            raise TrainingDivergenceError(f"{what} {name} is {value}")
+        if value > limit:
+            raise TrainingDivergenceError(
+                f"{what} {name} {value:.4g} {unit} exceeds the limit {limit:.4g} {unit}"
+            )
+
+
+class PacemakerWrapper:
+    """Runs pacemaker attempts for one generation.
+
+    ``command`` is the pacemaker executable (it may live in another
+    environment than ours); ``evaluator`` is pacemaker's backend.
+    """
+
+    def __init__(
+        self,
+        command: str = "pacemaker",
+        evaluator: str = "tensorpot",
+        console: Console | None = None,
+        on_progress: Callable[[FitProgress], None] | None = None,
+    ) -> None:
+        self.command = command
+        self.evaluator = evaluator
+        self.console = console or Console(stderr=True)
+        self.on_progress = on_progress
+
+    # -- one attempt -------------------------------------------------------------
+    def run_training(
+        self,
+        dataset_path: str | Path | Sequence[str | Path],
+        test_path: str | Path | Sequence[str | Path] | None,
+        config: TrainConfig,
+        run_dir: str | Path | None = None,
+        elements: Sequence[str] | None = None,
+        initial_potential: str | Path | None = None,
+        generation: int = 0,
+    ) -> TrainingResult:
+        """Fit one potential in a fresh ``run_dir``; raise on failure or divergence."""
+        train_files = _as_paths(dataset_path)
+        test_files = _as_paths(test_path) if test_path else []
+        run = _fresh_dir(Path(run_dir) if run_dir else train_files[0].parent / "attempt")
+        if elements is None:
+            elements = _elements_of(train_files)
+        text = render_input(config, elements, [str(p) for p in train_files],
+                            [str(p) for p in test_files], self.evaluator, generation)
+        atomic_write_text(run / "input.yaml", text)
+        args = [resolve_command(self.command), "input.yaml"]
+        if initial_potential is not None:
+            args += ["-p", str(Path(initial_potential).resolve())]
+        start = time.monotonic()
+        returncode = self._run(args, run, config.timeout_hours * 3600.0, config.maxiter)
+        wall = time.monotonic() - start
+        if returncode != 0:
+            raise TrainingFailedError(
+                f"pacemaker exited with code {returncode} in {run}", log_tail=log_tail(run)
+            )
+        potential = run / OUTPUT_POTENTIAL
+        if not potential.exists():
+            raise TrainingFailedError(f"pacemaker left no {OUTPUT_POTENTIAL} in {run}", log_tail=log_tail(run))
+        e_train, f_train, iterations = _last_metrics(read_metrics_table(run / "metrics.txt"))
+        e_test, f_test, _ = _last_metrics(read_metrics_table(run / "test_metrics.txt"))
+        if e_train is None:
+            raise TrainingFailedError(f"pacemaker wrote no metrics.txt in {run}", log_tail=log_tail(run))
+        result = TrainingResult(
+            run_dir=str(run),
+            potential=str(potential),
+            iterations=iterations,
+            wall_time_s=wall,
+            train_rmse_energy_mev=e_train,
+            train_rmse_force_mev=f_train,
+            test_rmse_energy_mev=e_test,
+            test_rmse_force_mev=f_test,
+        )
+        result.save()
+        check_divergence(config, e_train, f_train, "training")
+        check_divergence(config, e_test, f_test, "pacemaker test-set")
+        return result
+
+    def _run(self, args: list[str], run: Path, timeout_s: float, maxiter: int) -> int:
+        """Start pacemaker without a shell in its own process group; stream its output."""
+        try:
+            proc = subprocess.Popen(
+                args,
+                cwd=run,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                text=True,  # universal newlines: pacemaker's '\r' progress lines split too
+                bufsize=1,
+                start_new_session=True,
+                env={**os.environ, "PYTHONUNBUFFERED": "1"},
+            )
+        except FileNotFoundError:
+            raise TrainingFailedError(f"pacemaker command not found: {args[0]!r}") from None
+        previous = _forward_termination(proc)
+        reader = threading.Thread(target=self._stream, args=(proc, run, maxiter), daemon=True)
+        reader.start()
+        try:
+            proc.wait(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            _kill_group(proc)
+            reader.join(timeout=10)
+            raise TrainingFailedError(
+                f"pacemaker exceeded the timeout of {timeout_s:.0f} s and was killed", log_tail=log_tail(run)
+            ) from None
+        except BaseException:
+            # A requeue (submitit's SIGUSR2 handler exits) or any error in here:
+            # pacemaker runs in its own session, so it must be ended explicitly.
+            _kill_group(proc, grace_s=2.0)
+            raise
+        finally:
+            _restore_termination(previous)
+        reader.join(timeout=30)
+        return proc.returncode
+
+    def _stream(self, proc: subprocess.Popen, run: Path, maxiter: int) -> None:
+        columns = (
+            TextColumn("[bold]pacemaker"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("{task.fields[status]}"),
+            TimeElapsedColumn(),
+        )
+        with open(run / STDOUT_LOG, "a", buffering=1) as log, Progress(
+            *columns, console=self.console, disable=not self.console.is_terminal, transient=False
+        ) as bar:
+            task = bar.add_task("fit", total=maxiter, status="starting")
+            parser = IterationParser()
+            for raw in proc.stdout:  # type: ignore[union-attr]
+                line = EVAL_NOISE.sub("", raw).rstrip("\n")
+                if not line.strip():
+                    continue
+                log.write(line + "\n")
+                state = parser.feed(line)
+                if state is None:
+                    continue
+                status = (
+                    f"loss {state.loss:.3e}  E {state.rmse_energy_mev:.2f} meV/at  "
+                    f"F {state.rmse_force_mev:.1f} meV/A"
+                )
+                bar.update(task, completed=min(state.iteration, maxiter), status=status)
+                if not self.console.is_terminal:
+                    self.console.print(f"iteration {state.iteration}/{maxiter}: {status}", highlight=False)
+                if self.on_progress:
+                    self.on_progress(state)
+
+
+def _as_paths(value) -> list[Path]:
+    if isinstance(value, (str, Path)):
+        return [Path(value).resolve()]
+    return [Path(v).resolve() for v in value]
+
+
+def _fresh_dir(path: Path) -> Path:
+    """``path`` if unused, else ``path-2``, ``path-3``...: an attempt never reuses a directory."""
+    candidate, k = path, 1
+    while True:
+        try:
+            candidate.mkdir(parents=True)
+            return candidate
+        except FileExistsError:
+            k += 1
+            candidate = path.with_name(f"{path.name}-{k}")
+
+
+def _elements_of(files: Sequence[Path]) -> list[str]:
+    elements: set[str] = set()
+    for path in files:
+        df = pd.read_pickle(path, compression="gzip")
+        for atoms in df["ase_atoms"]:
+            elements.update(atoms.get_chemical_symbols())
+    return sorted(elements)
+
+
+def _kill_group(proc: subprocess.Popen, grace_s: float = 5.0) -> None:
+    """SIGTERM the whole process group, SIGKILL what is left after ``grace_s``."""
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            return
+        try:
+            proc.wait(timeout=grace_s)
+            return
+        except subprocess.TimeoutExpired:
+            continue
+
+
+def _forward_termination(proc: subprocess.Popen):
+    """While pacemaker runs, SIGTERM/SIGINT to us (scancel, a cancel) also end its group."""
+    if threading.current_thread() is not threading.main_thread():
+        return None
+
+    def handler(signum, frame):
+        _kill_group(proc, grace_s=2.0)
+        raise TrainingFailedError(f"training interrupted by signal {signal.Signals(signum).name}")
+
+    return {sig: signal.signal(sig, handler) for sig in (signal.SIGTERM, signal.SIGINT)}
+
+
+def _restore_termination(previous) -> None:
+    if previous:
+        for sig, old in previous.items():
+            signal.signal(sig, old)

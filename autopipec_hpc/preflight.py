@@ -1,0 +1,73 @@
+"""Checks on the login node before anything is submitted.
+
+Each check names itself in its error; a failed check submits nothing.
+"""
+
+from __future__ import annotations
+
+import shlex
+import shutil
+import subprocess
+from pathlib import Path
+
+from autopipec_hpc.config import resolve_command
+from autopipec_hpc.dataset_prep import DatasetManifest
+from autopipec_hpc.errors import PreflightError
+from autopipec_hpc.jobs import RunSpec
+
+CHECK_TIMEOUT_S = 120
+
+
+def pacemaker_python(command: str) -> str:
+    """The interpreter of pacemaker's environment, from its console script's shebang."""
+    path = shutil.which(resolve_command(command))
+    if path is None:
+        raise PreflightError(f"check 'pacemaker command': {command!r} is not an executable here")
+    first = Path(path).read_bytes()[:512].split(b"\n", 1)[0].decode(errors="replace")
+    if not first.startswith("#!"):
+        raise PreflightError(f"check 'pacemaker command': {path} is not a Python console script")
+    interpreter = first[2:].strip().split()[0]
+    return interpreter
+
+
+def _run_in_site_env(spec: RunSpec, argv: list[str], check: str) -> None:
+    """Run ``argv`` after the site's setup lines, as a compute node would."""
+    setup = spec.site_config.setup
+    script = "\n".join([*setup, " ".join(shlex.quote(a) for a in argv)])
+    try:
+        done = subprocess.run(["bash", "-c", script], capture_output=True, text=True, timeout=CHECK_TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        raise PreflightError(f"check '{check}': no answer within {CHECK_TIMEOUT_S} s") from None
+    if done.returncode != 0:
+        tail = "\n".join((done.stdout + done.stderr).strip().splitlines()[-5:])
+        raise PreflightError(f"check '{check}' failed:\n{tail}")
+
+
+def check_pacemaker(spec: RunSpec) -> str:
+    command = spec.site_config.pacemaker.command
+    interpreter = pacemaker_python(command)
+    _run_in_site_env(spec, [interpreter, "-c", "import pyace"], "pacemaker command")
+    return interpreter
+
+
+def check_dataset_readable(spec: RunSpec, manifest: DatasetManifest, interpreter: str) -> None:
+    files = [str(p) for p in manifest.train_paths + manifest.test_paths]
+    code = (
+        "import sys, pandas as pd\n"
+        "for f in sys.argv[1:]:\n"
+        "    df = pd.read_pickle(f, compression='gzip')\n"
+        "    assert {'ase_atoms', 'energy_corrected', 'forces'} <= set(df.columns), f\n"
+    )
+    _run_in_site_env(spec, [interpreter, "-c", code, *files], "dataset readable by pacemaker's environment")
+
+
+def check_database(spec: RunSpec) -> None:
+    code = "import sys, ase.db, autopipec_hpc; ase.db.connect(sys.argv[1], append=True).count()"
+    _run_in_site_env(spec, [spec.site_config.python_executable, "-c", code, spec.database],
+                     "database reachable from the compute-node environment")
+
+
+def run_preflight(spec: RunSpec, manifest: DatasetManifest) -> None:
+    interpreter = check_pacemaker(spec)
+    check_dataset_readable(spec, manifest, interpreter)
+    check_database(spec)

@@ -1,0 +1,165 @@
+"""Published potentials: ``output/potentials/<generation>/``, complete or absent.
+
+A generation is assembled in a hidden staging folder beside its final place
+and renamed into place in one step, so a reader never sees a partial
+potential. ``load_calculator`` turns a published folder into the deployed
+model: ACE + ZBL + reference energies, as one ASE calculator.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import tempfile
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass
+from itertools import combinations_with_replacement
+from pathlib import Path
+
+from ase.calculators.mixing import SumCalculator
+from ase.data import atomic_numbers
+
+from autopipec_hpc.config import resolve_command
+from autopipec_hpc.errors import PublicationError
+from autopipec_hpc.physics import ReferenceEnergyCalculator, ZBLCalculator
+
+POTENTIAL_YAML = "potential.yaml"
+POTENTIAL_YACE = "potential.yace"
+ACTIVE_SET = "potential.asi"
+LAMMPS_SNIPPET = "lammps.in"
+MANIFEST = "potential.json"
+
+
+@dataclass(frozen=True)
+class PotentialManifest:
+    generation: int
+    elements: list[str]
+    zbl_inner: float
+    zbl_outer: float
+    reference_energies: dict[str, float]
+    files: list[str]
+    published_at: float
+
+
+def potentials_root(output_dir: str | Path) -> Path:
+    return Path(output_dir) / "potentials"
+
+
+def lammps_snippet(elements: Sequence[str], inner: float, outer: float, generation: int) -> str:
+    """pair_style lines for LAMMPS: ACE plus the exact ZBL baseline it was trained against."""
+    lines = [
+        f"# autopipec-hpc generation {generation}: V = V_ACE + V_ZBL (+ constant reference energies,",
+        "# see potential.json; they shift total energies only, never forces).",
+        f"# Atom types 1..{len(elements)} are {' '.join(elements)}.",
+        f"pair_style hybrid/overlay pace zbl {inner} {outer}",
+        f"pair_coeff * * pace {POTENTIAL_YACE} {' '.join(elements)}",
+    ]
+    for (i, a), (j, b) in combinations_with_replacement(enumerate(elements, start=1), 2):
+        lines.append(f"pair_coeff {i} {j} zbl {atomic_numbers[a]} {atomic_numbers[b]}")
+    return "\n".join(lines) + "\n"
+
+
+def _tool(pacemaker_command: str, name: str) -> str:
+    """pacemaker's companion tools live beside it (same environment)."""
+    resolved = resolve_command(pacemaker_command)
+    if Path(resolved).exists():
+        sibling = Path(resolved).parent / name
+        if sibling.exists():
+            return str(sibling)
+    found = shutil.which(name)
+    if not found:
+        raise PublicationError(f"{name} not found beside {pacemaker_command!r} or on PATH")
+    return found
+
+
+def _run_tool(args: list[str], cwd: Path) -> None:
+    done = subprocess.run(args, cwd=cwd, capture_output=True, text=True, timeout=3600)
+    if done.returncode != 0:
+        tail = "\n".join((done.stdout + done.stderr).splitlines()[-15:])
+        raise PublicationError(f"{Path(args[0]).name} failed (exit {done.returncode}):\n{tail}")
+
+
+def stage_potential(
+    staging: Path,
+    potential_yaml: Path,
+    fitting_data: Path | None,
+    elements: Sequence[str],
+    zbl_inner: float,
+    zbl_outer: float,
+    reference_energies: Mapping[str, float],
+    generation: int,
+    pacemaker_command: str,
+) -> PotentialManifest:
+    """Write the deployable files of one potential into ``staging``."""
+    staging.mkdir(parents=True, exist_ok=True)
+    shutil.copy2(potential_yaml, staging / POTENTIAL_YAML)
+    _run_tool([_tool(pacemaker_command, "pace_yaml2yace"), POTENTIAL_YAML, "-o", POTENTIAL_YACE], staging)
+    files = [POTENTIAL_YAML, POTENTIAL_YACE]
+    if fitting_data is not None and fitting_data.exists():
+        _run_tool([_tool(pacemaker_command, "pace_activeset"), POTENTIAL_YAML, "-d", str(fitting_data)], staging)
+        if (staging / ACTIVE_SET).exists():
+            files.append(ACTIVE_SET)
+    (staging / LAMMPS_SNIPPET).write_text(lammps_snippet(elements, zbl_inner, zbl_outer, generation))
+    (staging / "reference_energies.json").write_text(json.dumps(dict(reference_energies), indent=2))
+    files += [LAMMPS_SNIPPET, "reference_energies.json"]
+    manifest = PotentialManifest(
+        generation=generation,
+        elements=list(elements),
+        zbl_inner=zbl_inner,
+        zbl_outer=zbl_outer,
+        reference_energies=dict(reference_energies),
+        files=files,
+        published_at=time.time(),
+    )
+    (staging / MANIFEST).write_text(json.dumps(asdict(manifest), indent=2))
+    return manifest
+
+
+def new_staging_dir(output_dir: str | Path, generation: int) -> Path:
+    root = potentials_root(output_dir)
+    root.mkdir(parents=True, exist_ok=True)
+    return Path(tempfile.mkdtemp(dir=root, prefix=f".staging-{generation}-"))
+
+
+def publish(staging: Path, output_dir: str | Path, generation: int, force: bool = False) -> Path:
+    """Rename ``staging`` to ``potentials/<generation>``; a published one is kept unless ``force``."""
+    final = potentials_root(output_dir) / str(generation)
+    staging.chmod(0o755)
+    if final.exists():
+        if not force:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise PublicationError(f"generation {generation} is already published at {final}")
+        retired = final.with_name(f".replaced-{generation}-{int(time.time())}")
+        final.rename(retired)
+        staging.rename(final)
+        shutil.rmtree(retired, ignore_errors=True)
+    else:
+        staging.rename(final)
+    return final
+
+
+def discard(staging: Path) -> None:
+    shutil.rmtree(staging, ignore_errors=True)
+
+
+def read_manifest(directory: str | Path) -> PotentialManifest:
+    path = Path(directory) / MANIFEST
+    if not path.exists():
+        raise PublicationError(f"{directory} holds no published potential ({MANIFEST} missing)")
+    return PotentialManifest(**json.loads(path.read_text()))
+
+
+def load_calculator(directory: str | Path) -> SumCalculator:
+    """The deployed model of a published (or staged) potential as one ASE calculator."""
+    from pyace import PyACECalculator
+
+    manifest = read_manifest(directory)
+    return SumCalculator(
+        [
+            PyACECalculator(str(Path(directory) / POTENTIAL_YAML)),
+            ZBLCalculator(manifest.zbl_inner, manifest.zbl_outer),
+            ReferenceEnergyCalculator(manifest.reference_energies),
+        ]
+    )

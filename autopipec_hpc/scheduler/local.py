@@ -1,0 +1,146 @@
+"""The local scheduler: submitit's LocalExecutor on this machine.
+
+submitit's local executor has no job dependencies, so the evaluation job
+starts at once and waits for the training job's verdict in the run folder
+(or for the training process to vanish): the same contract as SLURM's
+``afterok`` with ``kill_invalid_depend``.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+import pickle
+import signal
+from dataclasses import dataclass
+from pathlib import Path
+
+import submitit
+from submitit.core.utils import JobPaths
+
+from autopipec_hpc.config import SiteConfig
+from autopipec_hpc.errors import SchedulerError, TrainingFailedError
+from autopipec_hpc.jobs import EvaluateJob, RunSpec, TrainJob, wait_for_training
+from autopipec_hpc.scheduler import (
+    CANCELLED,
+    COMPLETED,
+    FAILED,
+    RUNNING,
+    UNKNOWN,
+    SubmittedJobs,
+)
+
+
+def pid_alive(pid: int) -> bool:
+    """True while ``pid`` runs; a zombie (finished, not yet reaped) counts as gone."""
+    try:
+        with open(f"/proc/{pid}/stat") as handle:
+            return handle.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except (FileNotFoundError, ProcessLookupError, IndexError):
+        return False
+    except OSError:
+        try:
+            os.kill(pid, 0)
+            return True
+        except OSError:
+            return False
+
+
+@dataclass(frozen=True)
+class EvaluateAfterTraining:
+    """The evaluation job body with the local ``afterok`` in front of it (picklable)."""
+
+    train_pid: int
+
+    def __call__(self, run_dir: str) -> dict:
+        verdict = wait_for_training(run_dir, lambda: pid_alive(self.train_pid))
+        if not verdict.get("ok"):
+            raise TrainingFailedError(
+                f"evaluation not run: training did not succeed ({verdict.get('reason', 'unknown')})"
+            )
+        return EvaluateJob()(run_dir)
+
+
+def result_state(folder: Path, job_id: str) -> str | None:
+    """COMPLETED or FAILED from submitit's result pickle; None while there is none."""
+    path = JobPaths(folder, job_id).result_pickle
+    if not path.exists():
+        return None
+    try:
+        with open(path, "rb") as handle:
+            outcome = pickle.load(handle)[0]
+    except Exception:  # a pickle mid-write or from another version: not decisive yet
+        return None
+    return COMPLETED if outcome == "success" else FAILED
+
+
+@contextmanager
+def _stdio_to_devnull() -> Iterator[None]:
+    """Job processes inherit stdout/stderr; give them /dev/null (their logs go to
+    files in the run folder) so a caller's pipe is not held open until they end."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    saved = [os.dup(1), os.dup(2)]
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, 1)
+        os.dup2(devnull, 2)
+        yield
+    finally:
+        os.dup2(saved[0], 1)
+        os.dup2(saved[1], 2)
+        for fd in (*saved, devnull):
+            os.close(fd)
+
+
+class LocalScheduler:
+    name = "local"
+
+    def __init__(self, site: SiteConfig) -> None:
+        self.site = site
+
+    def _executor(self, folder: Path, minutes: int) -> submitit.LocalExecutor:
+        executor = submitit.LocalExecutor(folder=folder)
+        executor.update_parameters(timeout_min=minutes, signal_delay_s=self.site.signal_delay_s)
+        return executor
+
+    def submit(self, spec: RunSpec) -> SubmittedJobs:
+        folder = spec.path / "submitit"
+        with _stdio_to_devnull():
+            return self._submit(spec, folder)
+
+    def _submit(self, spec: RunSpec, folder: Path) -> SubmittedJobs:
+        train = self._executor(folder, self.site.train.time_minutes).submit(TrainJob(), spec.run_dir)
+        evaluate = self._executor(
+            folder, self.site.train.time_minutes + self.site.evaluate.time_minutes
+        ).submit(EvaluateAfterTraining(int(train.job_id)), spec.run_dir)
+        jobs = SubmittedJobs(self.name, str(folder), str(train.job_id), str(evaluate.job_id))
+        jobs.save(spec.path)
+        return jobs
+
+    def state(self, jobs: SubmittedJobs, which: str) -> str:
+        job_id = getattr(jobs, which)
+        cancelled = (Path(jobs.folder) / f"{job_id}.cancelled").exists()
+        done = result_state(Path(jobs.folder), job_id)
+        if done is not None:
+            return CANCELLED if cancelled and done == FAILED else done
+        if pid_alive(int(job_id)):
+            return RUNNING
+        return CANCELLED if cancelled else UNKNOWN
+
+    def cancel(self, jobs: SubmittedJobs) -> None:
+        for job_id in (jobs.evaluate, jobs.train):
+            pid = int(job_id)
+            if not pid_alive(pid):
+                continue
+            (Path(jobs.folder) / f"{job_id}.cancelled").touch()
+            try:
+                # submitit's local controller forwards SIGTERM to the job process,
+                # whose handler ends pacemaker's process group.
+                os.kill(pid, signal.SIGTERM)
+            except ProcessLookupError:
+                continue
+            except PermissionError as exc:
+                raise SchedulerError(f"cannot cancel local job {pid}: {exc}") from exc

@@ -1,0 +1,78 @@
+"""FAULT INJECTOR, not pacemaker: a stand-in that fails on purpose.
+
+A real pacemaker cannot be made to crash, diverge or hang on demand, so the
+failure paths are tested with this script instead. It accepts pacemaker's
+command line (``input.yaml [-p POTENTIAL]``) and then:
+
+- ``crash``: logs a few lines like pacemaker, then exits with status 1;
+- ``diverge``: "finishes" normally but reports an energy RMSE of 1e6 eV/atom;
+- ``hang``: never finishes (and leaves a grandchild), until it is killed.
+
+``make_fault_pacemaker(directory, mode)`` writes an executable named
+``fault-pacemaker-<mode>`` to use as a site's ``pacemaker.command``.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+HEADER = (
+    "ladder_step cycle_step iter_num loss e_loss_contrib f_loss_contrib reg_loss rmse_epa rmse_f_comp "
+    "low_rmse_epa low_rmse_f_comp mae_f_comp low_mae_f_comp nfuncs ncoefs"
+)
+
+
+def _log(line: str) -> None:
+    print(line, flush=True)
+    with open("log.txt", "a") as handle:
+        handle.write(line + "\n")
+
+
+def crash() -> int:
+    _log("INFO - Start pacemaker (fault injector: crash)")
+    _log("INFO - Loading input.yaml...")
+    _log("ERROR - simulated failure: std::bad_alloc in ACE basis construction")
+    return 1
+
+
+def diverge() -> int:
+    _log("INFO - Start pacemaker (fault injector: diverge)")
+    rows = []
+    for it, rmse in enumerate([1.0, 1e3, 1e6]):
+        _log(f"Iteration   #{it}   (1 evals):   Loss: {rmse:.4e} | RMSE Energy(low): {rmse * 1000:.2f} "
+             f"({rmse * 1000:.2f}) meV/at | Forces(low): {rmse * 1000:.2f} ({rmse * 1000:.2f}) meV/A")
+        rows.append(f"0 0 {it} {rmse} 0 0 0 {rmse} {rmse} {rmse} {rmse} {rmse} {rmse} 1 1")
+    Path("metrics.txt").write_text(HEADER + "\n" + "\n".join(rows) + "\n")
+    Path("output_potential.yaml").write_text("# fault injector: not a potential\n")
+    return 0
+
+
+def hang() -> int:
+    _log("INFO - Start pacemaker (fault injector: hang)")
+    subprocess.Popen(["sleep", "3600"])  # a grandchild the timeout must also end
+    while True:
+        time.sleep(1)
+
+
+MODES = {"crash": crash, "diverge": diverge, "hang": hang}
+
+
+def main(mode: str) -> None:
+    sys.exit(MODES[mode]())
+
+
+def make_fault_pacemaker(directory: str | Path, mode: str) -> Path:
+    if mode not in MODES:
+        raise ValueError(f"unknown fault mode {mode!r}; expected one of {sorted(MODES)}")
+    path = Path(directory) / f"fault-pacemaker-{mode}"
+    path.write_text(
+        f"#!{sys.executable}\n"
+        "# FAULT INJECTOR (autopipec_hpc.testing.fault_pacemaker), not pacemaker.\n"
+        f"from autopipec_hpc.testing.fault_pacemaker import main\nmain({mode!r})\n"
+    )
+    path.chmod(0o755)
+    return path

@@ -1,0 +1,73 @@
+"""Typed configs: defaults, refusal of unknown keys by name, the pacemaker mapping."""
+
+from __future__ import annotations
+
+import pytest
+
+from autopipec_hpc.config import SiteConfig, TrainConfig
+from autopipec_hpc.errors import ConfigError
+
+
+def write(tmp_path, text: str):
+    path = tmp_path / "c.yaml"
+    path.write_text(text)
+    return path
+
+
+def test_train_config_defaults_are_the_seeds():
+    c = TrainConfig()
+    assert (c.cutoff, c.b_basis_size, c.max_degree, c.energy_weight, c.force_weight) == (5.0, 500, 3, 1.0, 100.0)
+    assert c.timeout_hours == 24.0
+
+
+def test_kappa_is_the_force_share_of_the_loss():
+    assert TrainConfig(energy_weight=1, force_weight=100).kappa == pytest.approx(100 / 101)
+    assert TrainConfig(energy_weight=1, force_weight=0).kappa == 0.0
+    assert TrainConfig(energy_weight=1, force_weight=1).kappa == 0.5
+
+
+def test_max_degree_selects_body_orders():
+    c = TrainConfig(max_degree=3)
+    assert c.nradmax_by_orders == [15, 6, 4] and c.lmax_by_orders == [0, 3, 3]
+
+
+def test_unknown_train_key_is_refused_by_name(tmp_path):
+    with pytest.raises(ConfigError, match="unknown key 'kapa'"):
+        TrainConfig.from_yaml(write(tmp_path, "cutoff: 6.0\nkapa: 0.3\n"))
+
+
+def test_bad_value_names_the_key(tmp_path):
+    with pytest.raises(ConfigError, match="'cutoff'"):
+        TrainConfig.from_yaml(write(tmp_path, "cutoff: -1\n"))
+    with pytest.raises(ConfigError, match="zbl_inner"):
+        TrainConfig.from_yaml(write(tmp_path, "zbl_inner: 3.0\nzbl_outer: 2.0\n"))
+
+
+def test_unknown_site_key_is_refused_by_name(tmp_path):
+    with pytest.raises(ConfigError, match="unknown key 'train.gpu'"):
+        SiteConfig.from_yaml(write(tmp_path, "scheduler: slurm\ntrain:\n  gpu: 1\n"))
+
+
+@pytest.mark.parametrize(
+    "text,key",
+    [
+        ("train:\n  partition: 'gpu; rm -rf ~'\n", "train.partition"),
+        ("name: 'a b'\n", "name"),
+        ("pacemaker:\n  command: 'pacemaker && curl x'\n", "pacemaker.command"),
+        ("setup:\n  - \"module load x\\nrm -rf ~\"\n", "setup"),
+        ("python: '/bin/python; id'\n", "python"),
+    ],
+)
+def test_values_that_could_inject_shell_are_refused(tmp_path, text, key):
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+        SiteConfig.from_yaml(write(tmp_path, text))
+
+
+def test_shipped_site_configs_are_valid():
+    from pathlib import Path
+
+    folder = Path(__file__).resolve().parents[1] / "site_configs"
+    names = sorted(p.name for p in folder.glob("*.yaml"))
+    assert "local.yaml" in names
+    for path in folder.glob("*.yaml"):
+        SiteConfig.from_yaml(path)
