@@ -27,8 +27,9 @@ from autopipec_hpc.submission import (
 PROJECT = Path(__file__).resolve().parent.parent
 DEFAULT_SITE = PROJECT / "site_configs" / "local.yaml"
 
-console = Console()
-err_console = Console(stderr=True)
+# Piped output (logs, CI, grep) gets wide tables instead of rich's 80 columns.
+console = Console(width=None if sys.stdout.isatty() else 200)
+err_console = Console(stderr=True, width=None if sys.stderr.isatty() else 200)
 
 
 # -- commands -----------------------------------------------------------------

@@ -24,6 +24,7 @@ NRADMAX_BY_ORDERS = [15, 6, 4, 3, 2, 2]
 LMAX_BY_ORDERS = [0, 3, 3, 2, 2, 1]
 
 _NAME = re.compile(r"^[A-Za-z0-9_.-]+$")
+_PATH = re.compile(r"^[A-Za-z0-9_./~+-]+$")
 
 
 class _Strict(BaseModel):
@@ -129,6 +130,14 @@ class SiteConfig(_Strict):
     result_timeout_s: float = Field(
         7 * 24 * 3600.0, gt=0, description="how long `submit --wait` waits for a result"
     )
+
+    @field_validator("work_dir", "output_dir")
+    @classmethod
+    def _safe_path(cls, value: Path) -> Path:
+        # These paths are written into job scripts: no characters a shell would act on.
+        if not _PATH.match(str(value)):
+            raise ValueError(f"path {str(value)!r} may only hold letters, digits, '_', '.', '-', '/' and '~'")
+        return value
 
     @field_validator("name")
     @classmethod

@@ -48,13 +48,14 @@ class DatasetSettings:
     zbl_outer: float = 2.0
     reference_energies: Mapping[str, float] | None = None
     shard_atoms: int = 50_000
+    shard_rows: int = 2_000
     write_extxyz: bool = True
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.test_fraction < 1.0:
             raise ConfigError(f"test_fraction must be in [0, 1), got {self.test_fraction}")
-        if self.shard_atoms < 1:
-            raise ConfigError(f"shard_atoms must be >= 1, got {self.shard_atoms}")
+        if self.shard_atoms < 1 or self.shard_rows < 1:
+            raise ConfigError(f"shard_atoms and shard_rows must be >= 1, got {self.shard_atoms}, {self.shard_rows}")
         ZBLCalculator(self.zbl_inner, self.zbl_outer)  # validates the cutoffs
 
 
@@ -126,6 +127,7 @@ class _Seen:
     composition: dict[str, int]
     energy_dft: float
     energy_zbl: float
+    zbl_forces_at: int  # byte offset of this structure's ZBL forces in the spill file
 
 
 # -- atomic files --------------------------------------------------------------
@@ -223,19 +225,23 @@ def stratified_split(
 
 # -- writers -------------------------------------------------------------------
 class _ShardedPickleWriter:
-    """Rows -> ``{stem}-NNN.pckl.gzip`` files of at most ``shard_atoms`` atoms each."""
+    """Rows -> ``{stem}-NNN.pckl.gzip`` files of at most ``shard_atoms`` atoms and
+    ``shard_rows`` rows each: memory follows the shard, not the dataset."""
 
-    def __init__(self, directory: Path, stem: str, shard_atoms: int) -> None:
+    def __init__(self, directory: Path, stem: str, shard_atoms: int, shard_rows: int) -> None:
         self.directory = directory
         self.stem = stem
         self.shard_atoms = shard_atoms
+        self.shard_rows = shard_rows
         self.rows: list[dict[str, Any]] = []
         self.atoms_in_shard = 0
         self.files: list[str] = []
 
     def add(self, row: dict[str, Any]) -> None:
         natoms = len(row["ase_atoms"])
-        if self.rows and self.atoms_in_shard + natoms > self.shard_atoms:
+        if self.rows and (
+            self.atoms_in_shard + natoms > self.shard_atoms or len(self.rows) >= self.shard_rows
+        ):
             self._flush()
         self.rows.append(row)
         self.atoms_in_shard += natoms
@@ -276,7 +282,11 @@ class DatasetBuilder:
         self.settings = settings or DatasetSettings()
         self.zbl = ZBLCalculator(self.settings.zbl_inner, self.settings.zbl_outer)
 
-    def _scan(self, structures: Iterable[Atoms]) -> tuple[list[_Seen], list[SkippedStructure], bool, float]:
+    def _scan(
+        self, structures: Iterable[Atoms], spill: IO[bytes]
+    ) -> tuple[list[_Seen], list[SkippedStructure], bool, float]:
+        """Pass 1. ZBL forces go to ``spill`` (a temporary file), so pass 2 reuses
+        them without holding every structure's forces in memory."""
         seen: list[_Seen] = []
         skipped: list[SkippedStructure] = []
         has_mask = False
@@ -288,7 +298,7 @@ class DatasetBuilder:
             try:
                 energy, _ = dft_labels(atoms)
                 pairs = self.zbl.pairs(atoms)
-                e_zbl = self.zbl.evaluate(atoms, pairs=pairs)[0]
+                e_zbl, _, f_zbl, _ = self.zbl.evaluate(atoms, pairs=pairs)
             except StructureError as exc:
                 reason = str(exc).split(": ", 1)[-1] if str(exc).startswith("structure") else str(exc)
                 log.warning("skipping structure id=%s (%s): %s", db_id, ctype, reason)
@@ -297,9 +307,11 @@ class DatasetBuilder:
             has_mask = has_mask or "force_mask" in atoms.arrays
             if len(pairs[2]):
                 min_distance = min(min_distance, float(pairs[2].min()))
+            offset = spill.tell()
+            spill.write(np.ascontiguousarray(f_zbl, dtype=np.float64).tobytes())
             seen.append(
                 _Seen(int(db_id), ctype, len(atoms), dict(Counter(atoms.get_chemical_symbols())),
-                      energy, e_zbl)
+                      energy, e_zbl, offset)
             )
         return seen, skipped, has_mask, float(min_distance)
 
@@ -311,9 +323,12 @@ class DatasetBuilder:
         ``info['db_id']`` / ``info['config_type']``; ``arrays['force_mask']``
         is optional. Unusable structures are skipped, logged and listed.
         """
+        with tempfile.TemporaryFile() as spill:
+            return self._prepare(structures, Path(output_path), spill)
+
+    def _prepare(self, structures: Iterable[Atoms], out: Path, spill: IO[bytes]) -> DatasetManifest:
         settings = self.settings
-        out = Path(output_path)
-        seen, skipped, has_mask, min_distance = self._scan(structures)
+        seen, skipped, has_mask, min_distance = self._scan(structures, spill)
         if not seen:
             detail = f" ({len(skipped)} skipped: {skipped[0].reason} ...)" if skipped else ""
             raise InsufficientDataError(f"no usable structures to build a dataset from{detail}")
@@ -342,7 +357,7 @@ class DatasetBuilder:
         out.mkdir(parents=True, exist_ok=True)
         split_of = {i: "train" for i in train_ids} | {i: "test" for i in test_ids}
         writers = {
-            name: _ShardedPickleWriter(out, name, settings.shard_atoms) for name in ("train", "test")
+            name: _ShardedPickleWriter(out, name, settings.shard_atoms, settings.shard_rows) for name in ("train", "test")
         }
         xyz_paths = {name: out / f"{name}.extxyz" for name in ("train", "test")}
         target_epa: list[float] = []
@@ -356,7 +371,7 @@ class DatasetBuilder:
                 if split is None:
                     continue  # skipped in pass 1
                 atoms.info.setdefault("db_id", db_id)
-                row, frame = self._delta_row(atoms, by_id[db_id], references, has_mask)
+                row, frame = self._delta_row(atoms, by_id[db_id], references, has_mask, spill)
                 target_epa.append(row["energy_corrected"] / len(atoms))
                 writers[split].add(row)
                 if xyz[split] is not None:
@@ -398,11 +413,13 @@ class DatasetBuilder:
         return manifest
 
     def _delta_row(self, atoms: Atoms, seen: _Seen, references: Mapping[str, float],
-                   has_mask: bool) -> tuple[dict[str, Any], Atoms]:
+                   has_mask: bool, spill: IO[bytes]) -> tuple[dict[str, Any], Atoms]:
         energy_dft, forces_dft = dft_labels(atoms)
-        if abs(energy_dft - seen.energy_dft) > 0:
+        if energy_dft != seen.energy_dft or len(atoms) != seen.natoms:
             raise StructureError(f"structure id={seen.db_id} changed between the two passes")
-        e_zbl, _, f_zbl, _ = self.zbl.evaluate(atoms)
+        e_zbl = seen.energy_zbl
+        spill.seek(seen.zbl_forces_at)
+        f_zbl = np.frombuffer(spill.read(seen.natoms * 3 * 8), dtype=np.float64).reshape(seen.natoms, 3)
         e_ref = float(per_atom_reference(atoms, references).sum())
         target_e = energy_dft - e_zbl - e_ref
         target_f = forces_dft - f_zbl

@@ -131,7 +131,7 @@ class DatabaseManager:
         DFT energy and forces (``None`` where a row lacks them); a force mask
         is in ``arrays['force_mask']``.
         """
-        for row in self._db.select(status=status, sort="id"):
+        for row in self._select_paged(status=status):
             atoms = Atoms(numbers=row.numbers, positions=row.positions, cell=row.cell, pbc=row.pbc)
             energy = row.get("energy")
             forces = row.get("forces")
@@ -142,6 +142,17 @@ class DatabaseManager:
             if mask is not None:
                 atoms.arrays["force_mask"] = np.asarray(mask)
             yield atoms
+
+    def _select_paged(self, page: int = 500, **selection: Any):
+        """Rows in id order, ``page`` at a time: ase.db's SQLite backend fetches a
+        whole result set at once, which would grow with the database."""
+        last = 0
+        while True:
+            rows = list(self._db.select(f"id>{last}", sort="id", limit=page, **selection))
+            yield from rows
+            if len(rows) < page:
+                return
+            last = rows[-1].id
 
     def mark_used(self, generation: int, train_ids: Sequence[int], test_ids: Sequence[int]) -> None:
         """Record which generation trained (or tested) on each structure, in one transaction."""

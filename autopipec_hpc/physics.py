@@ -87,6 +87,7 @@ class ZBLCalculator(Calculator):
         self.inner = float(inner)
         self.outer = float(outer)
         self._pair_cache: dict[tuple[int, int], tuple[float, float, float, float, float]] = {}
+        self._neighbour_list = NeighborList(cutoff=self.outer, full_list=False)
 
     # -- per element pair constants, as LAMMPS's PairZBL::set_coeff ------------
     def _pair_constants(self, zi: int, zj: int) -> tuple[float, float, float, float, float]:
@@ -129,27 +130,34 @@ class ZBLCalculator(Calculator):
             )
 
     def pairs(self, atoms: Atoms) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-        """Each unordered pair (i, j, |D|, D = r_j - r_i) within ``outer`` once, images included."""
+        """Each unordered pair (i, j, |D|, D = r_j - r_i) within ``outer`` once, images included.
+
+        The distance arrays are views valid until this calculator's next call.
+        """
         cell = np.array(atoms.cell[:], dtype=float)
         periodic = np.asarray(atoms.pbc, dtype=bool)
-        if periodic.any() and np.linalg.matrix_rank(cell[periodic]) < periodic.sum():
-            raise StructureError(
-                f"{describe_structure(atoms)}: the periodic cell vectors are degenerate"
-            )
-        if not periodic.all() and np.linalg.matrix_rank(cell) < 3:
-            # The neighbour list wants a full-rank box; non-periodic directions
-            # without a cell vector get one long enough never to matter.
-            extent = float(np.ptp(atoms.positions, axis=0).max()) + 2.0 * self.outer + 1.0
-            for k in np.flatnonzero(~periodic):
-                if np.linalg.norm(cell[k]) == 0.0:
-                    cell[k, k] = extent
-            if np.linalg.matrix_rank(cell) < 3:
-                cell = np.diag(np.full(3, extent))
-        nl = NeighborList(cutoff=self.outer, full_list=False)
-        i, j, D, d = nl.compute(
+        if periodic.all():
+            if abs(np.linalg.det(cell)) < 1e-12:
+                raise StructureError(f"{describe_structure(atoms)}: the periodic cell has zero volume")
+        else:
+            cell = self._box_for(atoms, cell, periodic)
+        i, j, D, d = self._neighbour_list.compute(
             points=atoms.positions, box=cell, periodic=periodic, quantities="ijDd", copy=False
         )
         return i.astype(np.intp), j.astype(np.intp), d, D
+
+    def _box_for(self, atoms: Atoms, cell: np.ndarray, periodic: np.ndarray) -> np.ndarray:
+        """A full-rank box: the neighbour list needs one even where directions are open."""
+        if periodic.any() and np.linalg.matrix_rank(cell[periodic]) < periodic.sum():
+            raise StructureError(f"{describe_structure(atoms)}: the periodic cell vectors are degenerate")
+        if np.linalg.matrix_rank(cell) == 3:
+            return cell
+        # Open directions without a cell vector get one long enough never to matter.
+        extent = float(np.ptp(atoms.positions, axis=0).max()) + 2.0 * self.outer + 1.0
+        for k in np.flatnonzero(~periodic):
+            if np.linalg.norm(cell[k]) == 0.0:
+                cell[k, k] = extent
+        return cell if np.linalg.matrix_rank(cell) == 3 else np.diag(np.full(3, extent))
 
     def evaluate(
         self,

@@ -67,7 +67,22 @@ def check_database(spec: RunSpec) -> None:
                      "database reachable from the compute-node environment")
 
 
+def check_scheduler(spec: RunSpec) -> None:
+    """SLURM: sbatch must exist and sacct must answer (submitit follows jobs only through it)."""
+    if spec.site_config.scheduler != "slurm":
+        return
+    from autopipec_hpc.errors import SchedulerError
+    from autopipec_hpc.scheduler.slurm import run_command
+
+    try:
+        run_command(["sbatch", "--version"], "submitting")
+        run_command(["sacct", "-n", "-X", "-j", "1", "-o", "JobID"], "following jobs")
+    except SchedulerError as exc:
+        raise PreflightError(f"check 'SLURM with accounting': {exc}") from None
+
+
 def run_preflight(spec: RunSpec, manifest: DatasetManifest) -> None:
+    check_scheduler(spec)
     interpreter = check_pacemaker(spec)
     check_dataset_readable(spec, manifest, interpreter)
     check_database(spec)

@@ -110,10 +110,16 @@ def wait_for_generation(run_dir: Path, timeout_s: float, poll_s: float = 2.0) ->
     return record
 
 
-def cancel_generation(run_dir: Path) -> None:
-    """Cancel both jobs and record CANCELLED."""
+def cancel_generation(run_dir: Path, settle_s: float = 60.0) -> dict[str, str]:
+    """Cancel both jobs, wait (bounded) for them to end, record CANCELLED; returns job states."""
     spec = RunSpec.load(run_dir)
     (Path(run_dir) / CANCEL_MARKER).touch()
     jobs = SubmittedJobs.load(run_dir)
     scheduler_for(spec.site_config).cancel(jobs)
     DatabaseManager(spec.database).write_record(spec.generation, "CANCELLED", reason="cancelled by user")
+    deadline = time.monotonic() + settle_s
+    states = job_states(Path(run_dir))
+    while any(s not in FINISHED for s in states.values()) and time.monotonic() < deadline:
+        time.sleep(0.5)
+        states = job_states(Path(run_dir))
+    return states

@@ -28,7 +28,6 @@ from autopipec_hpc.scheduler import (
     COMPLETED,
     FAILED,
     RUNNING,
-    UNKNOWN,
     SubmittedJobs,
 )
 
@@ -128,7 +127,7 @@ class LocalScheduler:
             return CANCELLED if cancelled and done == FAILED else done
         if pid_alive(int(job_id)):
             return RUNNING
-        return CANCELLED if cancelled else UNKNOWN
+        return CANCELLED if cancelled else FAILED  # gone without a result
 
     def cancel(self, jobs: SubmittedJobs) -> None:
         for job_id in (jobs.evaluate, jobs.train):

@@ -1,0 +1,126 @@
+"""The SLURM scheduler: submitit's SlurmExecutor, built from a SiteConfig.
+
+Training goes to the site's training partition (with its GPUs); evaluation
+follows with ``afterok`` and ``--kill-on-invalid-dep=yes``, so a failed
+training removes it instead of leaving it pending forever. Job state is read
+with ``sacct`` under a timeout: a cluster without accounting gives a clear
+error, never a hang. The scripts that run are kept in the run folder
+(``train.sbatch``, ``evaluate.sbatch``) and can be resubmitted by hand.
+"""
+
+from __future__ import annotations
+
+import shlex
+import shutil
+import subprocess
+from pathlib import Path
+
+import submitit
+
+from autopipec_hpc.config import JobResources, SiteConfig
+from autopipec_hpc.errors import SchedulerError
+from autopipec_hpc.jobs import EvaluateJob, RunSpec, TrainJob
+from autopipec_hpc.pacemaker_wrapper import template_environment
+from autopipec_hpc.scheduler import (
+    CANCELLED,
+    COMPLETED,
+    FAILED,
+    PENDING,
+    RUNNING,
+    UNKNOWN,
+    SubmittedJobs,
+)
+
+COMMAND_TIMEOUT_S = 30
+# sacct's states -> ours. A requeued job reads PENDING/REQUEUED until it runs again.
+STATE_MAP = {
+    "PENDING": PENDING, "REQUEUED": PENDING, "REQUEUE_HOLD": PENDING, "REQUEUE_FED": PENDING,
+    "RESIZING": PENDING, "SUSPENDED": PENDING, "CONFIGURING": PENDING,
+    "RUNNING": RUNNING, "COMPLETING": RUNNING, "STAGE_OUT": RUNNING, "SIGNALING": RUNNING,
+    "COMPLETED": COMPLETED,
+    "CANCELLED": CANCELLED, "REVOKED": CANCELLED, "DEADLINE": CANCELLED,
+    "FAILED": FAILED, "TIMEOUT": FAILED, "NODE_FAIL": FAILED, "PREEMPTED": FAILED,
+    "OUT_OF_MEMORY": FAILED, "BOOT_FAIL": FAILED,
+}
+
+
+def run_command(args: list[str], what: str) -> str:
+    """A SLURM client command with a timeout; errors name the command."""
+    if shutil.which(args[0]) is None:
+        raise SchedulerError(f"{args[0]} not found: {what} needs SLURM's client commands on this machine")
+    try:
+        done = subprocess.run(args, capture_output=True, text=True, timeout=COMMAND_TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        raise SchedulerError(f"{' '.join(args)} gave no answer within {COMMAND_TIMEOUT_S} s") from None
+    if done.returncode != 0:
+        raise SchedulerError(f"{' '.join(args)} failed: {(done.stderr or done.stdout).strip()}")
+    return done.stdout
+
+
+def sacct_state(job_id: str) -> str:
+    out = run_command(["sacct", "-n", "-X", "-P", "-j", job_id, "-o", "State"], "reading job state")
+    lines = [line.split()[0] for line in out.splitlines() if line.strip()]
+    if not lines:
+        return UNKNOWN  # accounting has not seen it yet
+    return STATE_MAP.get(lines[-1].rstrip("+"), UNKNOWN)
+
+
+def setup_lines(site: SiteConfig, run_dir: Path, role: str, folder: Path) -> list[str]:
+    """The compute-node preamble, from job_templates/slurm_setup.sh.j2."""
+    template = template_environment().get_template("slurm_setup.sh.j2")
+    text = template.render(site=site, role=role, run_dir=str(run_dir), folder=str(folder), quote=shlex.quote)
+    return [line for line in text.splitlines() if line.strip()]
+
+
+class SlurmScheduler:
+    name = "slurm"
+
+    def __init__(self, site: SiteConfig) -> None:
+        self.site = site
+
+    def _executor(self, spec: RunSpec, role: str, res: JobResources, extra: dict[str, str]) -> submitit.SlurmExecutor:
+        folder = spec.path / "submitit"
+        executor = submitit.SlurmExecutor(
+            folder=folder, python=self.site.python_executable, max_num_timeout=self.site.max_restarts
+        )
+        params: dict = dict(
+            job_name=f"autopipec-g{spec.generation}-{role}",
+            time=res.time_minutes,
+            cpus_per_task=res.cpus,
+            mem=f"{int(res.mem_gb * 1024)}M",
+            signal_delay_s=self.site.signal_delay_s,
+            setup=setup_lines(self.site, spec.path, role, folder),
+            additional_parameters=extra,
+        )
+        if res.partition:
+            params["partition"] = res.partition
+        if res.account:
+            params["account"] = res.account
+        if res.qos:
+            params["qos"] = res.qos
+        if res.gpus:
+            params["gres"] = f"gpu:{res.gpus}"
+        executor.update_parameters(**params)
+        return executor
+
+    def submit(self, spec: RunSpec) -> SubmittedJobs:
+        train = self._executor(spec, "train", self.site.train, {}).submit(TrainJob(), spec.run_dir)
+        evaluate = self._executor(
+            spec, "evaluate", self.site.evaluate,
+            {"dependency": f"afterok:{train.job_id}", "kill-on-invalid-dep": "yes"},
+        ).submit(EvaluateJob(), spec.run_dir)
+        folder = spec.path / "submitit"
+        for role, job in (("train", train), ("evaluate", evaluate)):
+            # Kept beside the run: readable, and `sbatch train.sbatch` reruns the same job
+            # (the preamble gives a hand-submitted job id its pickle).
+            shutil.copy2(job.paths.submitted_pickle, folder / f"{role}_submitted.pkl")
+            shutil.copy2(job.paths.submission_file, spec.path / f"{role}.sbatch")
+        jobs = SubmittedJobs(self.name, str(folder), str(train.job_id), str(evaluate.job_id))
+        jobs.save(spec.path)
+        return jobs
+
+    def state(self, jobs: SubmittedJobs, which: str) -> str:
+        return sacct_state(getattr(jobs, which))
+
+    def cancel(self, jobs: SubmittedJobs) -> None:
+        run_command(["scancel", jobs.evaluate, jobs.train], "cancelling jobs")

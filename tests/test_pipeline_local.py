@@ -1,0 +1,201 @@
+"""The whole pipeline on the local executor with the real pacemaker, and its failure paths."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import ase.db
+import ase.io
+import numpy as np
+import pytest
+from ase import Atoms
+from ase.build import bulk
+from ase.eos import EquationOfState
+
+from autopipec_hpc.config import SiteConfig, TrainConfig
+from autopipec_hpc.db import DatabaseManager
+from autopipec_hpc.errors import AutopipecError, TrainingDivergenceError, TrainingFailedError
+from autopipec_hpc.evaluation import predict
+from autopipec_hpc.example_data import demo_train_config, write_example_database
+from autopipec_hpc.registry import POTENTIAL_YAML, load_calculator, potentials_root
+from autopipec_hpc.submission import cancel_generation, job_states, submit_generation, wait_for_generation
+from autopipec_hpc.testing.fault_pacemaker import make_fault_pacemaker
+
+PACEMAKER = Path(sys.executable).parent / "pacemaker"
+pytestmark = pytest.mark.skipif(not PACEMAKER.exists(), reason="pip install -e .[pacemaker]")
+
+
+def local_site(root: Path, command: str = "pacemaker") -> SiteConfig:
+    return SiteConfig(
+        name="test-local",
+        scheduler="local",
+        work_dir=root / "runs",
+        output_dir=root / "output",
+        database=str(root / "structures.db"),
+        pacemaker={"command": command, "evaluator": "pyace"},
+    )
+
+
+@pytest.fixture
+def example_db(tmp_path) -> str:
+    path = str(tmp_path / "structures.db")
+    write_example_database(DatabaseManager(path))
+    return path
+
+
+@pytest.mark.slow
+def test_submit_trains_evaluates_and_registers_a_real_potential(tmp_path, example_db):
+    site = local_site(tmp_path)
+    sub = submit_generation(example_db, site, demo_train_config())
+    record = wait_for_generation(Path(sub.spec.run_dir), timeout_s=900)
+    assert record.status == "SUCCEEDED" and record.generation == 1
+    v = record.values
+    assert v["iterations"] == 20 and v["wall_time_s"] > 0
+    assert 0 < v["test_energy_rmse_mev"] < 200 and 0 < v["test_force_rmse_mev"] < 1000
+    assert record.data["config"]["b_basis_size"] == 16
+
+    published = potentials_root(site.output_dir) / "1"
+    assert Path(v["potential_path"]) == published
+    for name in ("potential.yaml", "potential.yace", "potential.asi", "lammps.in", "reference_energies.json",
+                 "metrics.json", "parity.png", "input.yaml", "potential.json"):
+        assert (published / name).exists(), name
+    lammps = (published / "lammps.in").read_text()
+    assert "pair_style hybrid/overlay pace zbl 1.0 2.0" in lammps and "pair_coeff 1 1 zbl 29 29" in lammps
+    import yaml
+
+    assert "repulsion" not in yaml.safe_load((published / "input.yaml").read_text())["fit"]
+
+    metrics = json.loads((published / "metrics.json").read_text())
+    assert set(metrics["total_by_config_type"]) == {"bcc_ev", "fcc_ev", "fcc_rattled", "fcc_strained"}
+    assert "per Cartesian component" in metrics["units"]["force"]
+
+    # The published calculator reproduces the recorded holdout metrics.
+    calc = load_calculator(published)
+    from pyace import PyACECalculator
+
+    _, total = predict(sub.manifest.test_paths, PyACECalculator(str(published / POTENTIAL_YAML)), calc)
+    again = total.stats()
+    assert again.energy_rmse_mev == pytest.approx(v["test_energy_rmse_mev"], rel=1e-9)
+    assert again.force_rmse_mev == pytest.approx(v["test_force_rmse_mev"], rel=1e-9)
+
+    # The structures used are marked with the generation.
+    rows = list(ase.db.connect(example_db).select(generation=1, split="test"))
+    assert sorted(r.id for r in rows) == sorted(sub.manifest.test_ids)
+
+    # A succeeded generation is not trained again unless forced.
+    with pytest.raises(AutopipecError, match="already succeeded"):
+        submit_generation(example_db, site, demo_train_config(), generation=1)
+
+    # Status and results from a new process.
+    cli = [sys.executable, "-m", "autopipec_hpc.cli"]
+    site_file = tmp_path / "site.yaml"
+    site_file.write_text(json.dumps(site.model_dump(mode="json")))
+    out = subprocess.run([*cli, "results", "--site", str(site_file), "--generation", "1"],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert "SUCCEEDED" in out.stdout and "fcc_rattled" in out.stdout
+    out = subprocess.run([*cli, "status", "--site", str(site_file)], capture_output=True, text=True, timeout=120)
+    assert "COMPLETED" in out.stdout
+
+
+def _no_potential(site: SiteConfig) -> bool:
+    root = potentials_root(site.output_dir)
+    return not root.exists() or not [p for p in root.iterdir() if not p.name.startswith(".")]
+
+
+def test_crashing_trainer_fails_with_log_tail_and_publishes_nothing(tmp_path, example_db):
+    site = local_site(tmp_path, str(make_fault_pacemaker(tmp_path, "crash")))
+    sub = submit_generation(example_db, site, demo_train_config())
+    with pytest.raises(TrainingFailedError, match="FAILED: pacemaker exited with code 1") as info:
+        wait_for_generation(Path(sub.spec.run_dir), timeout_s=300)
+    assert "bad_alloc" in info.value.log_tail
+    record = DatabaseManager(example_db).get_record(1)
+    assert record.status == "FAILED" and "bad_alloc" in record.data["log_tail"]
+    assert _no_potential(site)
+    assert not (Path(sub.spec.run_dir) / "evaluation").exists()
+    assert job_states(Path(sub.spec.run_dir)) == {"train": "FAILED", "evaluate": "FAILED"}
+
+
+def test_diverging_fit_is_recorded_and_not_published(tmp_path, example_db):
+    site = local_site(tmp_path, str(make_fault_pacemaker(tmp_path, "diverge")))
+    sub = submit_generation(example_db, site, demo_train_config())
+    with pytest.raises(TrainingDivergenceError, match="exceeds the limit"):
+        wait_for_generation(Path(sub.spec.run_dir), timeout_s=300)
+    record = DatabaseManager(example_db).get_record(1)
+    assert record.status == "DIVERGED" and "1e+09 meV/atom" in record.reason
+    assert _no_potential(site)
+
+
+def test_hanging_trainer_is_killed_at_the_timeout(tmp_path, example_db):
+    site = local_site(tmp_path, str(make_fault_pacemaker(tmp_path, "hang")))
+    config = demo_train_config().model_copy(update={"timeout_hours": 3.0 / 3600})
+    sub = submit_generation(example_db, site, config)
+    with pytest.raises(TrainingFailedError, match="timeout"):
+        wait_for_generation(Path(sub.spec.run_dir), timeout_s=300)
+    assert DatabaseManager(example_db).get_record(1).status == "FAILED"
+    assert _no_potential(site)
+
+
+def test_cancel_stops_both_jobs_and_records_cancelled(tmp_path, example_db):
+    site = local_site(tmp_path, str(make_fault_pacemaker(tmp_path, "hang")))
+    sub = submit_generation(example_db, site, demo_train_config())
+    run = Path(sub.spec.run_dir)
+    import time
+
+    deadline = time.monotonic() + 60
+    while DatabaseManager(example_db).get_record(1).status != "RUNNING" and time.monotonic() < deadline:
+        time.sleep(0.5)
+    cancel_generation(run)
+    with pytest.raises(TrainingFailedError, match="CANCELLED"):
+        wait_for_generation(run, timeout_s=120)
+    assert DatabaseManager(example_db).get_record(1).status == "CANCELLED"
+    assert set(job_states(run).values()) == {"CANCELLED"}
+    assert _no_potential(site)
+
+
+def test_insufficient_data_submits_nothing(tmp_path):
+    site = local_site(tmp_path)
+    from autopipec_hpc.errors import InsufficientDataError
+
+    with pytest.raises(InsufficientDataError):
+        submit_generation(str(tmp_path / "empty.db"), site, demo_train_config())
+    assert not (tmp_path / "runs").exists() or not list((tmp_path / "runs").iterdir())
+
+
+@pytest.mark.slow
+@pytest.mark.physics
+def test_physics_on_real_dft_copper(tmp_path, cu_dft_path):
+    """Train on 105 FHI-aims Cu structures; the deployed ACE + ZBL gives the DFT lattice
+    constant within 1% and a strongly repulsive Cu dimer at 1.0 A."""
+    db_path = str(tmp_path / "cu.db")
+    DatabaseManager(db_path).import_files([cu_dft_path])
+    site = local_site(tmp_path)
+    config = TrainConfig(b_basis_size=16, max_degree=2, maxiter=40, energy_weight=1.0, force_weight=1.0, cutoff=6.0)
+    sub = submit_generation(db_path, site, config)
+    record = wait_for_generation(Path(sub.spec.run_dir), timeout_s=1800)
+    calc = load_calculator(record.values["potential_path"])
+
+    frames = [f for f in ase.io.read(cu_dft_path, ":") if f.info["config_type"] == "A1_murnaghan"]
+    v0, _, _ = EquationOfState([f.get_volume() / len(f) for f in frames],
+                               [f.get_potential_energy() / len(f) for f in frames]).fit()
+    a_dft = (4 * v0) ** (1 / 3)
+    volumes, energies = [], []
+    for a in np.linspace(0.95, 1.05, 11) * a_dft:
+        atoms = bulk("Cu", "fcc", a=a)
+        atoms.calc = calc
+        volumes.append(atoms.get_volume())
+        energies.append(atoms.get_potential_energy())
+    v_fit, _, _ = EquationOfState(volumes, energies).fit()
+    a_fit = (4 * v_fit) ** (1 / 3)
+    print(f"lattice constant: DFT {a_dft:.4f} A, ACE+ZBL {a_fit:.4f} A ({100 * (a_fit / a_dft - 1):+.2f} %); "
+          f"holdout E {record.values['test_energy_rmse_mev']:.2f} meV/atom, F {record.values['test_force_rmse_mev']:.1f} meV/A")
+    assert abs(a_fit / a_dft - 1) < 0.01
+
+    dimer = Atoms("Cu2", positions=[[0, 0, 0], [0, 0, 1.0]])
+    dimer.calc = calc
+    e_dimer = dimer.get_potential_energy() - 2 * record.data["reference_energies"]["Cu"]
+    print(f"Cu2 at 1.0 A: {e_dimer:.1f} eV above two reference atoms")
+    assert e_dimer > 10.0
