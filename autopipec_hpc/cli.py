@@ -118,6 +118,32 @@ def cmd_cancel(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_check_site(args: argparse.Namespace) -> int:
+    site = SiteConfig.from_yaml(args.file)
+    table = Table(title=f"site {site.name}: {site.scheduler}")
+    for col in ("job", "partition", "account", "qos", "GPUs", "CPUs", "memory", "time limit"):
+        table.add_column(col)
+    for role, res in (("train", site.train), ("evaluate", site.evaluate)):
+        table.add_row(role, res.partition or "-", res.account or "-", res.qos or "-", str(res.gpus),
+                      str(res.cpus), f"{res.mem_gb:g} GB", f"{res.time_minutes} min")
+    console.print(table)
+    console.print(f"work folder {site.work_dir}, published potentials in {site.output_dir}/potentials, "
+                  f"database {site.database}")
+    console.print(f"pacemaker: {site.pacemaker.command} (evaluator {site.pacemaker.evaluator}); "
+                  f"job python: {site.python_executable}; up to {site.max_restarts} requeues")
+    if site.scheduler == "slurm":
+        from autopipec_hpc.scheduler.slurm import setup_lines
+
+        preamble = setup_lines(site, Path(site.work_dir) / "gen-NNNN", "train", Path("<run>/submitit"))
+        console.print("compute-node preamble of each job script:", highlight=False)
+        console.print("\n".join(preamble), highlight=False, markup=False)
+    from autopipec_hpc.config import resolve_command
+
+    found = Path(resolve_command(site.pacemaker.command)).exists()
+    console.print(f"pacemaker command found here: {'yes' if found else 'no (it may exist only on compute nodes)'}")
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     """Example data, then the whole pipeline locally with a small, quick fit."""
     from autopipec_hpc.example_data import demo_train_config, write_example_database
@@ -274,6 +300,10 @@ def build_parser() -> argparse.ArgumentParser:
     site_args(p)
     p.add_argument("--generation", type=int, required=True)
     p.set_defaults(func=cmd_cancel)
+
+    p = sub.add_parser("check-site", help="validate a site config and show what would be submitted")
+    p.add_argument("file", type=Path)
+    p.set_defaults(func=cmd_check_site)
 
     p = sub.add_parser("demo", help="example data and a quick end-to-end run")
     site_args(p)

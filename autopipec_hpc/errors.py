@@ -39,6 +39,10 @@ class TrainingFailedError(AutopipecError):
         self.log_tail = log_tail
 
 
+class TrainingInterrupted(TrainingFailedError):
+    """pacemaker was stopped by a signal to its job (cancel, requeue, time limit)."""
+
+
 class TrainingDivergenceError(AutopipecError):
     """The fit produced NaN or errors above the configured thresholds."""
 

@@ -37,6 +37,7 @@ from autopipec_hpc.errors import (
     PublicationError,
     TrainingDivergenceError,
     TrainingFailedError,
+    TrainingInterrupted,
 )
 from autopipec_hpc import evaluation, registry
 from autopipec_hpc.pacemaker_wrapper import INTERIM_POTENTIAL, PacemakerWrapper, TrainingResult, check_divergence
@@ -47,6 +48,7 @@ RUN_SPEC = "run.json"
 TRAIN_DONE = "train.done"
 JOBS_FILE = "jobs.json"
 CANCEL_MARKER = "cancel.requested"
+REQUEUE_MARKER = "requeue.pending"
 
 
 @dataclass(frozen=True)
@@ -168,6 +170,13 @@ def _attempts(run_dir: Path) -> list[Path]:
     )
 
 
+def _iterations_done(attempt: Path) -> int:
+    from autopipec_hpc.pacemaker_wrapper import read_metrics_table
+
+    table = read_metrics_table(attempt / "metrics.txt")
+    return 0 if table is None else int(table["iter_num"].max())
+
+
 def _record_failure(spec: RunSpec, status: str, reason: str, log_tail: str = "") -> None:
     if (spec.path / CANCEL_MARKER).exists():
         status, reason = "CANCELLED", "cancelled by user"
@@ -185,15 +194,25 @@ class TrainJob(submitit.helpers.Checkpointable):
         config = spec.train_config
         site = spec.site_config
         db = DatabaseManager(spec.database)
+        (spec.path / REQUEUE_MARKER).unlink(missing_ok=True)
         previous = _attempts(spec.path)
         resume_from = next(
             (a / INTERIM_POTENTIAL for a in reversed(previous) if (a / INTERIM_POTENTIAL).exists()), None
         )
         attempt = spec.path / f"attempt-{len(previous) + 1}"
+        if resume_from is not None:
+            # The iteration budget is the generation's, not the attempt's.
+            done = sum(_iterations_done(a) for a in previous)
+            config = config.model_copy(update={"maxiter": max(1, config.maxiter - done)})
         db.write_record(
             spec.generation,
             "RUNNING",
-            values={"attempt": len(previous) + 1, "host": os.uname().nodename},
+            values={
+                "attempt": len(previous) + 1,
+                "host": os.uname().nodename,
+                "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES", ""),
+                "resumed_from": str(resume_from or ""),
+            },
         )
         manifest = DatasetManifest.load(spec.dataset_dir)
         wrapper = PacemakerWrapper(command=site.pacemaker.command, evaluator=site.pacemaker.evaluator)
@@ -210,6 +229,10 @@ class TrainJob(submitit.helpers.Checkpointable):
         except TrainingDivergenceError as exc:
             _record_failure(spec, "DIVERGED", str(exc))
             raise
+        except TrainingInterrupted:
+            if not (spec.path / REQUEUE_MARKER).exists():  # a requeue is not a failure
+                _record_failure(spec, "FAILED", "training interrupted (cancelled or killed)")
+            raise
         except TrainingFailedError as exc:
             _record_failure(spec, "FAILED", str(exc), exc.log_tail)
             raise
@@ -222,8 +245,11 @@ class TrainJob(submitit.helpers.Checkpointable):
         if restarts >= spec.site_config.max_restarts:
             _record_failure(spec, "FAILED", f"time limit reached after {restarts} restarts (max_restarts)")
             return None
+        (spec.path / REQUEUE_MARKER).touch()
         DatabaseManager(spec.database).write_record(
-            spec.generation, "SUBMITTED", reason=f"requeued after a time limit or preemption ({restarts + 1})"
+            spec.generation, "SUBMITTED",
+            reason=f"requeued after a time limit or preemption (restart {restarts + 1})",
+            values={"restarts": restarts + 1},
         )
         return submitit.helpers.DelayedSubmission(self, run_dir)
 

@@ -26,9 +26,9 @@ import pandas as pd
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from autopipec_hpc.config import TrainConfig, resolve_command
+from autopipec_hpc.config import SiteConfig, TrainConfig, resolve_command
 from autopipec_hpc.dataset_prep import atomic_write_text
-from autopipec_hpc.errors import TrainingDivergenceError, TrainingFailedError
+from autopipec_hpc.errors import TrainingDivergenceError, TrainingFailedError, TrainingInterrupted
 
 TEMPLATES = Path(__file__).resolve().parent.parent / "job_templates"
 OUTPUT_POTENTIAL = "output_potential.yaml"
@@ -187,10 +187,11 @@ def check_divergence(config: TrainConfig, energy_mev: float | None, force_mev: f
 
 
 class PacemakerWrapper:
-    """Runs pacemaker attempts for one generation.
+    """Runs pacemaker: one attempt (``run_training``) or a whole generation (``train``).
 
     ``command`` is the pacemaker executable (it may live in another
-    environment than ours); ``evaluator`` is pacemaker's backend.
+    environment than ours); ``evaluator`` is pacemaker's backend. For
+    ``train``, build it with ``for_site`` so it knows the database and site.
     """
 
     def __init__(
@@ -199,11 +200,37 @@ class PacemakerWrapper:
         evaluator: str = "tensorpot",
         console: Console | None = None,
         on_progress: Callable[[FitProgress], None] | None = None,
+        database: str | None = None,
+        site: SiteConfig | None = None,
+        config: TrainConfig | None = None,
     ) -> None:
         self.command = command
         self.evaluator = evaluator
         self.console = console or Console(stderr=True)
         self.on_progress = on_progress
+        self.database = database
+        self.site = site
+        self.config = config
+
+    @classmethod
+    def for_site(cls, site: SiteConfig, config: TrainConfig | None = None,
+                 database: str | None = None) -> "PacemakerWrapper":
+        return cls(command=site.pacemaker.command, evaluator=site.pacemaker.evaluator,
+                   database=database or site.database, site=site, config=config or TrainConfig())
+
+    def train(self, generation_id: int | None = None, force: bool = False, timeout_s: float | None = None):
+        """The orchestrator's one call: prepare, train, evaluate and publish a generation
+        through the site's scheduler, and return its SUCCEEDED training record.
+
+        Raises InsufficientDataError, TrainingFailedError or TrainingDivergenceError.
+        """
+        from autopipec_hpc.submission import submit_generation, wait_for_generation
+
+        if self.site is None or self.database is None or self.config is None:
+            raise TrainingFailedError("PacemakerWrapper.train needs a site: use PacemakerWrapper.for_site(...)")
+        submission = submit_generation(self.database, self.site, self.config, generation_id, force)
+        timeout = self.site.result_timeout_s if timeout_s is None else timeout_s
+        return wait_for_generation(Path(submission.spec.run_dir), timeout)
 
     # -- one attempt -------------------------------------------------------------
     def run_training(
@@ -374,7 +401,7 @@ def _forward_termination(proc: subprocess.Popen):
 
     def handler(signum, frame):
         _kill_group(proc, grace_s=2.0)
-        raise TrainingFailedError(f"training interrupted by signal {signal.Signals(signum).name}")
+        raise TrainingInterrupted(f"training interrupted by signal {signal.Signals(signum).name}")
 
     return {sig: signal.signal(sig, handler) for sig in (signal.SIGTERM, signal.SIGINT)}
 

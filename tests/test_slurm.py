@@ -1,0 +1,166 @@
+"""Against a real single-node SLURM (scripts/slurm/up.sh): fit, failure, cancel, requeue.
+
+`bash scripts/test.sh` starts the cluster and sets AUTOPIPEC_REQUIRE_SLURM=1, so these
+fail rather than skip there. `bash scripts/slurm/up.sh && pytest -m slurm` runs them alone.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from autopipec_hpc.config import SiteConfig
+from autopipec_hpc.db import DatabaseManager
+from autopipec_hpc.errors import PreflightError, TrainingFailedError
+from autopipec_hpc.example_data import demo_train_config, write_example_database
+from autopipec_hpc.jobs import RunSpec
+from autopipec_hpc.registry import potentials_root
+from autopipec_hpc.scheduler.slurm import sacct_state
+from autopipec_hpc.submission import cancel_generation, job_states, submit_generation, wait_for_generation
+from autopipec_hpc.testing.fault_pacemaker import make_fault_pacemaker
+
+pytestmark = pytest.mark.slurm
+CI_SITE = Path(__file__).resolve().parents[1] / "site_configs" / "slurm-ci.yaml"
+
+
+def _cluster_up() -> str | None:
+    if shutil.which("sinfo") is None:
+        return "SLURM client commands are not installed"
+    try:
+        done = subprocess.run(["sinfo", "-h", "-p", "gpu", "-o", "%a"], capture_output=True, text=True, timeout=10)
+    except subprocess.TimeoutExpired:
+        return "sinfo did not answer"
+    if done.returncode != 0 or "up" not in done.stdout:
+        return f"no SLURM cluster with a gpu partition answers ({done.stderr.strip()})"
+    return None
+
+
+@pytest.fixture(scope="module", autouse=True)
+def slurm_cluster():
+    problem = _cluster_up()
+    if problem:
+        if os.environ.get("AUTOPIPEC_REQUIRE_SLURM") == "1":
+            pytest.fail(f"AUTOPIPEC_REQUIRE_SLURM=1 but {problem}")
+        pytest.skip(f"{problem}: start one with `bash scripts/slurm/up.sh`")
+
+
+def ci_site(root: Path, **changes) -> SiteConfig:
+    """slurm-ci.yaml with folders of this test's own (job ids restart with the cluster)."""
+    base = SiteConfig.from_yaml(CI_SITE).model_dump(mode="json")
+    base.update(work_dir=str(root / "runs"), output_dir=str(root / "output"), database=str(root / "s.db"))
+    for key, value in changes.items():
+        if isinstance(value, dict):
+            base[key] = {**base[key], **value}
+        else:
+            base[key] = value
+    return SiteConfig.model_validate(base)
+
+
+@pytest.fixture
+def example_db(tmp_path) -> str:
+    path = str(tmp_path / "s.db")
+    write_example_database(DatabaseManager(path))
+    return path
+
+
+def _wait_state(job_id: str, wanted: set[str], timeout_s: float = 60) -> str:
+    deadline = time.monotonic() + timeout_s
+    state = sacct_state(job_id)
+    while state not in wanted and time.monotonic() < deadline:
+        time.sleep(1)
+        state = sacct_state(job_id)
+    return state
+
+
+@pytest.mark.slow
+def test_real_fit_on_the_gpu_partition_then_dependent_evaluation(tmp_path, example_db):
+    site = ci_site(tmp_path)
+    start = time.monotonic()
+    sub = submit_generation(example_db, site, demo_train_config())
+    submitted = time.monotonic() - start
+    assert submitted < 60  # submit returns right after submitting
+    run = Path(sub.spec.run_dir)
+    record = wait_for_generation(run, timeout_s=900)
+    print(f"submit returned in {submitted:.1f} s; result after {time.monotonic() - start:.1f} s")
+    assert record.status == "SUCCEEDED"
+    assert str(record.values["cuda_visible_devices"]) == "0"  # the fake GPU was allocated
+    assert (potentials_root(site.output_dir) / "1" / "potential.yace").exists()
+    train_script = (run / "train.sbatch").read_text()
+    assert "#SBATCH --partition=gpu" in train_script and "#SBATCH --gres=gpu:1" in train_script
+    eval_script = (run / "evaluate.sbatch").read_text()
+    assert f"--dependency=afterok:{sub.jobs.train}" in eval_script
+    assert "--kill-on-invalid-dep=yes" in eval_script and "#SBATCH --partition=cpu" in eval_script
+    assert job_states(run) == {"train": "COMPLETED", "evaluate": "COMPLETED"}
+    # status from a new process re-attaches through the run folder and sacct
+    site_file = tmp_path / "site.yaml"
+    site_file.write_text(__import__("json").dumps(site.model_dump(mode="json")))
+    out = subprocess.run([sys.executable, "-m", "autopipec_hpc.cli", "status", "--site", str(site_file)],
+                         capture_output=True, text=True, timeout=60)
+    assert "SUCCEEDED" in out.stdout and f"{sub.jobs.train} COMPLETED" in out.stdout
+
+
+def test_failing_training_cancels_the_evaluation_and_records_failed(tmp_path, example_db):
+    site = ci_site(tmp_path, pacemaker={"command": str(make_fault_pacemaker(tmp_path, "crash"))})
+    sub = submit_generation(example_db, site, demo_train_config())
+    with pytest.raises(TrainingFailedError, match="exited with code 1") as info:
+        wait_for_generation(Path(sub.spec.run_dir), timeout_s=300)
+    assert "bad_alloc" in info.value.log_tail
+    assert _wait_state(sub.jobs.train, {"FAILED"}) == "FAILED"
+    assert _wait_state(sub.jobs.evaluate, {"CANCELLED"}) == "CANCELLED"  # not left pending
+    record = DatabaseManager(example_db).get_record(1)
+    assert record.status == "FAILED" and "bad_alloc" in record.data["log_tail"]
+    assert not (potentials_root(site.output_dir) / "1").exists()
+
+
+def test_cancel_removes_both_jobs_and_records_cancelled(tmp_path, example_db):
+    site = ci_site(tmp_path, pacemaker={"command": str(make_fault_pacemaker(tmp_path, "hang"))})
+    sub = submit_generation(example_db, site, demo_train_config())
+    assert _wait_state(sub.jobs.train, {"RUNNING"}) == "RUNNING"
+    states = cancel_generation(Path(sub.spec.run_dir))
+    assert states == {"train": "CANCELLED", "evaluate": "CANCELLED"}
+    assert DatabaseManager(example_db).get_record(1).status == "CANCELLED"
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:  # CANCELLED in sacct; gone from the queue once SLURM has cleaned up
+        queue = subprocess.run(["squeue", "-h", "-j", f"{sub.jobs.train},{sub.jobs.evaluate}"],
+                               capture_output=True, text=True).stdout
+        if not queue.strip():
+            break
+        time.sleep(1)
+    assert not queue.strip()
+    assert not subprocess.run(["pgrep", "-f", "fault-pacemaker-hang"], capture_output=True).stdout
+
+
+@pytest.mark.slow
+def test_time_limit_requeues_and_resumes_from_the_interim_potential(tmp_path, example_db):
+    # Two minutes per attempt, warned 20 s before (SLURM may warn up to a minute early):
+    # an 80-iteration fit (~1 s each) needs a second attempt, which resumes where the first stopped.
+    site = ci_site(tmp_path, train={"time_minutes": 2}, signal_delay_s=20, max_restarts=4)
+    config = demo_train_config().model_copy(update={"maxiter": 80})
+    start = time.monotonic()
+    sub = submit_generation(example_db, site, config)
+    run = Path(sub.spec.run_dir)
+    record = wait_for_generation(run, timeout_s=1200)
+    attempts = sorted(p.name for p in run.glob("attempt-*"))
+    print(f"requeue path: {len(attempts)} attempts, result after {time.monotonic() - start:.1f} s")
+    assert record.status == "SUCCEEDED"
+    assert len(attempts) >= 2
+    assert record.values["resumed_from"].endswith("interim_potential_0.yaml")
+    last = run / attempts[-1]
+    log = (last / "log.txt").read_text()
+    assert "interim_potential_0.yaml" in log  # pacemaker was started from it (-p)
+    assert record.values["restarts"] >= 1
+
+
+def test_preflight_refuses_a_missing_pacemaker_and_submits_nothing(tmp_path, example_db):
+    site = ci_site(tmp_path, pacemaker={"command": "/nonexistent/pacemaker"})
+    before = subprocess.run(["squeue", "-h"], capture_output=True, text=True).stdout
+    with pytest.raises(PreflightError, match="pacemaker command"):
+        submit_generation(example_db, site, demo_train_config())
+    assert subprocess.run(["squeue", "-h"], capture_output=True, text=True).stdout == before
+    assert DatabaseManager(example_db).get_record(1).status == "FAILED"
