@@ -41,7 +41,7 @@ def cmd_import(args: argparse.Namespace) -> int:
 
 
 def cmd_example_data(args: argparse.Namespace) -> int:
-    from autopipec_hpc.example_data import demo_train_config, write_example_database
+    from autopipec_hpc.example_data import write_example_database
 
     db = DatabaseManager(args.db)
     n = write_example_database(db)
@@ -224,10 +224,11 @@ def print_dataset_summary(m: DatasetManifest) -> None:
     console.print(f"reference energies ({m.reference_energies_source}): {refs}")
     lo, hi = m.zbl_energy_range
     plo, phi = m.zbl_energy_per_atom_range
+    shortest = f"{m.min_distance:.3f} A" if m.min_distance != float("inf") else "none closer than outer"
     console.print(
         f"ZBL baseline (inner {m.zbl_inner} A, outer {m.zbl_outer} A): "
         f"{lo:.6g} .. {hi:.6g} eV per structure, {plo:.6g} .. {phi:.6g} eV/atom; "
-        f"shortest pair below outer: {m.min_distance:.3f} A"
+        f"shortest pair: {shortest}"
     )
     tlo, thi = m.target_energy_per_atom_range
     console.print(f"delta targets: {tlo:.4f} .. {thi:.4f} eV/atom")

@@ -19,7 +19,6 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
 from ase.calculators.calculator import Calculator
 
 from autopipec_hpc.dataset_prep import atomic_output, atomic_write_text, read_pickle
@@ -180,14 +179,3 @@ def training_curve(metrics_txt: Path) -> dict:
         "energy_rmse_mev": 1000.0 * float(last["rmse_epa"]),
         "force_rmse_mev": 1000.0 * float(last["rmse_f_comp"]),
     }
-
-
-def frame_of(report: EvaluationReport) -> pd.DataFrame:
-    rows = []
-    for view, overall, per in (
-        ("residual", report.residual, report.residual_by_config_type),
-        ("total", report.total, report.total_by_config_type),
-    ):
-        rows.append({"view": view, "config_type": "ALL", **asdict(overall)})
-        rows.extend({"view": view, "config_type": ct, **asdict(s)} for ct, s in per.items())
-    return pd.DataFrame(rows)

@@ -73,7 +73,7 @@ def job_states(run_dir: Path) -> dict[str, str]:
     return {which: scheduler.state(jobs, which) for which in ("train", "evaluate")}
 
 
-def wait_for_generation(run_dir: Path, timeout_s: float, poll_s: float = 2.0) -> TrainingRecord:
+def wait_for_generation(run_dir: Path, timeout_s: float, poll_s: float = 1.0) -> TrainingRecord:
     """Block until the record is final and the jobs are done; raise the pipeline's error
     if it failed, SchedulerError if nothing conclusive happened within ``timeout_s``."""
     spec = RunSpec.load(run_dir)

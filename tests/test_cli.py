@@ -6,8 +6,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
-
 from autopipec_hpc.cli import main
 
 CLI = [sys.executable, "-m", "autopipec_hpc.cli"]

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 import time
@@ -16,6 +15,7 @@ from autopipec_hpc.dataset_prep import DatasetBuilder, DatasetSettings
 from autopipec_hpc.errors import TrainingDivergenceError, TrainingFailedError
 from autopipec_hpc.example_data import demo_train_config, example_structures
 from autopipec_hpc.pacemaker_wrapper import IterationParser, PacemakerWrapper, render_input
+from autopipec_hpc.scheduler.local import pid_alive
 from autopipec_hpc.testing.fault_pacemaker import make_fault_pacemaker
 
 PACEMAKER = Path(sys.executable).parent / "pacemaker"
@@ -131,9 +131,8 @@ def test_fault_injector_hang_is_killed_with_its_process_group(dataset, tmp_path)
         PacemakerWrapper(command=str(fake), evaluator="pyace").run_training(
             dataset.train_paths, dataset.test_paths, config, run_dir=tmp_path / "run")
     assert time.monotonic() - start < 30
-    leftover = subprocess.run(["pgrep", "-f", "sleep 3600"], capture_output=True, text=True).stdout.split()
-    mine = [pid for pid in leftover if os.getpgid(int(pid)) != os.getpgid(0)] if leftover else []
-    assert not mine, f"grandchild survived: {mine}"
+    grandchild = int((tmp_path / "run" / "grandchild.pid").read_text())
+    assert not pid_alive(grandchild), "the fault injector's grandchild survived the timeout"
 
 
 def test_missing_command_is_a_training_failure(dataset, tmp_path):

@@ -19,7 +19,6 @@ from autopipec_hpc.config import SiteConfig
 from autopipec_hpc.db import DatabaseManager
 from autopipec_hpc.errors import PreflightError, TrainingFailedError
 from autopipec_hpc.example_data import demo_train_config, write_example_database
-from autopipec_hpc.jobs import RunSpec
 from autopipec_hpc.registry import potentials_root
 from autopipec_hpc.scheduler.slurm import sacct_state
 from autopipec_hpc.submission import cancel_generation, job_states, submit_generation, wait_for_generation
@@ -164,3 +163,17 @@ def test_preflight_refuses_a_missing_pacemaker_and_submits_nothing(tmp_path, exa
         submit_generation(example_db, site, demo_train_config())
     assert subprocess.run(["squeue", "-h"], capture_output=True, text=True).stdout == before
     assert DatabaseManager(example_db).get_record(1).status == "FAILED"
+
+
+def test_kept_job_script_can_be_resubmitted_by_hand(tmp_path, example_db):
+    site = ci_site(tmp_path, pacemaker={"command": str(make_fault_pacemaker(tmp_path, "crash"))})
+    sub = submit_generation(example_db, site, demo_train_config())
+    run = Path(sub.spec.run_dir)
+    with pytest.raises(TrainingFailedError):
+        wait_for_generation(run, timeout_s=300)
+    out = subprocess.run(["sbatch", "--parsable", str(run / "train.sbatch")], capture_output=True, text=True,
+                         timeout=30, cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    job_id = out.stdout.strip().split(";")[0]
+    assert _wait_state(job_id, {"FAILED", "COMPLETED"}, timeout_s=120) == "FAILED"  # the crash, once more
+    assert (run / "attempt-2" / "pacemaker.out").exists()  # the same TrainJob ran again, a fresh attempt

@@ -14,7 +14,6 @@ command line (``input.yaml [-p POTENTIAL]``) and then:
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 import time
@@ -53,7 +52,8 @@ def diverge() -> int:
 
 def hang() -> int:
     _log("INFO - Start pacemaker (fault injector: hang)")
-    subprocess.Popen(["sleep", "3600"])  # a grandchild the timeout must also end
+    child = subprocess.Popen(["sleep", "3600"])  # a grandchild the timeout must also end
+    Path("grandchild.pid").write_text(str(child.pid))
     while True:
         time.sleep(1)
 
