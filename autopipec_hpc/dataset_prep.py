@@ -17,7 +17,6 @@ from __future__ import annotations
 import gzip
 import json
 import logging
-import os
 import tempfile
 from collections import Counter, defaultdict
 from collections.abc import Iterable, Iterator, Mapping
@@ -32,6 +31,7 @@ import pandas as pd
 from ase import Atoms
 
 from autopipec_hpc.errors import ConfigError, InsufficientDataError, StructureError
+from autopipec_hpc.files import atomic_output, atomic_write_text
 from autopipec_hpc.physics import ZBLCalculator, fit_reference_energies, per_atom_reference
 
 log = logging.getLogger(__name__)
@@ -130,37 +130,9 @@ class _Seen:
     zbl_forces_at: int  # byte offset of this structure's ZBL forces in the spill file
 
 
-# -- atomic files --------------------------------------------------------------
-@contextmanager
-def atomic_output(path: Path, mode: str = "wb") -> Iterator[IO]:
-    """Write to a temporary file beside ``path``; rename over it only on success."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, mode) as handle:
-            yield handle
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.chmod(tmp, 0o666 & ~_umask())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
+# -- pacemaker's file format -------------------------------------------------
 def read_pickle(path: str | Path) -> pd.DataFrame:
     return pd.read_pickle(path, compression="gzip")
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    with atomic_output(path, "w") as handle:
-        handle.write(text)
 
 
 def write_pickle(df: pd.DataFrame, path: Path) -> None:

@@ -29,7 +29,8 @@ from typing import Any
 import submitit
 
 from autopipec_hpc.config import SiteConfig, TrainConfig
-from autopipec_hpc.dataset_prep import DatasetBuilder, DatasetManifest, DatasetSettings, atomic_write_text
+from autopipec_hpc.dataset_prep import DatasetBuilder, DatasetManifest, DatasetSettings
+from autopipec_hpc.files import atomic_write_text, fresh_dir
 from autopipec_hpc.db import READY, DatabaseManager
 from autopipec_hpc.errors import (
     AutopipecError,
@@ -123,7 +124,7 @@ def prepare_run(
     if existing is not None and existing.status in ("SUBMITTED", "RUNNING") and not force:
         raise AutopipecError(f"generation {generation} is {existing.status}; cancel it or use --force")
     work = Path(site.work_dir).resolve()
-    run_dir = _fresh_dir(work / f"gen-{generation:04d}")
+    run_dir = fresh_dir(work / f"gen-{generation:04d}", separator="-r")
     spec = RunSpec(
         generation=generation,
         run_dir=str(run_dir),
@@ -150,17 +151,6 @@ def prepare_run(
 
 def _absolute_db(database: str) -> str:
     return database if "://" in database else str(Path(database).resolve())
-
-
-def _fresh_dir(path: Path) -> Path:
-    candidate, k = path, 1
-    while True:
-        try:
-            candidate.mkdir(parents=True)
-            return candidate
-        except FileExistsError:
-            k += 1
-            candidate = path.with_name(f"{path.name}-r{k}")
 
 
 # -- job bodies -----------------------------------------------------------------

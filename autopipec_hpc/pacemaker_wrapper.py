@@ -27,7 +27,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from autopipec_hpc.config import SiteConfig, TrainConfig, resolve_command
-from autopipec_hpc.dataset_prep import atomic_write_text
+from autopipec_hpc.files import atomic_write_text, fresh_dir
 from autopipec_hpc.errors import TrainingDivergenceError, TrainingFailedError, TrainingInterrupted
 
 TEMPLATES = Path(__file__).resolve().parent.parent / "job_templates"
@@ -246,7 +246,7 @@ class PacemakerWrapper:
         """Fit one potential in a fresh ``run_dir``; raise on failure or divergence."""
         train_files = _as_paths(dataset_path)
         test_files = _as_paths(test_path) if test_path else []
-        run = _fresh_dir(Path(run_dir) if run_dir else train_files[0].parent / "attempt")
+        run = fresh_dir(Path(run_dir) if run_dir else train_files[0].parent / "attempt")
         if elements is None:
             elements = _elements_of(train_files)
         text = render_input(config, elements, [str(p) for p in train_files],
@@ -357,18 +357,6 @@ def _as_paths(value) -> list[Path]:
     if isinstance(value, (str, Path)):
         return [Path(value).resolve()]
     return [Path(v).resolve() for v in value]
-
-
-def _fresh_dir(path: Path) -> Path:
-    """``path`` if unused, else ``path-2``, ``path-3``...: an attempt never reuses a directory."""
-    candidate, k = path, 1
-    while True:
-        try:
-            candidate.mkdir(parents=True)
-            return candidate
-        except FileExistsError:
-            k += 1
-            candidate = path.with_name(f"{path.name}-{k}")
 
 
 def _elements_of(files: Sequence[Path]) -> list[str]:

@@ -18,6 +18,7 @@ from autopipec_hpc.jobs import CANCEL_MARKER, RunSpec, prepare_run
 from autopipec_hpc.scheduler import FINISHED, SubmittedJobs, scheduler_for
 
 FINAL_RECORD_STATES = {"SUCCEEDED", "FAILED", "DIVERGED", "CANCELLED"}
+FAILURE_GRACE_S = 30.0
 
 
 @dataclass(frozen=True)
@@ -79,15 +80,21 @@ def wait_for_generation(run_dir: Path, timeout_s: float, poll_s: float = 1.0) ->
     spec = RunSpec.load(run_dir)
     db = DatabaseManager(spec.database)
     deadline = time.monotonic() + timeout_s
+    failed_at: float | None = None
     while True:
         record = db.get_record(spec.generation)
         states = job_states(run_dir)
         jobs_done = all(s in FINISHED for s in states.values())
-        if record is not None and record.status in FINAL_RECORD_STATES and (
-            jobs_done or record.status != "SUCCEEDED"
-        ):
+        final = record is not None and record.status in FINAL_RECORD_STATES
+        if final and jobs_done:
             break
-        if jobs_done:
+        if final and record.status != "SUCCEEDED":
+            # Give the other job a moment to end (a local evaluation noticing, SLURM
+            # removing a dependent job); a cluster that leaves it pending must not hang us.
+            failed_at = failed_at or time.monotonic()
+            if time.monotonic() - failed_at > FAILURE_GRACE_S:
+                break
+        elif jobs_done:
             # Both jobs ended but nobody wrote a final record (killed hard, node lost).
             db.write_record(spec.generation, "FAILED", reason=f"jobs ended without a result: {states}")
             record = db.get_record(spec.generation)

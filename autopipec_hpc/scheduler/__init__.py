@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Protocol
 
 from autopipec_hpc.config import SiteConfig
-from autopipec_hpc.dataset_prep import atomic_write_text
+from autopipec_hpc.files import atomic_write_text
 from autopipec_hpc.jobs import JOBS_FILE, RunSpec
 
 # Job states as we report them, whatever the scheduler calls them.
