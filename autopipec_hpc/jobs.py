@@ -205,8 +205,13 @@ class TrainJob(submitit.helpers.Checkpointable):
             },
         )
         manifest = DatasetManifest.load(spec.dataset_dir)
-        wrapper = PacemakerWrapper(command=site.pacemaker.command, evaluator=site.pacemaker.evaluator)
+        cancelled = (spec.path / CANCEL_MARKER).exists
+        wrapper = PacemakerWrapper(
+            command=site.pacemaker.command, evaluator=site.pacemaker.evaluator, should_stop=cancelled
+        )
         try:
+            if cancelled():
+                raise TrainingInterrupted("training not started: cancel requested")
             result = wrapper.run_training(
                 manifest.train_paths,
                 manifest.test_paths,

@@ -200,6 +200,7 @@ class PacemakerWrapper:
         evaluator: str = "tensorpot",
         console: Console | None = None,
         on_progress: Callable[[FitProgress], None] | None = None,
+        should_stop: Callable[[], bool] | None = None,
         database: str | None = None,
         site: SiteConfig | None = None,
         config: TrainConfig | None = None,
@@ -208,6 +209,7 @@ class PacemakerWrapper:
         self.evaluator = evaluator
         self.console = console or Console(stderr=True)
         self.on_progress = on_progress
+        self.should_stop = should_stop  # polled each second while pacemaker runs
         self.database = database
         self.site = site
         self.config = config
@@ -296,6 +298,7 @@ class PacemakerWrapper:
                 text=True,  # universal newlines: pacemaker's '\r' progress lines split too
                 bufsize=1,
                 start_new_session=True,
+                preexec_fn=_die_with_parent,
                 env={**os.environ, "PYTHONUNBUFFERED": "1"},
             )
         except FileNotFoundError:
@@ -303,14 +306,25 @@ class PacemakerWrapper:
         previous = _forward_termination(proc)
         reader = threading.Thread(target=self._stream, args=(proc, run, maxiter), daemon=True)
         reader.start()
+        deadline = time.monotonic() + timeout_s
         try:
-            proc.wait(timeout=timeout_s)
-        except subprocess.TimeoutExpired:
-            _kill_group(proc)
-            reader.join(timeout=10)
-            raise TrainingFailedError(
-                f"pacemaker exceeded the timeout of {timeout_s:.0f} s and was killed", log_tail=log_tail(run)
-            ) from None
+            while proc.poll() is None:
+                try:
+                    proc.wait(timeout=min(1.0, max(0.01, deadline - time.monotonic())))
+                except subprocess.TimeoutExpired:
+                    pass
+                if proc.returncode is not None:
+                    break
+                if self.should_stop is not None and self.should_stop():
+                    _kill_group(proc, grace_s=2.0)
+                    raise TrainingInterrupted("training stopped: cancel requested")
+                if time.monotonic() >= deadline:
+                    _kill_group(proc)
+                    reader.join(timeout=10)
+                    raise TrainingFailedError(
+                        f"pacemaker exceeded the timeout of {timeout_s:.0f} s and was killed",
+                        log_tail=log_tail(run),
+                    )
         except BaseException:
             # A requeue (submitit's SIGUSR2 handler exits) or any error in here:
             # pacemaker runs in its own session, so it must be ended explicitly.
@@ -366,6 +380,17 @@ def _elements_of(files: Sequence[Path]) -> list[str]:
         for atoms in df["ase_atoms"]:
             elements.update(atoms.get_chemical_symbols())
     return sorted(elements)
+
+
+def _die_with_parent() -> None:
+    """In the child before exec: SIGKILL it if the job process dies first (Linux),
+    so a job killed outright does not leave pacemaker running in its own session."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except OSError:
+        pass
 
 
 def _kill_group(proc: subprocess.Popen, grace_s: float = 5.0) -> None:

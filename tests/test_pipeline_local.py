@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import ase.db
@@ -21,6 +22,7 @@ from autopipec_hpc.errors import AutopipecError, TrainingDivergenceError, Traini
 from autopipec_hpc.evaluation import predict
 from autopipec_hpc.example_data import demo_train_config, write_example_database
 from autopipec_hpc.registry import POTENTIAL_YAML, load_calculator, potentials_root
+from autopipec_hpc.scheduler.local import pid_alive
 from autopipec_hpc.submission import cancel_generation, job_states, submit_generation, wait_for_generation
 from autopipec_hpc.testing.fault_pacemaker import make_fault_pacemaker
 
@@ -139,21 +141,41 @@ def test_hanging_trainer_is_killed_at_the_timeout(tmp_path, example_db):
     assert _no_potential(site)
 
 
-def test_cancel_stops_both_jobs_and_records_cancelled(tmp_path, example_db):
+def _wait_for_file(path: Path, timeout_s: float = 60) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not path.exists() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert path.exists(), path
+
+
+def test_cancel_stops_both_jobs_and_the_trainer_and_records_cancelled(tmp_path, example_db):
     site = local_site(tmp_path, str(make_fault_pacemaker(tmp_path, "hang")))
     sub = submit_generation(example_db, site, demo_train_config())
     run = Path(sub.spec.run_dir)
-    import time
-
-    deadline = time.monotonic() + 60
-    while DatabaseManager(example_db).get_record(1).status != "RUNNING" and time.monotonic() < deadline:
-        time.sleep(0.5)
-    cancel_generation(run)
+    _wait_for_file(run / "attempt-1" / "grandchild.pid")  # the (fake) trainer is running
+    pids = [int((run / "attempt-1" / n).read_text()) for n in ("pacemaker.pid", "grandchild.pid")]
+    states = cancel_generation(run)
+    assert states == {"train": "CANCELLED", "evaluate": "CANCELLED"}
     with pytest.raises(TrainingFailedError, match="CANCELLED"):
         wait_for_generation(run, timeout_s=120)
     assert DatabaseManager(example_db).get_record(1).status == "CANCELLED"
-    assert set(job_states(run).values()) == {"CANCELLED"}
+    deadline = time.monotonic() + 30
+    while any(pid_alive(p) for p in pids) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not any(pid_alive(p) for p in pids), "the trainer outlived the cancel"
     assert _no_potential(site)
+
+
+def test_cancel_right_after_submit_never_starts_the_trainer(tmp_path, example_db):
+    site = local_site(tmp_path, str(make_fault_pacemaker(tmp_path, "hang")))
+    sub = submit_generation(example_db, site, demo_train_config())
+    run = Path(sub.spec.run_dir)
+    cancel_generation(run)
+    with pytest.raises(TrainingFailedError, match="CANCELLED"):
+        wait_for_generation(run, timeout_s=120)
+    time.sleep(2)
+    pid_file = run / "attempt-1" / "pacemaker.pid"
+    assert not pid_file.exists() or not pid_alive(int(pid_file.read_text()))
 
 
 def test_insufficient_data_submits_nothing(tmp_path):

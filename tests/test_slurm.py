@@ -20,6 +20,7 @@ from autopipec_hpc.db import DatabaseManager
 from autopipec_hpc.errors import PreflightError, TrainingFailedError
 from autopipec_hpc.example_data import demo_train_config, write_example_database
 from autopipec_hpc.registry import potentials_root
+from autopipec_hpc.scheduler.local import pid_alive
 from autopipec_hpc.scheduler.slurm import sacct_state
 from autopipec_hpc.submission import cancel_generation, job_states, submit_generation, wait_for_generation
 from autopipec_hpc.testing.fault_pacemaker import make_fault_pacemaker
@@ -120,7 +121,11 @@ def test_failing_training_cancels_the_evaluation_and_records_failed(tmp_path, ex
 def test_cancel_removes_both_jobs_and_records_cancelled(tmp_path, example_db):
     site = ci_site(tmp_path, pacemaker={"command": str(make_fault_pacemaker(tmp_path, "hang"))})
     sub = submit_generation(example_db, site, demo_train_config())
+    attempt = Path(sub.spec.run_dir) / "attempt-1"
     assert _wait_state(sub.jobs.train, {"RUNNING"}) == "RUNNING"
+    deadline = time.monotonic() + 60
+    while not (attempt / "grandchild.pid").exists() and time.monotonic() < deadline:
+        time.sleep(0.5)  # cancel while the trainer runs, the case that must not leave processes
     states = cancel_generation(Path(sub.spec.run_dir))
     assert states == {"train": "CANCELLED", "evaluate": "CANCELLED"}
     assert DatabaseManager(example_db).get_record(1).status == "CANCELLED"
@@ -132,7 +137,11 @@ def test_cancel_removes_both_jobs_and_records_cancelled(tmp_path, example_db):
             break
         time.sleep(1)
     assert not queue.strip()
-    assert not subprocess.run(["pgrep", "-f", "fault-pacemaker-hang"], capture_output=True).stdout
+    pids = [int((attempt / name).read_text()) for name in ("pacemaker.pid", "grandchild.pid")]
+    deadline = time.monotonic() + 30
+    while any(pid_alive(p) for p in pids) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert not any(pid_alive(p) for p in pids), "the trainer's processes outlived the cancel"
 
 
 @pytest.mark.slow

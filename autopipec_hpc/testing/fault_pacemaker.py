@@ -14,6 +14,7 @@ command line (``input.yaml [-p POTENTIAL]``) and then:
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import time
@@ -52,6 +53,7 @@ def diverge() -> int:
 
 def hang() -> int:
     _log("INFO - Start pacemaker (fault injector: hang)")
+    Path("pacemaker.pid").write_text(str(os.getpid()))
     child = subprocess.Popen(["sleep", "3600"])  # a grandchild the timeout must also end
     Path("grandchild.pid").write_text(str(child.pid))
     while True:
