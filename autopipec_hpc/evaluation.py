@@ -164,19 +164,3 @@ def parity_plot(pred: Predictions, path: Path, title: str) -> None:
     with atomic_output(path, "wb") as handle:
         fig.savefig(handle, format="png", dpi=110)
     plt.close(fig)
-
-
-def training_curve(metrics_txt: Path) -> dict:
-    """The last line of pacemaker's metrics.txt, in our units."""
-    from autopipec_hpc.pacemaker_wrapper import read_metrics_table
-
-    table = read_metrics_table(metrics_txt)
-    if table is None:
-        return {}
-    last = table.iloc[-1]
-    return {
-        "iterations": int(last["iter_num"]),
-        "loss": float(last["loss"]),
-        "energy_rmse_mev": 1000.0 * float(last["rmse_epa"]),
-        "force_rmse_mev": 1000.0 * float(last["rmse_f_comp"]),
-    }

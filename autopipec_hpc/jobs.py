@@ -41,7 +41,13 @@ from autopipec_hpc.errors import (
     TrainingInterrupted,
 )
 from autopipec_hpc import evaluation, registry
-from autopipec_hpc.pacemaker_wrapper import INTERIM_POTENTIAL, PacemakerWrapper, TrainingResult, check_divergence
+from autopipec_hpc.pacemaker_wrapper import (
+    INTERIM_POTENTIAL,
+    PacemakerWrapper,
+    TrainingResult,
+    check_divergence,
+    read_metrics_table,
+)
 
 log = logging.getLogger(__name__)
 
@@ -161,8 +167,6 @@ def _attempts(run_dir: Path) -> list[Path]:
 
 
 def _iterations_done(attempt: Path) -> int:
-    from autopipec_hpc.pacemaker_wrapper import read_metrics_table
-
     table = read_metrics_table(attempt / "metrics.txt")
     return 0 if table is None else int(table["iter_num"].max())
 
@@ -295,7 +299,11 @@ def evaluate_and_publish(spec: RunSpec, attempt: Path) -> dict[str, Any]:
         check_divergence(config, report.total.energy_rmse_mev, report.total.force_rmse_mev, "holdout")
         if not manifest.test_ids:
             log.warning("generation %s has no holdout structures; metrics are empty", spec.generation)
-        training = evaluation.training_curve(attempt / "metrics.txt")
+        training = {
+            "iterations": result.iterations,
+            "energy_rmse_mev": result.train_rmse_energy_mev,
+            "force_rmse_mev": result.train_rmse_force_mev,
+        }
         extra = {
             "generation": spec.generation,
             "training": training,
@@ -329,10 +337,10 @@ def evaluate_and_publish(spec: RunSpec, attempt: Path) -> dict[str, Any]:
     db.mark_used(spec.generation, manifest.train_ids, manifest.test_ids)
     values = {
         "potential_path": str(final),
-        "iterations": training.get("iterations", result.iterations),
+        "iterations": sum(_iterations_done(a) for a in _attempts(spec.path)),  # across requeues
         "wall_time_s": result.wall_time_s,
-        "train_energy_rmse_mev": training.get("energy_rmse_mev", result.train_rmse_energy_mev),
-        "train_force_rmse_mev": training.get("force_rmse_mev", result.train_rmse_force_mev),
+        "train_energy_rmse_mev": result.train_rmse_energy_mev,
+        "train_force_rmse_mev": result.train_rmse_force_mev,
         "test_energy_rmse_mev": report.total.energy_rmse_mev,
         "test_energy_mae_mev": report.total.energy_mae_mev,
         "test_force_rmse_mev": report.total.force_rmse_mev,
