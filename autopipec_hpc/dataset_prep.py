@@ -15,6 +15,7 @@ target forces = F_DFT - F_ZBL.
 from __future__ import annotations
 
 import gzip
+import sys
 import json
 import logging
 import tempfile
@@ -48,7 +49,7 @@ class DatasetSettings:
     zbl_outer: float = 2.0
     reference_energies: Mapping[str, float] | None = None
     shard_atoms: int = 50_000
-    shard_rows: int = 2_000
+    shard_rows: int = 1_000
     write_extxyz: bool = True
 
     def __post_init__(self) -> None:
@@ -117,14 +118,14 @@ class DatasetManifest:
         return cls(**raw)
 
 
-@dataclass
+@dataclass(slots=True)
 class _Seen:
     """What pass 1 keeps per usable structure: small, independent of its size."""
 
     db_id: int
     config_type: str
     natoms: int
-    composition: dict[str, int]
+    composition: tuple[tuple[str, int], ...]
     energy_dft: float
     energy_zbl: float
     zbl_forces_at: int  # byte offset of this structure's ZBL forces in the spill file
@@ -282,8 +283,8 @@ class DatasetBuilder:
             offset = spill.tell()
             spill.write(np.ascontiguousarray(f_zbl, dtype=np.float64).tobytes())
             seen.append(
-                _Seen(int(db_id), ctype, len(atoms), dict(Counter(atoms.get_chemical_symbols())),
-                      energy, e_zbl, offset)
+                _Seen(int(db_id), sys.intern(ctype), len(atoms),
+                      tuple(sorted(Counter(atoms.get_chemical_symbols()).items())), energy, e_zbl, offset)
             )
         return seen, skipped, has_mask, float(min_distance)
 
@@ -318,10 +319,10 @@ class DatasetBuilder:
         else:
             train = [by_id[i] for i in train_ids]
             references = fit_reference_energies(
-                [s.composition for s in train], [s.energy_dft - s.energy_zbl for s in train]
+                [dict(s.composition) for s in train], [s.energy_dft - s.energy_zbl for s in train]
             )
             source = "least squares on the training set"
-        elements = sorted({el for s in seen for el in s.composition})
+        elements = sorted({el for s in seen for el, _ in s.composition})
         missing = sorted(set(elements) - set(references))
         if missing:
             raise ConfigError(f"reference_energies has no value for element(s) {', '.join(missing)}")
