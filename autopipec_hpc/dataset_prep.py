@@ -3,10 +3,11 @@
 Two streaming passes over the structures, so memory follows the largest
 structure and the shard size, never the number of structures:
 
-1. check labels, compute the ZBL energy, note id / config_type / composition;
-   then split (stratified by config_type) and settle the reference energies;
-2. compute ZBL energy and forces again, write the delta targets to
-   pacemaker pickles (sharded by atom count) and Extended XYZ.
+1. check labels, compute ZBL energy and forces (forces go to a temporary
+   file), note id / config_type / composition; then split (stratified by
+   config_type) and settle the reference energies;
+2. read each structure again, write the delta targets to pacemaker pickles
+   (sharded by atoms and rows) and Extended XYZ.
 
 Target energy = E_DFT - E_ZBL - sum of per-element reference energies;
 target forces = F_DFT - F_ZBL.
@@ -15,9 +16,9 @@ target forces = F_DFT - F_ZBL.
 from __future__ import annotations
 
 import gzip
-import sys
 import json
 import logging
+import sys
 import tempfile
 from collections import Counter, defaultdict
 from collections.abc import Iterable, Iterator, Mapping
@@ -26,10 +27,10 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import IO, Any
 
-from ase.io.extxyz import write_xyz
 import numpy as np
 import pandas as pd
 from ase import Atoms
+from ase.io.extxyz import write_xyz
 
 from autopipec_hpc.errors import ConfigError, InsufficientDataError, StructureError
 from autopipec_hpc.files import atomic_output, atomic_write_text
