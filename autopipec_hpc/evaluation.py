@@ -120,6 +120,23 @@ def predict(
     return residual, total
 
 
+def pacemaker_prediction_stats(pred_file: Path) -> ErrorStats | None:
+    """Errors from pacemaker's own ``test_pred.pckl.gzip`` (ACE alone vs targets).
+
+    A cross-check of the residual view: same potential, same structures,
+    pacemaker's evaluator instead of ours.
+    """
+    if not pred_file.exists():
+        return None
+    df = read_pickle(pred_file)
+    pred = Predictions()
+    for _, row in df.iterrows():
+        n = len(row["forces"])
+        pred.add(row["config_type"], n, row["energy_pred"], row["energy_corrected"],
+                 row["forces_pred"], row["forces"], None)
+    return pred.stats()
+
+
 def evaluate(test_files: Sequence[Path], ace: Calculator, deployed: Calculator) -> tuple[EvaluationReport, Predictions]:
     residual, total = predict(test_files, ace, deployed)
     report = EvaluationReport(

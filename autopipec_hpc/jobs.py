@@ -253,6 +253,10 @@ class TrainJob(submitit.helpers.Checkpointable):
         return submitit.helpers.DelayedSubmission(self, run_dir)
 
 
+def _as_dict(value: Any) -> dict[str, Any] | None:
+    return None if value is None else asdict(value)
+
+
 def training_verdict(run_dir: Path) -> dict[str, Any] | None:
     path = run_dir / TRAIN_DONE
     return json.loads(path.read_text()) if path.exists() else None
@@ -313,6 +317,7 @@ def evaluate_and_publish(spec: RunSpec, attempt: Path) -> dict[str, Any]:
                 "energy_mev": result.test_rmse_energy_mev,
                 "force_mev": result.test_rmse_force_mev,
             },
+            "pacemaker_test_pred": _as_dict(evaluation.pacemaker_prediction_stats(attempt / "test_pred.pckl.gzip")),
         }
         evaluation_dir = spec.path / "evaluation"
         evaluation_dir.mkdir(exist_ok=True)

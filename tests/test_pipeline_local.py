@@ -73,6 +73,12 @@ def test_submit_trains_evaluates_and_registers_a_real_potential(tmp_path, exampl
     metrics = json.loads((published / "metrics.json").read_text())
     assert set(metrics["total_by_config_type"]) == {"bcc_ev", "fcc_ev", "fcc_rattled", "fcc_strained"}
     assert "per Cartesian component" in metrics["units"]["force"]
+    # pacemaker's own holdout predictions (test_pred.pckl.gzip) agree with our residual view
+    own = metrics["pacemaker_test_pred"]
+    assert own["energy_rmse_mev"] == pytest.approx(metrics["residual"]["energy_rmse_mev"], rel=1e-6)
+    assert own["force_rmse_mev"] == pytest.approx(metrics["residual"]["force_rmse_mev"], rel=1e-6)
+    # and the deployed total reproduces the residual: the ZBL published is the ZBL subtracted
+    assert metrics["total"]["energy_rmse_mev"] == pytest.approx(metrics["residual"]["energy_rmse_mev"], rel=1e-6)
 
     # The published calculator reproduces the recorded holdout metrics.
     calc = load_calculator(published)
