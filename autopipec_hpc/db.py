@@ -29,7 +29,7 @@ TRAINING_RECORD = "training"
 RECORD_STATES = ("SUBMITTED", "RUNNING", "SUCCEEDED", "FAILED", "DIVERGED", "CANCELLED")
 
 
-def _is_url(target: str) -> bool:
+def is_url(target: str) -> bool:
     return "://" in target
 
 
@@ -48,7 +48,7 @@ class DatabaseManager:
 
     def __init__(self, target: str | Path) -> None:
         self.target = str(target)
-        if not _is_url(self.target):
+        if not is_url(self.target):
             path = Path(self.target)
             if path.suffix not in (".db", ".json"):
                 raise DatabaseError(

@@ -31,7 +31,7 @@ import submitit
 from autopipec_hpc.config import SiteConfig, TrainConfig
 from autopipec_hpc.dataset_prep import DatasetBuilder, DatasetManifest, DatasetSettings
 from autopipec_hpc.files import atomic_write_text, fresh_dir
-from autopipec_hpc.db import READY, DatabaseManager
+from autopipec_hpc.db import READY, DatabaseManager, is_url
 from autopipec_hpc.errors import (
     AutopipecError,
     InsufficientDataError,
@@ -156,7 +156,7 @@ def prepare_run(
 
 
 def _absolute_db(database: str) -> str:
-    return database if "://" in database else str(Path(database).resolve())
+    return database if is_url(database) else str(Path(database).resolve())
 
 
 # -- job bodies -----------------------------------------------------------------

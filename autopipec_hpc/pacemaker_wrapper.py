@@ -27,6 +27,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from autopipec_hpc.config import SiteConfig, TrainConfig, resolve_command
+from autopipec_hpc.dataset_prep import read_pickle
 from autopipec_hpc.files import atomic_write_text, fresh_dir
 from autopipec_hpc.errors import TrainingDivergenceError, TrainingFailedError, TrainingInterrupted
 
@@ -376,7 +377,7 @@ def _as_paths(value) -> list[Path]:
 def _elements_of(files: Sequence[Path]) -> list[str]:
     elements: set[str] = set()
     for path in files:
-        df = pd.read_pickle(path, compression="gzip")
+        df = read_pickle(path)
         for atoms in df["ase_atoms"]:
             elements.update(atoms.get_chemical_symbols())
     return sorted(elements)

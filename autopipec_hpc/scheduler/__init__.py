@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Protocol
 
 from autopipec_hpc.config import SiteConfig
+from autopipec_hpc.errors import SchedulerError
 from autopipec_hpc.files import atomic_write_text
 from autopipec_hpc.jobs import JOBS_FILE, RunSpec
 
@@ -38,8 +39,6 @@ class SubmittedJobs:
     def load(cls, run_dir: str | Path) -> "SubmittedJobs":
         path = Path(run_dir) / JOBS_FILE
         if not path.exists():
-            from autopipec_hpc.errors import SchedulerError
-
             raise SchedulerError(f"{run_dir} has no {JOBS_FILE}: nothing was submitted from it")
         return cls(**json.loads(path.read_text()))
 
