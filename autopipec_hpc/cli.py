@@ -4,28 +4,43 @@ from __future__ import annotations
 
 import argparse
 from dataclasses import replace
+import importlib.resources
 import logging
 import sys
+import time
 from pathlib import Path
 
 from rich.console import Console
 from rich.table import Table
 
+from autopipec_hpc import __version__
 from autopipec_hpc.config import SiteConfig, TrainConfig
 from autopipec_hpc.dataset_prep import DatasetManifest
 from autopipec_hpc.db import READY, DatabaseManager, TrainingRecord
 from autopipec_hpc.errors import AutopipecError
 from autopipec_hpc.jobs import dataset_settings, prepare_dataset_from_db
 from autopipec_hpc.submission import (
+    GenerationProgress,
     cancel_generation,
     find_run,
+    generation_progress,
     job_states,
+    plan_training,
     submit_generation,
     wait_for_generation,
 )
 
-PROJECT = Path(__file__).resolve().parent.parent
-DEFAULT_SITE = PROJECT / "site_configs" / "local.yaml"
+# The top-level site_configs/ folder, packaged into the wheel under this name (pyproject.toml).
+SITE_CONFIGS = "autopipec_hpc.site_configs"
+
+
+def packaged_site(name: str) -> Path:
+    """A site config installed with the package, e.g. ``local.yaml``."""
+    return Path(str(importlib.resources.files(SITE_CONFIGS).joinpath(name)))
+
+
+DEFAULT_SITE = packaged_site("local.yaml")
+SLURM_EXAMPLE_SITE = "example-gpu-cluster.yaml"
 
 # Piped output (logs, CI, grep) gets wide tables instead of rich's 80 columns.
 console = Console(width=None if sys.stdout.isatty() else 200)
@@ -66,7 +81,7 @@ def _site_and_db(args: argparse.Namespace) -> tuple[SiteConfig, str]:
 def cmd_submit(args: argparse.Namespace) -> int:
     site, database = _site_and_db(args)
     config = TrainConfig.from_yaml(args.config)
-    sub = submit_generation(database, site, config, args.generation, args.force)
+    sub = submit_generation(database, site, config, args.generation, args.force, notify=_say)
     print_dataset_summary(sub.manifest)
     console.print(
         f"generation {sub.spec.generation} submitted ({sub.jobs.scheduler}): training job {sub.jobs.train}, "
@@ -74,9 +89,32 @@ def cmd_submit(args: argparse.Namespace) -> int:
     )
     if not args.wait:
         return 0
-    record = wait_for_generation(Path(sub.spec.run_dir), site.result_timeout_s)
+    record = wait_for_generation(Path(sub.spec.run_dir), site.result_timeout_s, on_progress=ProgressPrinter())
     print_records([record], detail=True)
     return 0
+
+
+def _say(message: str) -> None:
+    style = "yellow" if message.startswith("warning:") else None
+    console.print(message, style=style, highlight=False, markup=False)
+
+
+class ProgressPrinter:
+    """Prints the fit's progress as it runs: every new state on a terminal, at most
+    one line every ``interval_s`` (and each new attempt) in a log or pipe."""
+
+    def __init__(self, interval_s: float | None = None) -> None:
+        self.interval_s = (2.0 if console.is_terminal else 10.0) if interval_s is None else interval_s
+        self._last_at = 0.0
+        self._last_attempt = 0
+
+    def __call__(self, current: GenerationProgress) -> None:
+        now = time.monotonic()
+        done = current.progress.iteration >= current.progress.maxiter
+        if now - self._last_at < self.interval_s and current.attempt == self._last_attempt and not done:
+            return
+        self._last_at, self._last_attempt = now, current.attempt
+        console.print(current.describe(), highlight=False, markup=False)
 
 
 def cmd_status(args: argparse.Namespace) -> int:
@@ -96,6 +134,12 @@ def cmd_status(args: argparse.Namespace) -> int:
             jobs = f"{r.values.get('train_job', '?')} {states['train']} / {r.values.get('evaluate_job', '?')} {states['evaluate']}"
         table.add_row(str(r.generation), _coloured(r.status), jobs, r.reason[:80], str(run_dir))
     console.print(table)
+    for r in records:
+        run_dir = r.values.get("run_dir", "")
+        if r.status in ("SUBMITTED", "RUNNING") and run_dir:
+            current = generation_progress(Path(run_dir))
+            line = current.describe() if current else f"generation {r.generation}: no iteration reported yet"
+            console.print(line, highlight=False, markup=False)
     return 0
 
 
@@ -141,27 +185,79 @@ def cmd_check_site(args: argparse.Namespace) -> int:
 
     found = Path(resolve_command(site.pacemaker.command)).exists()
     console.print(f"pacemaker command found here: {'yes' if found else 'no (it may exist only on compute nodes)'}")
+    config = TrainConfig.from_yaml(args.config)
+    elements = [e.strip() for e in args.elements.split(",") if e.strip()]
+    evaluator = site.pacemaker.evaluator
+    if found:
+        from autopipec_hpc.errors import TrainingFailedError
+        from autopipec_hpc.pacemaker_wrapper import probe_backend
+        from autopipec_hpc.preflight import resolve_evaluator
+
+        try:
+            backend = probe_backend(site.pacemaker.command)
+            evaluator = resolve_evaluator(evaluator, backend, site.pacemaker.command)
+            console.print(f"pacemaker here: python-ace {backend.python_ace}, tensorpotential "
+                          f"{backend.tensorpotential or 'not installed'}, TensorFlow {backend.tensorflow or 'not installed'}",
+                          highlight=False)
+        except TrainingFailedError as exc:
+            console.print(f"pacemaker's environment could not be inspected here: {exc}", highlight=False)
+    plan = plan_training(config, elements, evaluator)
+    console.print(f"training ({'--config ' + str(args.config) if args.config else 'default TrainConfig'}, "
+                  f"elements {','.join(elements)}): {plan.describe()}", highlight=False)
+    for warning in plan.warnings:
+        _say(f"warning: {warning}")
+    return 0
+
+
+def site_template(slurm: bool = False) -> str:
+    """The commented site config to start from: the packaged local or SLURM example."""
+    name = SLURM_EXAMPLE_SITE if slurm else DEFAULT_SITE.name
+    body = packaged_site(name).read_text()
+    header = f"# site_configs/{name} of autopipec-hpc {__version__}; check your copy: autopipec-hpc check-site FILE\n"
+    return header + body
+
+
+def cmd_site_template(args: argparse.Namespace) -> int:
+    sys.stdout.write(site_template(args.slurm))  # plain text: no rich markup or wrapping
     return 0
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    """Example data, then the whole pipeline locally with a small, quick fit."""
+    """Example data (or ``--data FILE``), then the whole pipeline locally: a
+    100-function fit on pacemaker's TensorFlow evaluator, a tiny one on pyace."""
     from autopipec_hpc.example_data import demo_train_config, write_example_database
 
     site = SiteConfig.from_yaml(args.site)
     database = args.db or site.database
     db = DatabaseManager(database)
     if db.count(status=READY) == 0:
-        n = write_example_database(db)
-        console.print(f"wrote {n} example copper structures (EMT labels) into {database}")
-    config = TrainConfig.from_yaml(args.config) if args.config else demo_train_config()
-    sub = submit_generation(database, site, config, None, force=False)
+        if args.data:
+            n = db.import_files(args.data, status=READY)
+            console.print(f"imported {n} structures from {', '.join(map(str, args.data))} into {database}")
+        else:
+            n = write_example_database(db)
+            console.print(f"wrote {n} example copper structures (EMT labels) into {database}")
+    config = TrainConfig.from_yaml(args.config) if args.config else demo_train_config(_local_evaluator(site))
+    sub = submit_generation(database, site, config, None, force=False, notify=_say)
     print_dataset_summary(sub.manifest)
     console.print(f"generation {sub.spec.generation}: training and evaluation jobs {sub.jobs.train}, "
-                  f"{sub.jobs.evaluate} on the {site.scheduler} executor; waiting...")
-    record = wait_for_generation(Path(sub.spec.run_dir), site.result_timeout_s)
+                  f"{sub.jobs.evaluate} on the {site.scheduler} executor; run folder {sub.spec.run_dir}")
+    record = wait_for_generation(Path(sub.spec.run_dir), site.result_timeout_s, on_progress=ProgressPrinter())
     print_records([record], detail=True)
     return 0
+
+
+def _local_evaluator(site: SiteConfig):
+    """The evaluator pacemaker's environment on this machine would get."""
+    from autopipec_hpc.errors import TrainingFailedError
+    from autopipec_hpc.pacemaker_wrapper import probe_backend
+    from autopipec_hpc.preflight import resolve_evaluator
+
+    try:
+        return resolve_evaluator(site.pacemaker.evaluator, probe_backend(site.pacemaker.command),
+                                 site.pacemaker.command)
+    except TrainingFailedError:
+        return site.pacemaker.evaluator  # the preflight will name the problem
 
 
 # -- presentation ---------------------------------------------------------------
@@ -253,6 +349,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="DFT-labelled structures in an ASE database -> a validated ACE potential.",
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("import", help="load labelled structures from ASE-readable files")
@@ -276,7 +373,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_prepare)
 
     def site_args(p: argparse.ArgumentParser) -> None:
-        p.add_argument("--site", type=Path, default=DEFAULT_SITE, help="site config YAML")
+        p.add_argument("--site", type=Path, default=DEFAULT_SITE,
+                       help="site config YAML (default: the packaged local site, see site-template)")
         p.add_argument("--db", default=None, help="database (default: the site's)")
 
     p = sub.add_parser("submit", help="prepare datasets, submit training and its evaluation")
@@ -304,10 +402,18 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("check-site", help="validate a site config and show what would be submitted")
     p.add_argument("file", type=Path)
+    p.add_argument("--config", type=Path, default=None, help="TrainConfig YAML whose basis size to show")
+    p.add_argument("--elements", default="Cu", help="comma-separated elements to count parameters for")
     p.set_defaults(func=cmd_check_site)
+
+    p = sub.add_parser("site-template", help="print a commented site config to copy and edit")
+    p.add_argument("--slurm", action="store_true", help="a SLURM GPU cluster instead of this machine")
+    p.set_defaults(func=cmd_site_template)
 
     p = sub.add_parser("demo", help="example data and a quick end-to-end run")
     site_args(p)
+    p.add_argument("--data", type=Path, nargs="+", default=None,
+                   help="labelled structures to train on (default: 30 EMT copper cells made on the spot)")
     p.add_argument("--config", type=Path, default=None, help="default: a small quick fit")
     p.set_defaults(func=cmd_demo)
 

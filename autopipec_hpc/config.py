@@ -7,9 +7,11 @@ day of GPU time.
 
 from __future__ import annotations
 
+import math
 import re
 import shutil
 import sys
+from enum import StrEnum
 from pathlib import Path
 from typing import Any, Literal
 
@@ -28,23 +30,40 @@ _PATH = re.compile(r"^[A-Za-z0-9_./~+-]+$")
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # inf and NaN pass Python's comparisons in surprising ways and end up in
+    # input.yaml as `rcut: inf`: refuse them everywhere.
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
 class TrainConfig(_Strict):
     """Training settings; the mapping onto pacemaker's input.yaml is in ``pacemaker_input``."""
 
     cutoff: float = Field(5.0, gt=0, description="ACE radial cutoff rcut, Angstrom")
-    b_basis_size: int = Field(500, ge=1, description="functions per element")
-    max_degree: int = Field(3, ge=1, le=len(NRADMAX_BY_ORDERS), description="body order - 1")
+    # A small production basis: 100 functions per element up to body order 5
+    # (464 parameters for one element). Sized for pacemaker's `tensorpot`
+    # evaluator; `pyace` has no analytic gradient and suits only tiny fits.
+    b_basis_size: int = Field(100, ge=1, description="functions per element")
+    max_degree: int = Field(4, ge=1, le=len(NRADMAX_BY_ORDERS), description="body order - 1")
     energy_weight: float = Field(1.0, ge=0)
     force_weight: float = Field(100.0, ge=0)
     l1_coeffs: float = Field(1e-8, ge=0, description="L1 regularization")
     l2_coeffs: float = Field(1e-8, ge=0, description="L2 regularization")
-    maxiter: int = Field(1500, ge=1)
+    maxiter: int = Field(500, ge=1)
     optimizer: Literal["BFGS", "L-BFGS-B"] = "BFGS"
-    batch_size: int = Field(100, ge=1)
-    seed: int = 42
+    batch_size: int = Field(100, ge=1, description="structures per TensorFlow batch: a memory knob")
+    batch_size_reduction: bool = Field(
+        True, description="halve batch_size and retry when the GPU runs out of memory"
+    )
+    ladder_step: int | float | None = Field(
+        None, description="hierarchical basis extension: functions added per step (int >= 1) "
+        "or a fraction of the current basis (0 < float < 1); None fits the whole basis at once",
+    )
+    ladder_type: Literal["body_order", "power_order"] = "body_order"
+    fit_cycles: int = Field(1, ge=1, description="repeated fits from perturbed coefficients; the best is kept")
+    noise_relative_sigma: float | None = Field(
+        None, ge=0, description="relative noise added to coefficients between fit cycles"
+    )
+    seed: int = Field(42, ge=0, le=2**32 - 1)
     test_fraction: float = Field(0.1, ge=0, lt=1)
     zbl_inner: float = Field(1.0, gt=0, description="LAMMPS pair_style zbl inner cutoff")
     zbl_outer: float = Field(2.0, gt=0, description="LAMMPS pair_style zbl outer cutoff")
@@ -54,6 +73,21 @@ class TrainConfig(_Strict):
     max_energy_rmse_mev: float = Field(1000.0, gt=0, description="divergence threshold, meV/atom")
     max_force_rmse_mev: float = Field(10000.0, gt=0, description="divergence threshold, meV/A")
     timeout_hours: float = Field(24.0, gt=0)
+
+    @field_validator("ladder_step", mode="before")
+    @classmethod
+    def _ladder_step(cls, value: Any) -> int | float | None:
+        # Checked before pydantic's coercion, which would read `true` as 1.
+        if value is None:
+            return None
+        if isinstance(value, int) and not isinstance(value, bool) and value >= 1:
+            return value
+        if isinstance(value, float) and math.isfinite(value):
+            if 0 < value < 1:
+                return value
+            if value >= 1 and value.is_integer():
+                return int(value)
+        raise ValueError(f"must be an integer >= 1 or a fraction between 0 and 1, got {value!r}")
 
     @model_validator(mode="after")
     def _check(self) -> "TrainConfig":
@@ -98,9 +132,21 @@ class JobResources(_Strict):
         return value
 
 
+class Evaluator(StrEnum):
+    """pacemaker's backend. AUTO: tensorpot where pacemaker's environment imports
+    tensorpotential (TensorFlow), else pyace; resolved before submission."""
+
+    AUTO = "auto"
+    TENSORPOT = "tensorpot"
+    PYACE = "pyace"
+
+
 class PacemakerSetup(_Strict):
     command: str = Field("pacemaker", description="pacemaker executable on the compute node")
-    evaluator: Literal["tensorpot", "pyace"] = "tensorpot"
+    evaluator: Evaluator = Evaluator.AUTO
+    allow_cpu_fallback: bool = Field(
+        False, description="train on the CPU when a GPU job's TensorFlow sees no GPU (else the job fails at once)"
+    )
 
     @field_validator("command")
     @classmethod

@@ -43,6 +43,10 @@ class TrainingInterrupted(TrainingFailedError):
     """pacemaker was stopped by a signal to its job (cancel, requeue, time limit)."""
 
 
+class GPUUnavailableError(TrainingFailedError):
+    """A job that asked for a GPU runs where TensorFlow sees none."""
+
+
 class TrainingDivergenceError(AutopipecError):
     """The fit produced NaN or errors above the configured thresholds."""
 

@@ -181,3 +181,43 @@ def parity_plot(pred: Predictions, path: Path, title: str) -> None:
     with atomic_output(path, "wb") as handle:
         fig.savefig(handle, format="png", dpi=110)
     plt.close(fig)
+
+
+def learning_curve_plot(curve, path: Path, title: str) -> None:
+    """Loss, and energy and force RMSE on the training and test sets, against iteration
+    (the table of ``jobs.generation_learning_curve``); a note when there is none."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax_l, ax_e, ax_f) = plt.subplots(1, 3, figsize=(13, 4.2))
+    if curve is None or len(curve) == 0:
+        ax_e.text(0.5, 0.5, "pacemaker wrote no metrics", ha="center", va="center", transform=ax_e.transAxes)
+    else:
+        it = curve["iteration"]
+        ax_l.plot(it, curve["loss"], label="train")
+        if "test_loss" in curve:
+            sel = curve["test_loss"].notna()
+            ax_l.plot(it[sel], curve["test_loss"][sel], "o-", ms=3, label="test")
+        for ax, what, unit in ((ax_e, "energy", "meV/atom"), (ax_f, "force", "meV/A")):
+            ax.plot(it, curve[f"train_{what}_rmse_mev"], label="train")
+            column = f"test_{what}_rmse_mev"
+            if column in curve:
+                sel = curve[column].notna()
+                ax.plot(it[sel], curve[column][sel], "o-", ms=3, label="test")
+            ax.set_ylabel(f"{what} RMSE ({unit})")
+        if "attempt" in curve and curve["attempt"].nunique() > 1:
+            for start in curve.groupby("attempt")["iteration"].min().iloc[1:]:
+                for ax in (ax_l, ax_e, ax_f):
+                    ax.axvline(start, color="grey", lw=0.8, ls=":")
+        ax_l.set_ylabel("loss")
+        for ax in (ax_l, ax_e, ax_f):
+            ax.set_yscale("log")
+            ax.set_xlabel("iteration")
+            ax.legend(fontsize=8)
+    fig.suptitle(title)
+    fig.tight_layout()
+    with atomic_output(path, "wb") as handle:
+        fig.savefig(handle, format="png", dpi=110)
+    plt.close(fig)

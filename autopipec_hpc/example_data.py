@@ -12,7 +12,7 @@ from ase.build import bulk
 from ase.calculators.emt import EMT
 from ase.calculators.singlepoint import SinglePointCalculator
 
-from autopipec_hpc.config import TrainConfig
+from autopipec_hpc.config import Evaluator, TrainConfig
 from autopipec_hpc.db import READY, DatabaseManager
 
 FCC_A = 3.61
@@ -58,11 +58,20 @@ def write_example_database(db: DatabaseManager, seed: int = 7) -> int:
     return count
 
 
-def demo_train_config() -> TrainConfig:
-    """A small, quick fit (tens of seconds on one core) for the demo and the tests.
+def demo_train_config(evaluator: Evaluator | str = Evaluator.TENSORPOT) -> TrainConfig:
+    """The demo's fit: 100 functions per element (464 parameters for Cu), 200
+    iterations on pacemaker's TensorFlow evaluator, about a minute on two cores.
 
-    Production fits keep TrainConfig's defaults (500 functions per element).
+    pyace has no analytic gradient (a gradient costs parameters + 1 loss
+    evaluations), so without TensorFlow the demo falls back to a tiny basis.
     """
+    if str(evaluator) == Evaluator.PYACE:
+        return tiny_train_config()
+    return TrainConfig(b_basis_size=100, max_degree=4, maxiter=200, energy_weight=1.0, force_weight=1.0)
+
+
+def tiny_train_config() -> TrainConfig:
+    """A toy fit (16 functions, 20 iterations: seconds on pyace) for fast tests."""
     return TrainConfig(
         b_basis_size=16, max_degree=2, maxiter=20, energy_weight=1.0, force_weight=1.0, batch_size=50
     )

@@ -28,12 +28,13 @@ from typing import Any
 
 import submitit
 
-from autopipec_hpc.config import SiteConfig, TrainConfig
+from autopipec_hpc.config import Evaluator, SiteConfig, TrainConfig
 from autopipec_hpc.dataset_prep import DatasetBuilder, DatasetManifest, DatasetSettings
 from autopipec_hpc.files import atomic_write_text, fresh_dir
 from autopipec_hpc.db import READY, DatabaseManager, is_url
 from autopipec_hpc.errors import (
     AutopipecError,
+    GPUUnavailableError,
     InsufficientDataError,
     PublicationError,
     TrainingDivergenceError,
@@ -45,8 +46,12 @@ from autopipec_hpc.pacemaker_wrapper import (
     INTERIM_POTENTIAL,
     PacemakerWrapper,
     TrainingResult,
+    FITTING_DATA_INFO,
+    TEST_PREDICTIONS,
     check_divergence,
-    read_metrics_table,
+    iterations_done,
+    learning_curve,
+    probe_backend,
 )
 
 log = logging.getLogger(__name__)
@@ -67,6 +72,8 @@ class RunSpec:
     site: dict[str, Any]
     config: dict[str, Any]
     force: bool = False
+    # pacemaker's backend as resolved by the preflight (the site may say "auto").
+    evaluator: str | None = None
 
     @property
     def path(self) -> Path:
@@ -167,8 +174,47 @@ def _attempts(run_dir: Path) -> list[Path]:
 
 
 def _iterations_done(attempt: Path) -> int:
-    table = read_metrics_table(attempt / "metrics.txt")
-    return 0 if table is None else int(table["iter_num"].max())
+    return iterations_done(attempt)
+
+
+def job_threads(site: SiteConfig) -> int:
+    """CPU threads for pacemaker: SLURM's --cpus-per-task where SLURM runs the job,
+    else the site's ``train.cpus``; never the node's core count."""
+    try:
+        return max(1, int(os.environ["SLURM_CPUS_PER_TASK"]))
+    except (KeyError, ValueError):
+        return site.train.cpus
+
+
+def check_backend(site: SiteConfig, evaluator: str, threads: int) -> dict[str, Any]:
+    """In the job's first seconds: what pacemaker's environment holds and which
+    devices TensorFlow sees there. A GPU job whose TensorFlow sees no GPU fails at
+    once (GPUUnavailableError) unless the site allows the CPU fallback."""
+    tensorpot = evaluator == Evaluator.TENSORPOT
+    backend = probe_backend(site.pacemaker.command, devices=tensorpot)
+    host = os.uname().nodename
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    devices = "CPU" if tensorpot else "CPU (pyace evaluator)"
+    if tensorpot and backend.gpus:
+        devices = ", ".join(backend.gpus)
+    elif tensorpot and site.train.gpus > 0:
+        seen = ", ".join(backend.cpus or []) or "nothing"
+        problem = (f"node {host}: CUDA_VISIBLE_DEVICES={visible if visible is not None else '(unset)'} "
+                   f"but TensorFlow {backend.tensorflow} sees no GPU (it sees {seen})")
+        if not site.pacemaker.allow_cpu_fallback:
+            raise GPUUnavailableError(f"{problem}; set pacemaker.allow_cpu_fallback: true to train on the CPU")
+        log.warning("%s; training on the CPU (pacemaker.allow_cpu_fallback)", problem)
+        devices = "CPU (fallback: TensorFlow saw no GPU)"
+    return {
+        "host": host,
+        "cuda_visible_devices": visible or "",
+        "evaluator": evaluator,
+        "devices": devices,
+        "threads": threads,
+        "tensorflow_version": backend.tensorflow or "",
+        "tensorpotential_version": backend.tensorpotential or "",
+        "python_ace_version": backend.python_ace or "",
+    }
 
 
 def _record_failure(spec: RunSpec, status: str, reason: str, log_tail: str = "") -> None:
@@ -198,20 +244,22 @@ class TrainJob(submitit.helpers.Checkpointable):
             # The iteration budget is the generation's, not the attempt's.
             done = sum(_iterations_done(a) for a in previous)
             config = config.model_copy(update={"maxiter": max(1, config.maxiter - done)})
+        evaluator = spec.evaluator or str(site.pacemaker.evaluator)
+        threads = job_threads(site)
+        try:
+            environment = check_backend(site, evaluator, threads)
+        except TrainingFailedError as exc:
+            _record_failure(spec, "FAILED", str(exc))
+            raise
         db.write_record(
             spec.generation,
             "RUNNING",
-            values={
-                "attempt": len(previous) + 1,
-                "host": os.uname().nodename,
-                "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES", ""),
-                "resumed_from": str(resume_from or ""),
-            },
+            values={"attempt": len(previous) + 1, "resumed_from": str(resume_from or ""), **environment},
         )
         manifest = DatasetManifest.load(spec.dataset_dir)
         cancelled = (spec.path / CANCEL_MARKER).exists
         wrapper = PacemakerWrapper(
-            command=site.pacemaker.command, evaluator=site.pacemaker.evaluator, should_stop=cancelled
+            command=site.pacemaker.command, evaluator=evaluator, should_stop=cancelled, threads=threads
         )
         try:
             if cancelled():
@@ -253,6 +301,22 @@ class TrainJob(submitit.helpers.Checkpointable):
         return submitit.helpers.DelayedSubmission(self, run_dir)
 
 
+def generation_learning_curve(run_dir: Path):
+    """The learning curves of all attempts, one after the other: a resumed attempt
+    counts its iterations on from where the previous one stopped."""
+    import pandas as pd
+
+    parts, offset = [], 0
+    for attempt in _attempts(run_dir):
+        curve = learning_curve(attempt)
+        if curve is None:
+            continue
+        curve = curve.assign(iteration=curve["iteration"] + offset, attempt=int(attempt.name.split("-")[1]))
+        parts.append(curve)
+        offset = int(curve["iteration"].max())
+    return pd.concat(parts, ignore_index=True) if parts else None
+
+
 def _as_dict(value: Any) -> dict[str, Any] | None:
     return None if value is None else asdict(value)
 
@@ -287,7 +351,7 @@ def evaluate_and_publish(spec: RunSpec, attempt: Path) -> dict[str, Any]:
         registry.stage_potential(
             staging,
             Path(result.potential),
-            attempt / "fitting_data_info.pckl.gzip",
+            attempt / FITTING_DATA_INFO,
             manifest.elements,
             manifest.zbl_inner,
             manifest.zbl_outer,
@@ -317,15 +381,19 @@ def evaluate_and_publish(spec: RunSpec, attempt: Path) -> dict[str, Any]:
                 "energy_mev": result.test_rmse_energy_mev,
                 "force_mev": result.test_rmse_force_mev,
             },
-            "pacemaker_test_pred": _as_dict(evaluation.pacemaker_prediction_stats(attempt / "test_pred.pckl.gzip")),
+            "pacemaker_test_pred": _as_dict(evaluation.pacemaker_prediction_stats(attempt / TEST_PREDICTIONS)),
         }
         evaluation_dir = spec.path / "evaluation"
         evaluation_dir.mkdir(exist_ok=True)
         report.save(staging / "metrics.json", extra)
         evaluation.parity_plot(total, staging / "parity.png", f"generation {spec.generation}: holdout, ACE + ZBL")
+        evaluation.learning_curve_plot(
+            generation_learning_curve(spec.path), staging / "learning_curve.png",
+            f"generation {spec.generation}: learning curve",
+        )
         shutil.copy2(attempt / "input.yaml", staging / "input.yaml")
         shutil.copy2(spec.dataset_dir / "dataset.json", staging / "dataset.json")
-        for name in ("metrics.json", "parity.png"):
+        for name in ("metrics.json", "parity.png", "learning_curve.png"):
             shutil.copy2(staging / name, evaluation_dir / name)
         final = registry.publish(staging, spec.output_dir, spec.generation, force=spec.force)
     except TrainingDivergenceError as exc:

@@ -6,27 +6,24 @@ Each check names itself in its error; a failed check submits nothing.
 from __future__ import annotations
 
 import shlex
-import shutil
 import subprocess
-from pathlib import Path
 
-from autopipec_hpc.config import resolve_command
+from autopipec_hpc.config import Evaluator
 from autopipec_hpc.dataset_prep import DatasetManifest
-from autopipec_hpc.errors import PreflightError
+from autopipec_hpc.errors import PreflightError, TrainingFailedError
 from autopipec_hpc.jobs import RunSpec
+from autopipec_hpc.pacemaker_wrapper import BackendInfo, pacemaker_python, probe_backend
 
 CHECK_TIMEOUT_S = 120
 
 
-def pacemaker_python(command: str) -> str:
-    """The interpreter of pacemaker's environment, from its console script's shebang."""
-    path = shutil.which(resolve_command(command))
-    if path is None:
-        raise PreflightError(f"check 'pacemaker command': {command!r} is not an executable here")
-    first = Path(path).read_bytes()[:512].split(b"\n", 1)[0].decode(errors="replace")
-    if not first.startswith("#!"):
-        raise PreflightError(f"check 'pacemaker command': {path} is not a Python console script")
-    interpreter = first[2:].strip().split()[0]
+def pacemaker_interpreter(command: str) -> str:
+    """The interpreter of pacemaker's environment, or a PreflightError naming the command."""
+    interpreter = pacemaker_python(command)
+    if interpreter is None:
+        raise PreflightError(
+            f"check 'pacemaker command': {command!r} is not a Python console script here"
+        )
     return interpreter
 
 
@@ -43,11 +40,29 @@ def _run_in_site_env(spec: RunSpec, argv: list[str], check: str) -> None:
         raise PreflightError(f"check '{check}' failed:\n{tail}")
 
 
-def check_pacemaker(spec: RunSpec) -> str:
+def check_pacemaker(spec: RunSpec) -> tuple[str, BackendInfo]:
     command = spec.site_config.pacemaker.command
-    interpreter = pacemaker_python(command)
+    interpreter = pacemaker_interpreter(command)
     _run_in_site_env(spec, [interpreter, "-c", "import pyace"], "pacemaker command")
-    return interpreter
+    try:
+        backend = probe_backend(command, setup=spec.site_config.setup, timeout_s=CHECK_TIMEOUT_S)
+    except TrainingFailedError as exc:
+        raise PreflightError(f"check 'pacemaker command': {exc}") from None
+    return interpreter, backend
+
+
+def resolve_evaluator(wanted: Evaluator, backend: BackendInfo, interpreter: str) -> Evaluator:
+    """AUTO becomes tensorpot where pacemaker's environment has TensorFlow and
+    tensorpotential, else pyace; an explicit tensorpot without them is refused."""
+    if wanted == Evaluator.AUTO:
+        return Evaluator.TENSORPOT if backend.tensorpot_importable else Evaluator.PYACE
+    if wanted == Evaluator.TENSORPOT and not backend.tensorpot_importable:
+        raise PreflightError(
+            f"check 'pacemaker evaluator': the site asks for tensorpot, but pacemaker's environment "
+            f"({interpreter}) cannot import tensorflow and tensorpotential; install the train-cpu or "
+            "train-gpu extra there (README: Installing), or set pacemaker.evaluator: pyace for tiny fits"
+        )
+    return wanted
 
 
 def check_dataset_readable(spec: RunSpec, manifest: DatasetManifest, interpreter: str) -> None:
@@ -81,8 +96,11 @@ def check_scheduler(spec: RunSpec) -> None:
         raise PreflightError(f"check 'SLURM with accounting': {exc}") from None
 
 
-def run_preflight(spec: RunSpec, manifest: DatasetManifest) -> None:
+def run_preflight(spec: RunSpec, manifest: DatasetManifest) -> Evaluator:
+    """Run every check; return the evaluator the training job will use."""
     check_scheduler(spec)
-    interpreter = check_pacemaker(spec)
+    interpreter, backend = check_pacemaker(spec)
+    evaluator = resolve_evaluator(spec.site_config.pacemaker.evaluator, backend, interpreter)
     check_dataset_readable(spec, manifest, interpreter)
     check_database(spec)
+    return evaluator

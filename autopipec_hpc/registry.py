@@ -8,6 +8,7 @@ model: ACE + ZBL + reference energies, as one ASE calculator.
 
 from __future__ import annotations
 
+import importlib.metadata
 import json
 import shutil
 import subprocess
@@ -41,6 +42,16 @@ class PotentialManifest:
     reference_energies: dict[str, float]
     files: list[str]
     published_at: float
+    # Software that made it; None in manifests written before these were recorded.
+    autopipec_hpc_version: str | None = None
+    pacemaker_version: str | None = None  # the python-ace distribution; None if not installed
+
+
+def installed_version(distribution: str) -> str | None:
+    try:
+        return importlib.metadata.version(distribution)
+    except importlib.metadata.PackageNotFoundError:
+        return None
 
 
 def potentials_root(output_dir: str | Path) -> Path:
@@ -112,6 +123,8 @@ def stage_potential(
         reference_energies=dict(reference_energies),
         files=files,
         published_at=time.time(),
+        autopipec_hpc_version=installed_version("autopipec-hpc"),
+        pacemaker_version=installed_version("python-ace"),
     )
     (staging / MANIFEST).write_text(json.dumps(asdict(manifest), indent=2))
     return manifest

@@ -6,19 +6,42 @@ login) can re-attach to a generation submitted earlier.
 
 from __future__ import annotations
 
+import logging
 import time
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, replace
 from pathlib import Path
 
-from autopipec_hpc.config import SiteConfig, TrainConfig
+from autopipec_hpc.config import Evaluator, SiteConfig, TrainConfig
 from autopipec_hpc.dataset_prep import DatasetManifest
 from autopipec_hpc.db import DatabaseManager, TrainingRecord
 from autopipec_hpc.errors import SchedulerError, TrainingDivergenceError, TrainingFailedError
 from autopipec_hpc.jobs import CANCEL_MARKER, RunSpec, prepare_run
+from autopipec_hpc.pacemaker_wrapper import LiveProgress, count_parameters
 from autopipec_hpc.scheduler import FINISHED, SubmittedJobs, scheduler_for
+
+log = logging.getLogger(__name__)
 
 FINAL_RECORD_STATES = {"SUCCEEDED", "FAILED", "DIVERGED", "CANCELLED"}
 FAILURE_GRACE_S = 30.0
+
+
+# pyace has no analytic gradient: above this many parameters a fit is slow enough
+# that the user should hear about it before anything is queued.
+PYACE_PARAMETER_WARNING = 48
+
+
+@dataclass(frozen=True)
+class TrainingPlan:
+    """What the training job will do: pacemaker's evaluator and the basis size."""
+
+    evaluator: Evaluator
+    parameters: int | None
+    warnings: tuple[str, ...] = ()
+
+    def describe(self) -> str:
+        size = f"{self.parameters} parameters" if self.parameters is not None else "parameters unknown (no pyace here)"
+        return f"pacemaker evaluator {self.evaluator}, {size}"
 
 
 @dataclass(frozen=True)
@@ -26,6 +49,20 @@ class Submission:
     spec: RunSpec
     manifest: DatasetManifest
     jobs: SubmittedJobs
+    plan: TrainingPlan
+
+
+def plan_training(config: TrainConfig, elements: list[str], evaluator: Evaluator) -> TrainingPlan:
+    parameters = count_parameters(config, elements)
+    warnings: list[str] = []
+    if evaluator == Evaluator.PYACE and parameters is not None and parameters > PYACE_PARAMETER_WARNING:
+        evaluations = (parameters + 1) * config.maxiter
+        warnings.append(
+            f"the pyace evaluator has no analytic gradient: each of the {config.maxiter} iterations costs "
+            f"about {parameters + 1} loss evaluations ({parameters} parameters + 1), about {evaluations:,} "
+            "in all; install pacemaker's TensorFlow evaluator (README: Installing) or shrink the basis"
+        )
+    return TrainingPlan(evaluator, parameters, tuple(warnings))
 
 
 def submit_generation(
@@ -34,14 +71,24 @@ def submit_generation(
     config: TrainConfig,
     generation: int | None = None,
     force: bool = False,
+    notify: Callable[[str], None] | None = None,
 ) -> Submission:
-    """Prepare the datasets here, then submit training and its dependent evaluation."""
+    """Prepare the datasets here, then submit training and its dependent evaluation.
+
+    ``notify`` hears the training plan and its warnings before anything is queued."""
     from autopipec_hpc.preflight import run_preflight
 
+    say = notify or log.warning
     spec, manifest = prepare_run(database, site, config, generation, force)
     scheduler = scheduler_for(site)
     try:
-        run_preflight(spec, manifest)
+        evaluator = run_preflight(spec, manifest)
+        plan = plan_training(config, manifest.elements, evaluator)
+        say(plan.describe())
+        for warning in plan.warnings:
+            say(f"warning: {warning}")
+        spec = replace(spec, evaluator=str(evaluator))
+        spec.save()
         jobs = scheduler.submit(spec)
     except BaseException as exc:
         DatabaseManager(spec.database).write_record(
@@ -50,9 +97,10 @@ def submit_generation(
         raise
     DatabaseManager(spec.database).write_record(
         spec.generation, "SUBMITTED",
-        values={"scheduler": jobs.scheduler, "train_job": jobs.train, "evaluate_job": jobs.evaluate},
+        values={"scheduler": jobs.scheduler, "train_job": jobs.train, "evaluate_job": jobs.evaluate,
+                "evaluator": str(plan.evaluator), "parameters": plan.parameters},
     )
-    return Submission(spec, manifest, jobs)
+    return Submission(spec, manifest, jobs, plan)
 
 
 def find_run(site: SiteConfig, generation: int, database: str | None = None) -> Path:
@@ -74,14 +122,71 @@ def job_states(run_dir: Path) -> dict[str, str]:
     return {which: scheduler.state(jobs, which) for which in ("train", "evaluate")}
 
 
-def wait_for_generation(run_dir: Path, timeout_s: float, poll_s: float = 1.0) -> TrainingRecord:
+@dataclass(frozen=True)
+class GenerationProgress:
+    """The live state of a generation's fit, read from its run folder."""
+
+    generation: int
+    attempt: int
+    progress: LiveProgress
+
+    def describe(self) -> str:
+        p = self.progress
+        parts = [f"generation {self.generation}, attempt {self.attempt}: iteration {min(p.iteration, p.maxiter)}/{p.maxiter}",
+                 f"loss {p.loss:.3e}", f"train E {p.rmse_energy_mev:.2f} meV/at, F {p.rmse_force_mev:.1f} meV/A"]
+        if p.test_rmse_energy_mev is not None and p.test_rmse_force_mev is not None:
+            parts.append(f"test E {p.test_rmse_energy_mev:.2f}, F {p.test_rmse_force_mev:.1f}")
+        if p.s_per_iteration is not None:
+            parts.append(f"{p.s_per_iteration:.2f} s/iteration")
+        if p.eta_s is not None:
+            parts.append(f"ETA {_duration(p.eta_s)}")
+        return ", ".join(parts)
+
+
+def _duration(seconds: float) -> str:
+    seconds = int(round(seconds))
+    hours, rest = divmod(seconds, 3600)
+    minutes, secs = divmod(rest, 60)
+    return f"{hours}h{minutes:02d}m" if hours else f"{minutes}m{secs:02d}s"
+
+
+def generation_progress(run_dir: Path) -> GenerationProgress | None:
+    """The newest attempt's progress, or None before pacemaker reported an iteration."""
+    try:
+        spec = RunSpec.load(run_dir)
+    except (OSError, ValueError):
+        return None
+    attempts = sorted(
+        (p for p in Path(run_dir).glob("attempt-*") if p.is_dir() and p.name.split("-")[1].isdigit()),
+        key=lambda p: int(p.name.split("-")[1]),
+    )
+    for attempt in reversed(attempts):
+        progress = LiveProgress.load(attempt)
+        if progress is not None:
+            return GenerationProgress(spec.generation, int(attempt.name.split("-")[1]), progress)
+    return None
+
+
+def wait_for_generation(
+    run_dir: Path,
+    timeout_s: float,
+    poll_s: float = 1.0,
+    on_progress: Callable[[GenerationProgress], None] | None = None,
+) -> TrainingRecord:
     """Block until the record is final and the jobs are done; raise the pipeline's error
-    if it failed, SchedulerError if nothing conclusive happened within ``timeout_s``."""
+    if it failed, SchedulerError if nothing conclusive happened within ``timeout_s``.
+    ``on_progress`` hears each new state of the fit while it runs."""
     spec = RunSpec.load(run_dir)
     db = DatabaseManager(spec.database)
     deadline = time.monotonic() + timeout_s
     failed_at: float | None = None
+    last_seen: tuple[int, float] | None = None
     while True:
+        if on_progress is not None:
+            current = generation_progress(Path(run_dir))
+            if current is not None and (current.attempt, current.progress.updated_at) != last_seen:
+                last_seen = (current.attempt, current.progress.updated_at)
+                on_progress(current)
         record = db.get_record(spec.generation)
         states = job_states(run_dir)
         jobs_done = all(s in FINISHED for s in states.values())

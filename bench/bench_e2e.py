@@ -1,16 +1,20 @@
-"""End-to-end overhead: our local pipeline vs running pacemaker directly.
+"""End-to-end overhead: `autopipec-hpc submit --wait` vs running pacemaker directly.
 
 Run from the project root:
 
-    .venv/bin/python bench/bench_e2e.py                  # maxiter 100, best of 2: ~17 min on 2 cores
-    .venv/bin/python bench/bench_e2e.py --maxiter 50 --repeats 3
+    .venv/bin/python bench/bench_e2e.py                  # production size, best of 1: ~12 min on 2 cores
+    .venv/bin/python bench/bench_e2e.py --size tiny --maxiter 100 --repeats 2
 
-Ours: ``submit_generation`` + ``wait_for_generation`` in this process, local
-scheduler (submitit), pyace evaluator, on the 30 EMT copper structures of
-``write_example_database``: dataset preparation, preflight, the training job
-(pacemaker), the evaluation job (holdout predictions, ``pace_yaml2yace``,
-``pace_activeset``, parity plot) and publication. Every repeat uses a fresh
-temporary root (new database, run folder and output folder).
+Production size (the default): 1,000 structures (the 105 DFT Cu cells of
+../shared cycled, each rattled), 100 functions per element, max_degree 4,
+200 iterations, pacemaker's TensorFlow evaluator (tensorpot). Tiny: the 30
+EMT Cu cells, 16 functions, pyace.
+
+Ours: the command line, `autopipec-hpc submit --wait` in a fresh process with
+a local site: dataset preparation, preflight, the training job (backend probe,
+pacemaker), the evaluation job (holdout predictions, ``pace_yaml2yace``,
+``pace_activeset``, parity plot, learning curve) and publication. Every repeat
+uses a fresh temporary root (new database, run folder and output folder).
 
 Direct: the exact ``input.yaml`` our training job ran (absolute paths to the
 same prepared dataset files), copied into an empty folder and run with
@@ -41,14 +45,15 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import banner, machine_line, verdict  # noqa: E402
 
-from autopipec_hpc.config import SiteConfig  # noqa: E402
-from autopipec_hpc.db import DatabaseManager  # noqa: E402
-from autopipec_hpc.example_data import demo_train_config, write_example_database  # noqa: E402
-from autopipec_hpc.pacemaker_wrapper import read_metrics_table  # noqa: E402
-from autopipec_hpc.submission import submit_generation, wait_for_generation  # noqa: E402
+import yaml  # noqa: E402
 
-TARGET = 1.10  # ours / direct, wall time
-DEFAULT_MAXITER = 100
+from autopipec_hpc.config import SiteConfig, TrainConfig  # noqa: E402
+from autopipec_hpc.db import DatabaseManager  # noqa: E402
+from autopipec_hpc.example_data import tiny_train_config, write_example_database  # noqa: E402
+from autopipec_hpc.pacemaker_wrapper import read_metrics_table  # noqa: E402
+
+TARGET = 1.05  # ours / direct, wall time
+DEFAULT_MAXITER = 200
 DEMO_MAXITER = 20
 PACEMAKER = Path(sys.executable).parent / "pacemaker"
 SUBMITIT_STAMP = re.compile(r"\((\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3})\) - (.*)")
@@ -104,16 +109,17 @@ def breakdown(run_dir: Path, potential_dir: Path, t0: float, t_submitted: float,
         ("preflight + submitit submit of 2 jobs", mtime(run_dir / "jobs.json")),
         ("  (submit_generation returned)", t_submitted),
         ("training job start-up (python + submitit)", submitit_stamp(sub / f"{jobs['train']}_0_log.out", "Starting")),
-        ("job body up to pacemaker launch (imports, record, input.yaml)", pm_start),
+        ("job body up to pacemaker launch (imports, backend probe, record, input.yaml)", pm_start),
         ("PACEMAKER inside the training job", None if pm_start is None else pm_start + pacemaker_s),
         ("read pacemaker's results, train.done", mtime(run_dir / "train.done")),
         ("eval: afterok poll (1 s) + pyace import + pace_yaml2yace", mtime(potential_dir / "potential.yace")),
         ("eval: pace_activeset", mtime(potential_dir / "potential.asi")),
         ("eval: holdout predictions (PyACE + ZBL) + metrics", mtime(potential_dir / "metrics.json")),
         ("eval: parity plot", mtime(potential_dir / "parity.png")),
+        ("eval: learning curve", mtime(potential_dir / "learning_curve.png")),
         ("eval: copies, publish, DB record, job exit",
          submitit_stamp(sub / f"{jobs['evaluate']}_0_log.out", "Job completed")),
-        ("wait_for_generation poll latency (2 s)", t_end),
+        ("wait poll latency (1 s) + CLI process exit", t_end),
     ]
     phases, previous = [], t0
     for name, stamp in marks[1:]:
@@ -127,23 +133,48 @@ def breakdown(run_dir: Path, potential_dir: Path, t0: float, t_submitted: float,
     return phases
 
 
-def run_ours(maxiter: int) -> OursRun:
+def make_database(db: str, size: str) -> None:
+    if size == "tiny":
+        write_example_database(DatabaseManager(db))
+        return
+    import ase.io
+
+    from _common import cu_structures, rattled_copies
+
+    data = Path(db).with_suffix(".extxyz")
+    ase.io.write(data, rattled_copies(cu_structures(), 1000, stdev=0.02))
+    DatabaseManager(db).import_files([data])
+
+
+def train_config(size: str, maxiter: int):
+    if size == "tiny":
+        return tiny_train_config().model_copy(update={"maxiter": maxiter})
+    return TrainConfig(b_basis_size=100, max_degree=4, maxiter=maxiter, energy_weight=1.0, force_weight=1.0)
+
+
+def run_ours(maxiter: int, size: str = "production") -> OursRun:
     root = Path(tempfile.mkdtemp(prefix="bench-e2e-ours-"))
     db = str(root / "s.db")
-    write_example_database(DatabaseManager(db))
+    make_database(db, size)
     site = SiteConfig(
         name="bench", scheduler="local", work_dir=root / "runs", output_dir=root / "output", database=db,
-        pacemaker={"command": "pacemaker", "evaluator": "pyace"},
+        pacemaker={"command": "pacemaker", "evaluator": "pyace" if size == "tiny" else "tensorpot"},
+        train={"cpus": 2},
     )
-    config = demo_train_config().model_copy(update={"maxiter": maxiter})
+    (root / "site.yaml").write_text(yaml.safe_dump(site.model_dump(mode="json")))
+    (root / "train.yaml").write_text(yaml.safe_dump(train_config(size, maxiter).model_dump(mode="json")))
+    cli = Path(sys.executable).parent / "autopipec-hpc"
     t0_epoch = time.time()
     t0 = time.perf_counter()
-    sub = submit_generation(db, site, config)
-    t_submitted = t0_epoch + (time.perf_counter() - t0)
-    record = wait_for_generation(Path(sub.spec.run_dir), timeout_s=3600)
+    done = subprocess.run([str(cli), "submit", "--wait", "--site", str(root / "site.yaml"),
+                           "--config", str(root / "train.yaml")], cwd=root, capture_output=True, text=True)
     wall = time.perf_counter() - t0
+    if done.returncode != 0:
+        sys.exit(f"autopipec-hpc submit --wait failed ({done.returncode}): {done.stderr[-2000:]}")
+    record = DatabaseManager(db).get_record(1)
+    run_dir = Path(record.values["run_dir"])
+    t_submitted = mtime(run_dir / "jobs.json") or t0_epoch
     t_end = t0_epoch + wall
-    run_dir = Path(sub.spec.run_dir)
     pacemaker_s = float(record.values["wall_time_s"])
     phases = breakdown(run_dir, Path(record.values["potential_path"]), t0_epoch, t_submitted, t_end, pacemaker_s)
     return OursRun(maxiter, wall, pacemaker_s, run_dir, final_loss(run_dir / "attempt-1"), phases)
@@ -191,7 +222,7 @@ def profile_preflight(run: OursRun) -> None:
     spec = RunSpec.load(run.run_dir)
     manifest = DatasetManifest.load(spec.dataset_dir)
     t = time.perf_counter()
-    interpreter = preflight.check_pacemaker(spec)
+    interpreter, _ = preflight.check_pacemaker(spec)
     t_pm = time.perf_counter() - t
     t = time.perf_counter()
     preflight.check_dataset_readable(spec, manifest, interpreter)
@@ -203,7 +234,7 @@ def profile_preflight(run: OursRun) -> None:
     subprocess.run([sys.executable, "-c", "pass"], check=True)
     t_py = time.perf_counter() - t
     print("  preflight, timed on its own (each check is a `bash -c` subprocess):")
-    print(f"    'pacemaker command' (python -c 'import pyace')           {t_pm:6.2f} s")
+    print(f"    'pacemaker command' (import pyace; versions probe)       {t_pm:6.2f} s")
     print(f"    'dataset readable' (python + pandas, read the pickles)   {t_ds:6.2f} s")
     print(f"    'database reachable' (python + ase.db + autopipec_hpc)   {t_db:6.2f} s")
     print(f"    total                                                    {t_pm + t_ds + t_db:6.2f} s")
@@ -214,8 +245,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--maxiter", type=int, default=DEFAULT_MAXITER,
                         help=f"pacemaker iterations for the target comparison (default {DEFAULT_MAXITER})")
-    parser.add_argument("--repeats", type=int, default=2, help="repeats per contender, best is kept (default 2)")
-    parser.add_argument("--demo-maxiter", type=int, default=DEMO_MAXITER,
+    parser.add_argument("--repeats", type=int, default=1, help="repeats per contender, best is kept (default 1)")
+    parser.add_argument("--size", choices=("production", "tiny"), default="production")
+    parser.add_argument("--demo-maxiter", type=int, default=0,
                         help=f"maxiter of the one-repeat small-fit comparison (default {DEMO_MAXITER}; 0 skips it)")
     parser.add_argument("--keep", action="store_true", help="keep our temporary run roots")
     args = parser.parse_args()
@@ -224,15 +256,19 @@ def main() -> None:
 
     banner(f"End-to-end overhead: ours (local scheduler) vs pacemaker directly, maxiter={args.maxiter}")
     print(machine_line())
-    print(f"data: 30 EMT Cu structures (write_example_database), demo_train_config() with maxiter={args.maxiter}, "
-          f"pyace evaluator; best of {args.repeats}, contenders alternate")
+    if args.size == "tiny":
+        print(f"data: 30 EMT Cu structures, tiny_train_config() with maxiter={args.maxiter}, "
+              f"pyace evaluator; best of {args.repeats}, contenders alternate")
+    else:
+        print(f"data: 1,000 rattled DFT Cu structures, 100 functions per element, max_degree 4, "
+              f"maxiter={args.maxiter}, tensorpot evaluator, 2 threads; best of {args.repeats}, contenders alternate")
     ours: list[OursRun] = []
     direct: list[DirectRun] = []
     for k in range(1, args.repeats + 1):
         order = ("ours", "direct") if k % 2 == 1 else ("direct", "ours")
         for who in order:
             if who == "ours":
-                ours.append(run_ours(args.maxiter))
+                ours.append(run_ours(args.maxiter, args.size))
                 print_ours(k, ours[-1])
             else:
                 direct.append(run_direct(ours[-1].run_dir / "attempt-1" / "input.yaml", args.maxiter))
@@ -258,7 +294,7 @@ def main() -> None:
 
     if args.demo_maxiter > 0:
         banner(f"For information, NOT the target: demo-size fit, maxiter={args.demo_maxiter}, one repeat each")
-        small = run_ours(args.demo_maxiter)
+        small = run_ours(args.demo_maxiter, "tiny")
         print_ours(1, small)
         small_direct = run_direct(small.run_dir / "attempt-1" / "input.yaml", args.demo_maxiter)
         print_direct(1, small_direct)

@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Create .venv (once) and install the project with pacemaker and the test tools.
+# Create .venv (once) and install the project with pacemaker, its TensorFlow
+# evaluator (CPU build), PostgreSQL support and the test tools.
 # Idempotent: a second run only checks that everything is installed.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -8,4 +9,8 @@ if [ ! -x .venv/bin/python ]; then
   "$PY" -m venv .venv
   .venv/bin/python -m pip install --quiet --upgrade pip
 fi
-.venv/bin/python -m pip install --quiet --disable-pip-version-check -e ".[pacemaker,test]"
+PIP=(.venv/bin/python -m pip install --quiet --disable-pip-version-check)
+"${PIP[@]}" -e ".[train-cpu,postgresql,test]"
+# tensorpotential and tf_keras name CUDA TensorFlow as a dependency; on a CPU
+# host tensorflow-cpu (above) serves them, so they go in without dependencies.
+"${PIP[@]}" --no-deps tensorpotential==0.6.2.1 tf_keras==2.20.1

@@ -1,8 +1,13 @@
 #!/usr/bin/env bash
-# The main job end to end on the embedded default: local executor, SQLite,
-# a small EMT copper dataset made on the spot, a real (small) pacemaker fit,
-# holdout evaluation, and a registered potential in output/potentials/.
+# The main job end to end on the embedded default: local executor, SQLite, a
+# real pacemaker fit (100 functions per element on TensorFlow), holdout
+# evaluation, and a registered potential in output/potentials/. The data: the
+# real DFT copper of ../shared where present, else 30 EMT copper cells made on the spot.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/bootstrap.sh
-.venv/bin/autopipec-hpc demo --site site_configs/local.yaml "$@"
+data=()
+if [ -f ../shared/data/cu_fhiaims_105.extxyz ]; then
+  data=(--data ../shared/data/cu_fhiaims_105.extxyz)
+fi
+.venv/bin/autopipec-hpc demo "${data[@]}" "$@"

@@ -14,10 +14,56 @@ def write(tmp_path, text: str):
     return path
 
 
-def test_train_config_defaults_are_the_seeds():
+def test_train_config_defaults_are_a_small_production_fit():
     c = TrainConfig()
-    assert (c.cutoff, c.b_basis_size, c.max_degree, c.energy_weight, c.force_weight) == (5.0, 500, 3, 1.0, 100.0)
-    assert c.timeout_hours == 24.0
+    assert (c.cutoff, c.b_basis_size, c.max_degree, c.energy_weight, c.force_weight) == (5.0, 100, 4, 1.0, 100.0)
+    assert c.maxiter == 500 and c.timeout_hours == 24.0 and c.batch_size_reduction
+
+
+@pytest.mark.parametrize(
+    "text,key",
+    [
+        ("cutoff: .inf\n", "cutoff"),
+        ("cutoff: .nan\n", "cutoff"),
+        ("seed: -5\n", "seed"),
+        ("ladder_step: 0\n", "ladder_step"),
+        ("ladder_step: 1.5\n", "ladder_step"),
+        ("ladder_step: true\n", "ladder_step"),
+        ("ladder_type: sideways\n", "ladder_type"),
+        ("fit_cycles: 0\n", "fit_cycles"),
+        ("noise_relative_sigma: -0.1\n", "noise_relative_sigma"),
+        ("reference_energies: {Cu: .nan}\n", "reference_energies"),
+    ],
+)
+def test_settings_that_cannot_run_are_refused_by_name(tmp_path, text, key):
+    with pytest.raises(ConfigError, match=key):
+        TrainConfig.from_yaml(write(tmp_path, text))
+
+
+def test_large_fit_settings_map_onto_pacemaker():
+    import yaml
+
+    from autopipec_hpc.pacemaker_wrapper import render_input
+
+    config = TrainConfig(ladder_step=0.25, ladder_type="power_order", fit_cycles=3, noise_relative_sigma=0.02,
+                         batch_size=20, batch_size_reduction=False)
+    doc = yaml.safe_load(render_input(config, ["Cu"], ["/d/t.pckl.gzip"], [], "tensorpot"))
+    assert doc["fit"]["ladder_step"] == 0.25 and doc["fit"]["ladder_type"] == "power_order"
+    assert doc["fit"]["fit_cycles"] == 3 and doc["fit"]["noise_relative_sigma"] == 0.02
+    assert doc["backend"]["batch_size"] == 20 and doc["backend"]["batch_size_reduction"] is False
+    plain = yaml.safe_load(render_input(TrainConfig(), ["Cu"], ["/d/t.pckl.gzip"], [], "tensorpot"))
+    assert "ladder_step" not in plain["fit"] and "fit_cycles" not in plain["fit"]
+    assert plain["backend"]["batch_size_reduction"] is True
+    assert TrainConfig(ladder_step=50).ladder_step == 50
+
+
+def test_parameter_count_is_pacemakers():
+    pytest.importorskip("pyace")
+    from autopipec_hpc.pacemaker_wrapper import count_parameters
+
+    # pacemaker reports "Number of params./funcs: 464/100" for this basis
+    assert count_parameters(TrainConfig(b_basis_size=100, max_degree=4), ["Cu"]) == 464
+    assert count_parameters(TrainConfig(b_basis_size=16, max_degree=2), ["Cu"]) == 116
 
 
 def test_kappa_is_the_force_share_of_the_loss():

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from autopipec_hpc.errors import PreflightError, SchedulerError
-from autopipec_hpc.example_data import demo_train_config, write_example_database
+from autopipec_hpc.example_data import tiny_train_config, write_example_database
 from autopipec_hpc.db import DatabaseManager
 from autopipec_hpc.scheduler.slurm import sacct_state
 from autopipec_hpc.submission import cancel_generation, submit_generation, wait_for_generation
@@ -35,7 +35,7 @@ def test_slurm_site_without_accounting_is_refused_before_submitting(monkeypatch,
     write_example_database(DatabaseManager(db))
     site = local_site(tmp_path).model_copy(update={"scheduler": "slurm"})
     with pytest.raises(PreflightError, match="SLURM with accounting.*sacct not found"):
-        submit_generation(db, site, demo_train_config())
+        submit_generation(db, site, tiny_train_config())
     assert DatabaseManager(db).get_record(1).status == "FAILED"
 
 
@@ -43,7 +43,7 @@ def test_waiting_for_a_result_that_never_comes_is_bounded(tmp_path):
     db = str(tmp_path / "s.db")
     write_example_database(DatabaseManager(db))
     site = local_site(tmp_path, str(make_fault_pacemaker(tmp_path, "hang")))
-    sub = submit_generation(db, site, demo_train_config())
+    sub = submit_generation(db, site, tiny_train_config())
     start = time.monotonic()
     with pytest.raises(SchedulerError, match="not finished after 4 s"):
         wait_for_generation(Path(sub.spec.run_dir), timeout_s=4)

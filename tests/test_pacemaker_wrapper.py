@@ -13,7 +13,7 @@ import yaml
 from autopipec_hpc.config import TrainConfig
 from autopipec_hpc.dataset_prep import DatasetBuilder, DatasetSettings
 from autopipec_hpc.errors import TrainingDivergenceError, TrainingFailedError
-from autopipec_hpc.example_data import demo_train_config, example_structures
+from autopipec_hpc.example_data import example_structures, tiny_train_config
 from autopipec_hpc.pacemaker_wrapper import IterationParser, PacemakerWrapper, render_input
 from autopipec_hpc.scheduler.local import pid_alive
 from autopipec_hpc.testing.fault_pacemaker import make_fault_pacemaker
@@ -67,7 +67,7 @@ def test_changing_cutoff_changes_the_file():
 
 @needs_pacemaker
 def test_pacemaker_dry_run_accepts_the_rendered_input(dataset, tmp_path):
-    text = render_input(demo_train_config(), dataset.elements, [str(p) for p in dataset.train_paths],
+    text = render_input(tiny_train_config(), dataset.elements, [str(p) for p in dataset.train_paths],
                         [str(p) for p in dataset.test_paths], "pyace")
     (tmp_path / "input.yaml").write_text(text)
     done = subprocess.run([str(PACEMAKER), "input.yaml", "--dry-run"], cwd=tmp_path, capture_output=True,
@@ -93,7 +93,7 @@ def test_iteration_parser_reads_both_of_pacemakers_formats():
 def test_real_tiny_fit_streams_progress_and_reads_metrics(dataset, tmp_path):
     seen = []
     wrapper = PacemakerWrapper(command=str(PACEMAKER), evaluator="pyace", on_progress=seen.append)
-    config = demo_train_config().model_copy(update={"maxiter": 8})
+    config = tiny_train_config().model_copy(update={"maxiter": 8})
     result = wrapper.run_training(dataset.train_paths, dataset.test_paths, config, run_dir=tmp_path / "attempt")
     run = Path(result.run_dir)
     assert result.iterations == 8
@@ -112,7 +112,7 @@ def test_fault_injector_crash_raises_with_log_tail(dataset, tmp_path):
     fake = make_fault_pacemaker(tmp_path, "crash")
     with pytest.raises(TrainingFailedError, match="exited with code 1") as info:
         PacemakerWrapper(command=str(fake), evaluator="pyace").run_training(
-            dataset.train_paths, dataset.test_paths, demo_train_config(), run_dir=tmp_path / "run")
+            dataset.train_paths, dataset.test_paths, tiny_train_config(), run_dir=tmp_path / "run")
     assert "bad_alloc" in info.value.log_tail
 
 
@@ -120,12 +120,12 @@ def test_fault_injector_divergence_raises_divergence_error(dataset, tmp_path):
     fake = make_fault_pacemaker(tmp_path, "diverge")
     with pytest.raises(TrainingDivergenceError, match="energy RMSE 1e\\+09 meV/atom exceeds"):
         PacemakerWrapper(command=str(fake), evaluator="pyace").run_training(
-            dataset.train_paths, dataset.test_paths, demo_train_config(), run_dir=tmp_path / "run")
+            dataset.train_paths, dataset.test_paths, tiny_train_config(), run_dir=tmp_path / "run")
 
 
 def test_fault_injector_hang_is_killed_with_its_process_group(dataset, tmp_path):
     fake = make_fault_pacemaker(tmp_path, "hang")
-    config = demo_train_config().model_copy(update={"timeout_hours": 2.0 / 3600})
+    config = tiny_train_config().model_copy(update={"timeout_hours": 2.0 / 3600})
     start = time.monotonic()
     with pytest.raises(TrainingFailedError, match="exceeded the timeout"):
         PacemakerWrapper(command=str(fake), evaluator="pyace").run_training(
@@ -138,4 +138,4 @@ def test_fault_injector_hang_is_killed_with_its_process_group(dataset, tmp_path)
 def test_missing_command_is_a_training_failure(dataset, tmp_path):
     with pytest.raises(TrainingFailedError, match="not found"):
         PacemakerWrapper(command="/nonexistent/pacemaker").run_training(
-            dataset.train_paths, dataset.test_paths, demo_train_config(), run_dir=tmp_path / "run")
+            dataset.train_paths, dataset.test_paths, tiny_train_config(), run_dir=tmp_path / "run")

@@ -20,7 +20,7 @@ from autopipec_hpc.config import SiteConfig, TrainConfig
 from autopipec_hpc.db import DatabaseManager
 from autopipec_hpc.errors import AutopipecError, TrainingDivergenceError, TrainingFailedError
 from autopipec_hpc.evaluation import predict
-from autopipec_hpc.example_data import demo_train_config, write_example_database
+from autopipec_hpc.example_data import demo_train_config, tiny_train_config, write_example_database
 from autopipec_hpc.registry import POTENTIAL_YAML, load_calculator, potentials_root
 from autopipec_hpc.scheduler.local import pid_alive
 from autopipec_hpc.submission import cancel_generation, job_states, submit_generation, wait_for_generation
@@ -30,14 +30,15 @@ PACEMAKER = Path(sys.executable).parent / "pacemaker"
 pytestmark = pytest.mark.skipif(not PACEMAKER.exists(), reason="pip install -e .[pacemaker]")
 
 
-def local_site(root: Path, command: str = "pacemaker") -> SiteConfig:
+def local_site(root: Path, command: str = "pacemaker", evaluator: str = "pyace") -> SiteConfig:
     return SiteConfig(
         name="test-local",
         scheduler="local",
         work_dir=root / "runs",
         output_dir=root / "output",
         database=str(root / "structures.db"),
-        pacemaker={"command": command, "evaluator": "pyace"},
+        pacemaker={"command": command, "evaluator": evaluator},
+        train={"cpus": 2},
     )
 
 
@@ -51,7 +52,7 @@ def example_db(tmp_path) -> str:
 @pytest.mark.slow
 def test_submit_trains_evaluates_and_registers_a_real_potential(tmp_path, example_db):
     site = local_site(tmp_path)
-    sub = submit_generation(example_db, site, demo_train_config())
+    sub = submit_generation(example_db, site, tiny_train_config())
     record = wait_for_generation(Path(sub.spec.run_dir), timeout_s=900)
     assert record.status == "SUCCEEDED" and record.generation == 1
     v = record.values
@@ -95,7 +96,7 @@ def test_submit_trains_evaluates_and_registers_a_real_potential(tmp_path, exampl
 
     # A succeeded generation is not trained again unless forced.
     with pytest.raises(AutopipecError, match="already succeeded"):
-        submit_generation(example_db, site, demo_train_config(), generation=1)
+        submit_generation(example_db, site, tiny_train_config(), generation=1)
 
     # Status and results from a new process.
     cli = [sys.executable, "-m", "autopipec_hpc.cli"]
@@ -114,9 +115,48 @@ def _no_potential(site: SiteConfig) -> bool:
     return not root.exists() or not [p for p in root.iterdir() if not p.name.startswith(".")]
 
 
+@pytest.mark.slow
+def test_tensorpot_fit_end_to_end_shows_its_progress_and_learning_curve(tmp_path, example_db):
+    """The default evaluator where TensorFlow is installed: a real tensorpot fit on the
+    local executor, followed live from the run folder, published with its learning curve."""
+    pytest.importorskip("tensorpotential")
+    site = local_site(tmp_path, evaluator="auto")
+    config = demo_train_config("tensorpot").model_copy(update={"maxiter": 60})
+    said: list[str] = []
+    sub = submit_generation(example_db, site, config, notify=said.append)
+    assert sub.plan.evaluator == "tensorpot" and sub.plan.parameters == 464
+    assert said == ["pacemaker evaluator tensorpot, 464 parameters"]  # no pyace warning
+    seen = []
+    record = wait_for_generation(Path(sub.spec.run_dir), timeout_s=900, poll_s=0.2, on_progress=seen.append)
+    assert record.status == "SUCCEEDED"
+    v = record.values
+    assert v["evaluator"] == "tensorpot" and v["devices"] == "CPU" and v["threads"] == 2
+    assert v["tensorflow_version"] and v["tensorpotential_version"] and v["python_ace_version"]
+    # the count we print before submitting is the one pacemaker fitted
+    from autopipec_hpc.pacemaker_wrapper import read_metrics_table
+
+    assert int(read_metrics_table(Path(sub.spec.run_dir) / "attempt-1" / "metrics.txt")["ncoefs"].iloc[-1]) == 464
+    # the fit was seen while it ran: iterations rising, time per iteration and an ETA
+    iterations = [p.progress.iteration for p in seen]
+    assert len(seen) >= 3 and iterations == sorted(iterations) and iterations[-1] >= 60
+    assert any(p.progress.eta_s is not None and p.progress.eta_s > 0 for p in seen)
+    assert "iteration" in seen[-1].describe() and "attempt 1" in seen[-1].describe()
+    published = Path(v["potential_path"])
+    assert (published / "learning_curve.png").stat().st_size > 10_000
+
+
+def test_pyace_with_many_parameters_is_announced_before_submitting(tmp_path, example_db):
+    from autopipec_hpc.submission import plan_training
+
+    plan = plan_training(demo_train_config("tensorpot"), ["Cu"], "pyace")
+    assert plan.parameters == 464 and len(plan.warnings) == 1
+    assert "465 loss evaluations" in plan.warnings[0] and "no analytic gradient" in plan.warnings[0]
+    assert plan_training(demo_train_config("tensorpot"), ["Cu"], "tensorpot").warnings == ()
+
+
 def test_crashing_trainer_fails_with_log_tail_and_publishes_nothing(tmp_path, example_db):
     site = local_site(tmp_path, str(make_fault_pacemaker(tmp_path, "crash")))
-    sub = submit_generation(example_db, site, demo_train_config())
+    sub = submit_generation(example_db, site, tiny_train_config())
     with pytest.raises(TrainingFailedError, match="FAILED: pacemaker exited with code 1") as info:
         wait_for_generation(Path(sub.spec.run_dir), timeout_s=300)
     assert "bad_alloc" in info.value.log_tail
@@ -129,7 +169,7 @@ def test_crashing_trainer_fails_with_log_tail_and_publishes_nothing(tmp_path, ex
 
 def test_diverging_fit_is_recorded_and_not_published(tmp_path, example_db):
     site = local_site(tmp_path, str(make_fault_pacemaker(tmp_path, "diverge")))
-    sub = submit_generation(example_db, site, demo_train_config())
+    sub = submit_generation(example_db, site, tiny_train_config())
     with pytest.raises(TrainingDivergenceError, match="exceeds the limit"):
         wait_for_generation(Path(sub.spec.run_dir), timeout_s=300)
     record = DatabaseManager(example_db).get_record(1)
@@ -139,7 +179,7 @@ def test_diverging_fit_is_recorded_and_not_published(tmp_path, example_db):
 
 def test_hanging_trainer_is_killed_at_the_timeout(tmp_path, example_db):
     site = local_site(tmp_path, str(make_fault_pacemaker(tmp_path, "hang")))
-    config = demo_train_config().model_copy(update={"timeout_hours": 3.0 / 3600})
+    config = tiny_train_config().model_copy(update={"timeout_hours": 3.0 / 3600})
     sub = submit_generation(example_db, site, config)
     with pytest.raises(TrainingFailedError, match="timeout"):
         wait_for_generation(Path(sub.spec.run_dir), timeout_s=300)
@@ -156,7 +196,7 @@ def _wait_for_file(path: Path, timeout_s: float = 60) -> None:
 
 def test_cancel_stops_both_jobs_and_the_trainer_and_records_cancelled(tmp_path, example_db):
     site = local_site(tmp_path, str(make_fault_pacemaker(tmp_path, "hang")))
-    sub = submit_generation(example_db, site, demo_train_config())
+    sub = submit_generation(example_db, site, tiny_train_config())
     run = Path(sub.spec.run_dir)
     _wait_for_file(run / "attempt-1" / "grandchild.pid")  # the (fake) trainer is running
     pids = [int((run / "attempt-1" / n).read_text()) for n in ("pacemaker.pid", "grandchild.pid")]
@@ -174,7 +214,7 @@ def test_cancel_stops_both_jobs_and_the_trainer_and_records_cancelled(tmp_path, 
 
 def test_cancel_right_after_submit_never_starts_the_trainer(tmp_path, example_db):
     site = local_site(tmp_path, str(make_fault_pacemaker(tmp_path, "hang")))
-    sub = submit_generation(example_db, site, demo_train_config())
+    sub = submit_generation(example_db, site, tiny_train_config())
     run = Path(sub.spec.run_dir)
     cancel_generation(run)
     with pytest.raises(TrainingFailedError, match="CANCELLED"):
@@ -189,19 +229,20 @@ def test_insufficient_data_submits_nothing(tmp_path):
     from autopipec_hpc.errors import InsufficientDataError
 
     with pytest.raises(InsufficientDataError):
-        submit_generation(str(tmp_path / "empty.db"), site, demo_train_config())
+        submit_generation(str(tmp_path / "empty.db"), site, tiny_train_config())
     assert not (tmp_path / "runs").exists() or not list((tmp_path / "runs").iterdir())
 
 
 @pytest.mark.slow
 @pytest.mark.physics
 def test_physics_on_real_dft_copper(tmp_path, cu_dft_path):
-    """Train on 105 FHI-aims Cu structures; the deployed ACE + ZBL gives the DFT lattice
-    constant within 1% and a strongly repulsive Cu dimer at 1.0 A."""
+    """Train on 105 FHI-aims Cu structures with tensorpot; the deployed ACE + ZBL gives
+    the DFT lattice constant within 0.5 % and a strongly repulsive Cu dimer at 1.0 A."""
     db_path = str(tmp_path / "cu.db")
     DatabaseManager(db_path).import_files([cu_dft_path])
-    site = local_site(tmp_path)
-    config = TrainConfig(b_basis_size=16, max_degree=2, maxiter=40, energy_weight=1.0, force_weight=1.0, cutoff=6.0)
+    site = local_site(tmp_path, evaluator="tensorpot")
+    config = demo_train_config("tensorpot")  # 100 functions per element, body order 5, 200 iterations
+    assert config.b_basis_size >= 100
     sub = submit_generation(db_path, site, config)
     record = wait_for_generation(Path(sub.spec.run_dir), timeout_s=1800)
     calc = load_calculator(record.values["potential_path"])
@@ -220,7 +261,8 @@ def test_physics_on_real_dft_copper(tmp_path, cu_dft_path):
     a_fit = (4 * v_fit) ** (1 / 3)
     print(f"lattice constant: DFT {a_dft:.4f} A, ACE+ZBL {a_fit:.4f} A ({100 * (a_fit / a_dft - 1):+.2f} %); "
           f"holdout E {record.values['test_energy_rmse_mev']:.2f} meV/atom, F {record.values['test_force_rmse_mev']:.1f} meV/A")
-    assert abs(a_fit / a_dft - 1) < 0.01
+    assert abs(a_fit / a_dft - 1) < 0.005
+    assert record.values["evaluator"] == "tensorpot" and record.values["parameters"] == 464
 
     dimer = Atoms("Cu2", positions=[[0, 0, 0], [0, 0, 1.0]])
     dimer.calc = calc

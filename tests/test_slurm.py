@@ -18,7 +18,7 @@ import pytest
 from autopipec_hpc.config import SiteConfig
 from autopipec_hpc.db import DatabaseManager
 from autopipec_hpc.errors import PreflightError, TrainingFailedError
-from autopipec_hpc.example_data import demo_train_config, write_example_database
+from autopipec_hpc.example_data import tiny_train_config, write_example_database
 from autopipec_hpc.registry import potentials_root
 from autopipec_hpc.scheduler.local import pid_alive
 from autopipec_hpc.scheduler.slurm import sacct_state
@@ -80,9 +80,12 @@ def _wait_state(job_id: str, wanted: set[str], timeout_s: float = 60) -> str:
 
 @pytest.mark.slow
 def test_real_fit_on_the_gpu_partition_then_dependent_evaluation(tmp_path, example_db):
+    """pacemaker's TensorFlow evaluator on the gpu partition; the CI's fake GPU is
+    /dev/null, so the site's allow_cpu_fallback lets it train on the job's 2 CPUs."""
     site = ci_site(tmp_path)
+    assert site.pacemaker.allow_cpu_fallback and site.train.cpus == 2
     start = time.monotonic()
-    sub = submit_generation(example_db, site, demo_train_config())
+    sub = submit_generation(example_db, site, tiny_train_config())
     submitted = time.monotonic() - start
     assert submitted < 60  # submit returns right after submitting
     run = Path(sub.spec.run_dir)
@@ -90,6 +93,10 @@ def test_real_fit_on_the_gpu_partition_then_dependent_evaluation(tmp_path, examp
     print(f"submit returned in {submitted:.1f} s; result after {time.monotonic() - start:.1f} s")
     assert record.status == "SUCCEEDED"
     assert str(record.values["cuda_visible_devices"]) == "0"  # the fake GPU was allocated
+    v = record.values
+    assert v["evaluator"] == "tensorpot" and v["devices"].startswith("CPU (fallback")
+    assert v["threads"] == 2  # SLURM's --cpus-per-task, not the node's core count
+    assert v["tensorflow_version"] and v["tensorpotential_version"] and v["python_ace_version"]
     assert (potentials_root(site.output_dir) / "1" / "potential.yace").exists()
     train_script = (run / "train.sbatch").read_text()
     assert "#SBATCH --partition=gpu" in train_script and "#SBATCH --gres=gpu:1" in train_script
@@ -106,8 +113,9 @@ def test_real_fit_on_the_gpu_partition_then_dependent_evaluation(tmp_path, examp
 
 
 def test_failing_training_cancels_the_evaluation_and_records_failed(tmp_path, example_db):
-    site = ci_site(tmp_path, pacemaker={"command": str(make_fault_pacemaker(tmp_path, "crash"))})
-    sub = submit_generation(example_db, site, demo_train_config())
+    site = ci_site(tmp_path, pacemaker={"command": str(make_fault_pacemaker(tmp_path, "crash")),
+                                                 "evaluator": "pyace"})
+    sub = submit_generation(example_db, site, tiny_train_config())
     with pytest.raises(TrainingFailedError, match="exited with code 1") as info:
         wait_for_generation(Path(sub.spec.run_dir), timeout_s=300)
     assert "bad_alloc" in info.value.log_tail
@@ -119,8 +127,9 @@ def test_failing_training_cancels_the_evaluation_and_records_failed(tmp_path, ex
 
 
 def test_cancel_removes_both_jobs_and_records_cancelled(tmp_path, example_db):
-    site = ci_site(tmp_path, pacemaker={"command": str(make_fault_pacemaker(tmp_path, "hang"))})
-    sub = submit_generation(example_db, site, demo_train_config())
+    site = ci_site(tmp_path, pacemaker={"command": str(make_fault_pacemaker(tmp_path, "hang")),
+                                                 "evaluator": "pyace"})
+    sub = submit_generation(example_db, site, tiny_train_config())
     attempt = Path(sub.spec.run_dir) / "attempt-1"
     assert _wait_state(sub.jobs.train, {"RUNNING"}) == "RUNNING"
     deadline = time.monotonic() + 60
@@ -148,8 +157,9 @@ def test_cancel_removes_both_jobs_and_records_cancelled(tmp_path, example_db):
 def test_time_limit_requeues_and_resumes_from_the_interim_potential(tmp_path, example_db):
     # Two minutes per attempt, warned 20 s before (SLURM may warn up to a minute early):
     # an 80-iteration fit (~1 s each) needs a second attempt, which resumes where the first stopped.
-    site = ci_site(tmp_path, train={"time_minutes": 2}, signal_delay_s=20, max_restarts=4)
-    config = demo_train_config().model_copy(update={"maxiter": 80})
+    site = ci_site(tmp_path, train={"time_minutes": 2}, signal_delay_s=20, max_restarts=4,
+                   pacemaker={"evaluator": "pyace"})
+    config = tiny_train_config().model_copy(update={"maxiter": 80})
     start = time.monotonic()
     sub = submit_generation(example_db, site, config)
     run = Path(sub.spec.run_dir)
@@ -169,14 +179,15 @@ def test_preflight_refuses_a_missing_pacemaker_and_submits_nothing(tmp_path, exa
     site = ci_site(tmp_path, pacemaker={"command": "/nonexistent/pacemaker"})
     before = subprocess.run(["squeue", "-h"], capture_output=True, text=True).stdout
     with pytest.raises(PreflightError, match="pacemaker command"):
-        submit_generation(example_db, site, demo_train_config())
+        submit_generation(example_db, site, tiny_train_config())
     assert subprocess.run(["squeue", "-h"], capture_output=True, text=True).stdout == before
     assert DatabaseManager(example_db).get_record(1).status == "FAILED"
 
 
 def test_kept_job_script_can_be_resubmitted_by_hand(tmp_path, example_db):
-    site = ci_site(tmp_path, pacemaker={"command": str(make_fault_pacemaker(tmp_path, "crash"))})
-    sub = submit_generation(example_db, site, demo_train_config())
+    site = ci_site(tmp_path, pacemaker={"command": str(make_fault_pacemaker(tmp_path, "crash")),
+                                                 "evaluator": "pyace"})
+    sub = submit_generation(example_db, site, tiny_train_config())
     run = Path(sub.spec.run_dir)
     with pytest.raises(TrainingFailedError):
         wait_for_generation(run, timeout_s=300)
@@ -186,3 +197,21 @@ def test_kept_job_script_can_be_resubmitted_by_hand(tmp_path, example_db):
     job_id = out.stdout.strip().split(";")[0]
     assert _wait_state(job_id, {"FAILED", "COMPLETED"}, timeout_s=120) == "FAILED"  # the crash, once more
     assert (run / "attempt-2" / "pacemaker.out").exists()  # the same TrainJob ran again, a fresh attempt
+
+
+def test_gpu_job_whose_tensorflow_sees_no_gpu_fails_at_once_without_fallback(tmp_path, example_db):
+    site = ci_site(tmp_path, pacemaker={"allow_cpu_fallback": False})
+    start = time.monotonic()
+    sub = submit_generation(example_db, site, tiny_train_config())
+    with pytest.raises(TrainingFailedError, match="sees no GPU") as info:
+        wait_for_generation(Path(sub.spec.run_dir), timeout_s=300)
+    took = time.monotonic() - start
+    message = str(info.value)
+    print(f"GPU check failed after {took:.1f} s: {message}")
+    assert "CUDA_VISIBLE_DEVICES=0" in message and "allow_cpu_fallback" in message
+    assert "\n" not in DatabaseManager(example_db).get_record(1).reason  # one line
+    record = DatabaseManager(example_db).get_record(1)
+    assert record.status == "FAILED" and "sees no GPU" in record.reason
+    assert not (Path(sub.spec.run_dir) / "attempt-1").exists()  # pacemaker never started
+    assert _wait_state(sub.jobs.evaluate, {"CANCELLED"}) == "CANCELLED"
+    assert not (potentials_root(site.output_dir) / "1").exists()
