@@ -19,6 +19,7 @@ from autopipec_hpc.dataset_prep import DatasetManifest
 from autopipec_hpc.db import READY, DatabaseManager, TrainingRecord
 from autopipec_hpc.errors import AutopipecError
 from autopipec_hpc.jobs import dataset_settings, prepare_dataset_from_db
+from autopipec_hpc.run_folder import GENERATION_PLACEHOLDER, RunFolder
 from autopipec_hpc.submission import (
     GenerationProgress,
     cancel_generation,
@@ -129,7 +130,7 @@ def cmd_status(args: argparse.Namespace) -> int:
     for r in records:
         run_dir = r.values.get("run_dir", "")
         jobs = ""
-        if run_dir and Path(run_dir, "jobs.json").exists():
+        if run_dir and RunFolder(run_dir).jobs_file.exists():
             states = job_states(Path(run_dir))
             jobs = f"{r.values.get('train_job', '?')} {states['train']} / {r.values.get('evaluate_job', '?')} {states['evaluate']}"
         table.add_row(str(r.generation), _coloured(r.status), jobs, r.reason[:80], str(run_dir))
@@ -178,7 +179,7 @@ def cmd_check_site(args: argparse.Namespace) -> int:
     if site.scheduler == "slurm":
         from autopipec_hpc.scheduler.slurm import setup_lines
 
-        preamble = setup_lines(site, Path(site.work_dir) / "gen-NNNN", "train", Path("<run>/submitit"))
+        preamble = setup_lines(site, Path(site.work_dir) / GENERATION_PLACEHOLDER, "train", Path("<run>/submitit"))
         console.print("compute-node preamble of each job script:", highlight=False)
         console.print("\n".join(preamble), highlight=False, markup=False)
     from autopipec_hpc.config import resolve_command

@@ -30,7 +30,7 @@ import submitit
 
 from autopipec_hpc.config import Evaluator, SiteConfig, TrainConfig
 from autopipec_hpc.dataset_prep import DatasetBuilder, DatasetManifest, DatasetSettings
-from autopipec_hpc.files import atomic_write_text, fresh_dir
+from autopipec_hpc.files import atomic_write_text
 from autopipec_hpc.db import READY, DatabaseManager, is_url
 from autopipec_hpc.errors import (
     AutopipecError,
@@ -42,6 +42,7 @@ from autopipec_hpc.errors import (
     TrainingInterrupted,
 )
 from autopipec_hpc import evaluation, registry
+from autopipec_hpc.run_folder import RunFolder, RunSpec, attempt_number, new_run_folder
 from autopipec_hpc.pacemaker_wrapper import (
     INTERIM_POTENTIAL,
     PacemakerWrapper,
@@ -55,49 +56,6 @@ from autopipec_hpc.pacemaker_wrapper import (
 )
 
 log = logging.getLogger(__name__)
-
-RUN_SPEC = "run.json"
-TRAIN_DONE = "train.done"
-JOBS_FILE = "jobs.json"
-CANCEL_MARKER = "cancel.requested"
-REQUEUE_MARKER = "requeue.pending"
-
-
-@dataclass(frozen=True)
-class RunSpec:
-    generation: int
-    run_dir: str
-    database: str
-    output_dir: str
-    site: dict[str, Any]
-    config: dict[str, Any]
-    force: bool = False
-    # pacemaker's backend as resolved by the preflight (the site may say "auto").
-    evaluator: str | None = None
-
-    @property
-    def path(self) -> Path:
-        return Path(self.run_dir)
-
-    @property
-    def site_config(self) -> SiteConfig:
-        return SiteConfig.model_validate(self.site)
-
-    @property
-    def train_config(self) -> TrainConfig:
-        return TrainConfig.model_validate(self.config)
-
-    @property
-    def dataset_dir(self) -> Path:
-        return self.path / "dataset"
-
-    def save(self) -> None:
-        atomic_write_text(self.path / RUN_SPEC, json.dumps(asdict(self), indent=2))
-
-    @classmethod
-    def load(cls, run_dir: str | Path) -> "RunSpec":
-        return cls(**json.loads((Path(run_dir) / RUN_SPEC).read_text()))
-
 
 # -- login node ---------------------------------------------------------------
 def dataset_settings(config: TrainConfig) -> DatasetSettings:
@@ -136,8 +94,7 @@ def prepare_run(
         )
     if existing is not None and existing.status in ("SUBMITTED", "RUNNING") and not force:
         raise AutopipecError(f"generation {generation} is {existing.status}; cancel it or use --force")
-    work = Path(site.work_dir).resolve()
-    run_dir = fresh_dir(work / f"gen-{generation:04d}", separator="-r")
+    run_dir = new_run_folder(Path(site.work_dir).resolve(), generation).path
     spec = RunSpec(
         generation=generation,
         run_dir=str(run_dir),
@@ -167,16 +124,6 @@ def _absolute_db(database: str) -> str:
 
 
 # -- job bodies -----------------------------------------------------------------
-def _attempts(run_dir: Path) -> list[Path]:
-    return sorted(
-        (p for p in run_dir.glob("attempt-*") if p.is_dir()), key=lambda p: int(p.name.split("-")[1])
-    )
-
-
-def _iterations_done(attempt: Path) -> int:
-    return iterations_done(attempt)
-
-
 def job_threads(site: SiteConfig) -> int:
     """CPU threads for pacemaker: SLURM's --cpus-per-task where SLURM runs the job,
     else the site's ``train.cpus``; never the node's core count."""
@@ -218,11 +165,11 @@ def check_backend(site: SiteConfig, evaluator: str, threads: int) -> dict[str, A
 
 
 def _record_failure(spec: RunSpec, status: str, reason: str, log_tail: str = "") -> None:
-    if (spec.path / CANCEL_MARKER).exists():
+    if spec.folder.cancel_marker.exists():
         status, reason = "CANCELLED", "cancelled by user"
     db = DatabaseManager(spec.database)
     db.write_record(spec.generation, status, reason=reason, data={"log_tail": log_tail} if log_tail else None)
-    atomic_write_text(spec.path / TRAIN_DONE, json.dumps({"ok": False, "status": status, "reason": reason}))
+    atomic_write_text(spec.folder.train_verdict, json.dumps({"ok": False, "status": status, "reason": reason}))
 
 
 class TrainJob(submitit.helpers.Checkpointable):
@@ -234,15 +181,16 @@ class TrainJob(submitit.helpers.Checkpointable):
         config = spec.train_config
         site = spec.site_config
         db = DatabaseManager(spec.database)
-        (spec.path / REQUEUE_MARKER).unlink(missing_ok=True)
-        previous = _attempts(spec.path)
+        folder = spec.folder
+        folder.requeue_marker.unlink(missing_ok=True)
+        previous = folder.attempts()
         resume_from = next(
             (a / INTERIM_POTENTIAL for a in reversed(previous) if (a / INTERIM_POTENTIAL).exists()), None
         )
-        attempt = spec.path / f"attempt-{len(previous) + 1}"
+        attempt = folder.next_attempt
         if resume_from is not None:
             # The iteration budget is the generation's, not the attempt's.
-            done = sum(_iterations_done(a) for a in previous)
+            done = sum(iterations_done(a) for a in previous)
             config = config.model_copy(update={"maxiter": max(1, config.maxiter - done)})
         evaluator = spec.evaluator or str(site.pacemaker.evaluator)
         threads = job_threads(site)
@@ -254,10 +202,10 @@ class TrainJob(submitit.helpers.Checkpointable):
         db.write_record(
             spec.generation,
             "RUNNING",
-            values={"attempt": len(previous) + 1, "resumed_from": str(resume_from or ""), **environment},
+            values={"attempt": attempt_number(attempt), "resumed_from": str(resume_from or ""), **environment},
         )
         manifest = DatasetManifest.load(spec.dataset_dir)
-        cancelled = (spec.path / CANCEL_MARKER).exists
+        cancelled = folder.cancel_marker.exists
         wrapper = PacemakerWrapper(
             command=site.pacemaker.command, evaluator=evaluator, should_stop=cancelled, threads=threads
         )
@@ -277,22 +225,22 @@ class TrainJob(submitit.helpers.Checkpointable):
             _record_failure(spec, "DIVERGED", str(exc))
             raise
         except TrainingInterrupted:
-            if not (spec.path / REQUEUE_MARKER).exists():  # a requeue is not a failure
+            if not folder.requeue_marker.exists():  # a requeue is not a failure
                 _record_failure(spec, "FAILED", "training interrupted (cancelled or killed)")
             raise
         except TrainingFailedError as exc:
             _record_failure(spec, "FAILED", str(exc), exc.log_tail)
             raise
-        atomic_write_text(spec.path / TRAIN_DONE, json.dumps({"ok": True, "attempt": result.run_dir}))
+        atomic_write_text(folder.train_verdict, json.dumps({"ok": True, "attempt": result.run_dir}))
         return asdict(result)
 
     def checkpoint(self, run_dir: str) -> submitit.helpers.DelayedSubmission | None:
         spec = RunSpec.load(run_dir)
-        restarts = max(0, len(_attempts(spec.path)) - 1)
+        restarts = max(0, len(spec.folder.attempts()) - 1)
         if restarts >= spec.site_config.max_restarts:
             _record_failure(spec, "FAILED", f"time limit reached after {restarts} restarts (max_restarts)")
             return None
-        (spec.path / REQUEUE_MARKER).touch()
+        spec.folder.requeue_marker.touch()
         DatabaseManager(spec.database).write_record(
             spec.generation, "SUBMITTED",
             reason=f"requeued after a time limit or preemption (restart {restarts + 1})",
@@ -307,11 +255,11 @@ def generation_learning_curve(run_dir: Path):
     import pandas as pd
 
     parts, offset = [], 0
-    for attempt in _attempts(run_dir):
+    for attempt in RunFolder(run_dir).attempts():
         curve = learning_curve(attempt)
         if curve is None:
             continue
-        curve = curve.assign(iteration=curve["iteration"] + offset, attempt=int(attempt.name.split("-")[1]))
+        curve = curve.assign(iteration=curve["iteration"] + offset, attempt=attempt_number(attempt))
         parts.append(curve)
         offset = int(curve["iteration"].max())
     return pd.concat(parts, ignore_index=True) if parts else None
@@ -322,7 +270,7 @@ def _as_dict(value: Any) -> dict[str, Any] | None:
 
 
 def training_verdict(run_dir: Path) -> dict[str, Any] | None:
-    path = run_dir / TRAIN_DONE
+    path = RunFolder(run_dir).train_verdict
     return json.loads(path.read_text()) if path.exists() else None
 
 
@@ -383,7 +331,7 @@ def evaluate_and_publish(spec: RunSpec, attempt: Path) -> dict[str, Any]:
             },
             "pacemaker_test_pred": _as_dict(evaluation.pacemaker_prediction_stats(attempt / TEST_PREDICTIONS)),
         }
-        evaluation_dir = spec.path / "evaluation"
+        evaluation_dir = spec.folder.evaluation_dir
         evaluation_dir.mkdir(exist_ok=True)
         report.save(staging / "metrics.json", extra)
         evaluation.parity_plot(total, staging / "parity.png", f"generation {spec.generation}: holdout, ACE + ZBL")
@@ -410,7 +358,7 @@ def evaluate_and_publish(spec: RunSpec, attempt: Path) -> dict[str, Any]:
     db.mark_used(spec.generation, manifest.train_ids, manifest.test_ids)
     values = {
         "potential_path": str(final),
-        "iterations": sum(_iterations_done(a) for a in _attempts(spec.path)),  # across requeues
+        "iterations": sum(iterations_done(a) for a in spec.folder.attempts()),  # across requeues
         "wall_time_s": result.wall_time_s,
         "train_energy_rmse_mev": result.train_rmse_energy_mev,
         "train_force_rmse_mev": result.train_rmse_force_mev,

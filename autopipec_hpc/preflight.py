@@ -11,7 +11,7 @@ import subprocess
 from autopipec_hpc.config import Evaluator
 from autopipec_hpc.dataset_prep import DatasetManifest
 from autopipec_hpc.errors import PreflightError, TrainingFailedError
-from autopipec_hpc.jobs import RunSpec
+from autopipec_hpc.run_folder import RunSpec
 from autopipec_hpc.pacemaker_wrapper import BackendInfo, pacemaker_python, probe_backend
 
 CHECK_TIMEOUT_S = 120

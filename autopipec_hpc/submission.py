@@ -16,8 +16,9 @@ from autopipec_hpc.config import Evaluator, SiteConfig, TrainConfig
 from autopipec_hpc.dataset_prep import DatasetManifest
 from autopipec_hpc.db import DatabaseManager, TrainingRecord
 from autopipec_hpc.errors import SchedulerError, TrainingDivergenceError, TrainingFailedError
-from autopipec_hpc.jobs import CANCEL_MARKER, RunSpec, prepare_run
+from autopipec_hpc.jobs import prepare_run
 from autopipec_hpc.pacemaker_wrapper import LiveProgress, count_parameters
+from autopipec_hpc.run_folder import RunFolder, RunSpec, attempt_number, latest_generation_folder
 from autopipec_hpc.scheduler import FINISHED, SubmittedJobs, scheduler_for
 
 log = logging.getLogger(__name__)
@@ -109,10 +110,10 @@ def find_run(site: SiteConfig, generation: int, database: str | None = None) -> 
     record = db.get_record(generation)
     if record is not None and record.values.get("run_dir"):
         return Path(record.values["run_dir"])
-    candidates = sorted(Path(site.work_dir).glob(f"gen-{generation:04d}*"))
-    if not candidates:
+    latest = latest_generation_folder(site.work_dir, generation)
+    if latest is None:
         raise SchedulerError(f"no run folder for generation {generation} under {site.work_dir}")
-    return candidates[-1]
+    return latest.path
 
 
 def job_states(run_dir: Path) -> dict[str, str]:
@@ -156,14 +157,10 @@ def generation_progress(run_dir: Path) -> GenerationProgress | None:
         spec = RunSpec.load(run_dir)
     except (OSError, ValueError):
         return None
-    attempts = sorted(
-        (p for p in Path(run_dir).glob("attempt-*") if p.is_dir() and p.name.split("-")[1].isdigit()),
-        key=lambda p: int(p.name.split("-")[1]),
-    )
-    for attempt in reversed(attempts):
+    for attempt in reversed(RunFolder(run_dir).attempts()):
         progress = LiveProgress.load(attempt)
         if progress is not None:
-            return GenerationProgress(spec.generation, int(attempt.name.split("-")[1]), progress)
+            return GenerationProgress(spec.generation, attempt_number(attempt), progress)
     return None
 
 
@@ -225,7 +222,7 @@ def wait_for_generation(
 def cancel_generation(run_dir: Path, settle_s: float = 60.0) -> dict[str, str]:
     """Cancel both jobs, wait (bounded) for them to end, record CANCELLED; returns job states."""
     spec = RunSpec.load(run_dir)
-    (Path(run_dir) / CANCEL_MARKER).touch()
+    RunFolder(run_dir).cancel_marker.touch()
     jobs = SubmittedJobs.load(run_dir)
     scheduler_for(spec.site_config).cancel(jobs)
     DatabaseManager(spec.database).write_record(spec.generation, "CANCELLED", reason="cancelled by user")

@@ -217,7 +217,7 @@ def profile_preflight(run: OursRun) -> None:
     """Time the preflight checks on their own (same spec and dataset as a finished run)."""
     from autopipec_hpc import preflight
     from autopipec_hpc.dataset_prep import DatasetManifest
-    from autopipec_hpc.jobs import RunSpec
+    from autopipec_hpc.run_folder import RunSpec
 
     spec = RunSpec.load(run.run_dir)
     manifest = DatasetManifest.load(spec.dataset_dir)

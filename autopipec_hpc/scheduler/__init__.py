@@ -16,7 +16,7 @@ from typing import Protocol
 from autopipec_hpc.config import SiteConfig
 from autopipec_hpc.errors import SchedulerError
 from autopipec_hpc.files import atomic_write_text
-from autopipec_hpc.jobs import JOBS_FILE, RunSpec
+from autopipec_hpc.run_folder import RunFolder, RunSpec
 
 # Job states as we report them, whatever the scheduler calls them.
 PENDING, RUNNING, COMPLETED, FAILED, CANCELLED, UNKNOWN = (
@@ -33,13 +33,13 @@ class SubmittedJobs:
     evaluate: str
 
     def save(self, run_dir: Path) -> None:
-        atomic_write_text(Path(run_dir) / JOBS_FILE, json.dumps(asdict(self), indent=2))
+        atomic_write_text(RunFolder(run_dir).jobs_file, json.dumps(asdict(self), indent=2))
 
     @classmethod
     def load(cls, run_dir: str | Path) -> "SubmittedJobs":
-        path = Path(run_dir) / JOBS_FILE
+        path = RunFolder(run_dir).jobs_file
         if not path.exists():
-            raise SchedulerError(f"{run_dir} has no {JOBS_FILE}: nothing was submitted from it")
+            raise SchedulerError(f"{run_dir} has no {path.name}: nothing was submitted from it")
         return cls(**json.loads(path.read_text()))
 
 

@@ -22,7 +22,8 @@ from submitit.core.utils import JobPaths
 
 from autopipec_hpc.config import SiteConfig
 from autopipec_hpc.errors import SchedulerError, TrainingFailedError
-from autopipec_hpc.jobs import EvaluateJob, RunSpec, TrainJob, wait_for_training
+from autopipec_hpc.jobs import EvaluateJob, TrainJob, wait_for_training
+from autopipec_hpc.run_folder import RunSpec
 from autopipec_hpc.scheduler import (
     CANCELLED,
     COMPLETED,
@@ -106,7 +107,7 @@ class LocalScheduler:
         return executor
 
     def submit(self, spec: RunSpec) -> SubmittedJobs:
-        folder = spec.path / "submitit"
+        folder = spec.folder.submitit_dir
         with _stdio_to_devnull():
             return self._submit(spec, folder)
 

@@ -19,8 +19,9 @@ import submitit
 
 from autopipec_hpc.config import JobResources, SiteConfig
 from autopipec_hpc.errors import SchedulerError
-from autopipec_hpc.jobs import EvaluateJob, RunSpec, TrainJob
+from autopipec_hpc.jobs import EvaluateJob, TrainJob
 from autopipec_hpc.pacemaker_wrapper import template_environment
+from autopipec_hpc.run_folder import RunSpec, submitted_pickle_name
 from autopipec_hpc.scheduler import (
     CANCELLED,
     COMPLETED,
@@ -68,7 +69,8 @@ def sacct_state(job_id: str) -> str:
 def setup_lines(site: SiteConfig, run_dir: Path, role: str, folder: Path) -> list[str]:
     """The compute-node preamble, from job_templates/slurm_setup.sh.j2."""
     template = template_environment().get_template("slurm_setup.sh.j2")
-    text = template.render(site=site, role=role, run_dir=str(run_dir), folder=str(folder), quote=shlex.quote)
+    text = template.render(site=site, role=role, run_dir=str(run_dir), folder=str(folder),
+                           submitted_pickle=str(Path(folder) / submitted_pickle_name(role)), quote=shlex.quote)
     return [line for line in text.splitlines() if line.strip()]
 
 
@@ -79,7 +81,7 @@ class SlurmScheduler:
         self.site = site
 
     def _executor(self, spec: RunSpec, role: str, res: JobResources, extra: dict[str, str]) -> submitit.SlurmExecutor:
-        folder = spec.path / "submitit"
+        folder = spec.folder.submitit_dir
         executor = submitit.SlurmExecutor(
             folder=folder, python=self.site.python_executable, max_num_timeout=self.site.max_restarts
         )
@@ -109,13 +111,13 @@ class SlurmScheduler:
             spec, "evaluate", self.site.evaluate,
             {"dependency": f"afterok:{train.job_id}", "kill-on-invalid-dep": "yes"},
         ).submit(EvaluateJob(), spec.run_dir)
-        folder = spec.path / "submitit"
+        folder = spec.folder
         for role, job in (("train", train), ("evaluate", evaluate)):
             # Kept beside the run: readable, and `sbatch train.sbatch` reruns the same job
             # (the preamble gives a hand-submitted job id its pickle).
-            shutil.copy2(job.paths.submitted_pickle, folder / f"{role}_submitted.pkl")
-            shutil.copy2(job.paths.submission_file, spec.path / f"{role}.sbatch")
-        jobs = SubmittedJobs(self.name, str(folder), str(train.job_id), str(evaluate.job_id))
+            shutil.copy2(job.paths.submitted_pickle, folder.submitted_pickle(role))
+            shutil.copy2(job.paths.submission_file, folder.job_script(role))
+        jobs = SubmittedJobs(self.name, str(folder.submitit_dir), str(train.job_id), str(evaluate.job_id))
         jobs.save(spec.path)
         return jobs
 
