@@ -20,6 +20,7 @@ from autopipec_hpc.db import READY, DatabaseManager, TrainingRecord
 from autopipec_hpc.errors import AutopipecError
 from autopipec_hpc.jobs import dataset_settings, prepare_dataset_from_db
 from autopipec_hpc.run_folder import GENERATION_PLACEHOLDER, RunFolder
+from autopipec_hpc.scheduler import scheduler_for
 from autopipec_hpc.submission import (
     GenerationProgress,
     cancel_generation,
@@ -176,10 +177,9 @@ def cmd_check_site(args: argparse.Namespace) -> int:
                   f"database {site.database}")
     console.print(f"pacemaker: {site.pacemaker.command} (evaluator {site.pacemaker.evaluator}); "
                   f"job python: {site.python_executable}; up to {site.max_restarts} requeues")
-    if site.scheduler == "slurm":
-        from autopipec_hpc.scheduler.slurm import setup_lines
-
-        preamble = setup_lines(site, Path(site.work_dir) / GENERATION_PLACEHOLDER, "train", Path("<run>/submitit"))
+    preamble = scheduler_for(site).job_preamble(Path(site.work_dir) / GENERATION_PLACEHOLDER, "train",
+                                                Path("<run>/submitit"))
+    if preamble:
         console.print("compute-node preamble of each job script:", highlight=False)
         console.print("\n".join(preamble), highlight=False, markup=False)
     from autopipec_hpc.config import resolve_command

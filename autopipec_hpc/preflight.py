@@ -10,8 +10,9 @@ import subprocess
 
 from autopipec_hpc.config import Evaluator
 from autopipec_hpc.dataset_prep import DatasetManifest
-from autopipec_hpc.errors import PreflightError, TrainingFailedError
+from autopipec_hpc.errors import PreflightError, SchedulerError, TrainingFailedError
 from autopipec_hpc.run_folder import RunSpec
+from autopipec_hpc.scheduler.base import Scheduler
 from autopipec_hpc.pacemaker_wrapper import BackendInfo, pacemaker_python, probe_backend
 
 CHECK_TIMEOUT_S = 120
@@ -82,23 +83,17 @@ def check_database(spec: RunSpec) -> None:
                      "database reachable from the compute-node environment")
 
 
-def check_scheduler(spec: RunSpec) -> None:
-    """SLURM: sbatch must exist and sacct must answer (submitit follows jobs only through it)."""
-    if spec.site_config.scheduler != "slurm":
-        return
-    from autopipec_hpc.errors import SchedulerError
-    from autopipec_hpc.scheduler.slurm import run_command
-
+def check_scheduler(scheduler: Scheduler) -> None:
+    """The scheduler's own check (SLURM: sbatch exists and sacct answers)."""
     try:
-        run_command(["sbatch", "--version"], "submitting")
-        run_command(["sacct", "-n", "-X", "-j", "1", "-o", "JobID"], "following jobs")
+        scheduler.check()
     except SchedulerError as exc:
-        raise PreflightError(f"check 'SLURM with accounting': {exc}") from None
+        raise PreflightError(f"check '{scheduler.check_name}': {exc}") from None
 
 
-def run_preflight(spec: RunSpec, manifest: DatasetManifest) -> Evaluator:
+def run_preflight(spec: RunSpec, manifest: DatasetManifest, scheduler: Scheduler) -> Evaluator:
     """Run every check; return the evaluator the training job will use."""
-    check_scheduler(spec)
+    check_scheduler(scheduler)
     interpreter, backend = check_pacemaker(spec)
     evaluator = resolve_evaluator(spec.site_config.pacemaker.evaluator, backend, interpreter)
     check_dataset_readable(spec, manifest, interpreter)

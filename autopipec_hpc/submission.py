@@ -19,7 +19,8 @@ from autopipec_hpc.errors import SchedulerError, TrainingDivergenceError, Traini
 from autopipec_hpc.jobs import prepare_run
 from autopipec_hpc.pacemaker_wrapper import LiveProgress, count_parameters
 from autopipec_hpc.run_folder import RunFolder, RunSpec, attempt_number, latest_generation_folder
-from autopipec_hpc.scheduler import FINISHED, SubmittedJobs, scheduler_for
+from autopipec_hpc.scheduler import scheduler_for
+from autopipec_hpc.scheduler.base import FINISHED, JOB_ROLES, JobState, SubmittedJobs
 
 log = logging.getLogger(__name__)
 
@@ -83,7 +84,7 @@ def submit_generation(
     spec, manifest = prepare_run(database, site, config, generation, force)
     scheduler = scheduler_for(site)
     try:
-        evaluator = run_preflight(spec, manifest)
+        evaluator = run_preflight(spec, manifest, scheduler)
         plan = plan_training(config, manifest.elements, evaluator)
         say(plan.describe())
         for warning in plan.warnings:
@@ -116,11 +117,16 @@ def find_run(site: SiteConfig, generation: int, database: str | None = None) -> 
     return latest.path
 
 
-def job_states(run_dir: Path) -> dict[str, str]:
+def job_states(run_dir: Path) -> dict[str, JobState]:
     spec = RunSpec.load(run_dir)
     jobs = SubmittedJobs.load(run_dir)
     scheduler = scheduler_for(spec.site_config)
-    return {which: scheduler.state(jobs, which) for which in ("train", "evaluate")}
+    return {which: scheduler.state(jobs, which) for which in JOB_ROLES}
+
+
+def _plain(states: dict[str, JobState]) -> dict[str, str]:
+    """Job states as plain strings, for messages."""
+    return {which: str(state) for which, state in states.items()}
 
 
 @dataclass(frozen=True)
@@ -198,13 +204,13 @@ def wait_for_generation(
                 break
         elif jobs_done:
             # Both jobs ended but nobody wrote a final record (killed hard, node lost).
-            db.write_record(spec.generation, "FAILED", reason=f"jobs ended without a result: {states}")
+            db.write_record(spec.generation, "FAILED", reason=f"jobs ended without a result: {_plain(states)}")
             record = db.get_record(spec.generation)
             break
         if time.monotonic() > deadline:
             raise SchedulerError(
                 f"generation {spec.generation} not finished after {timeout_s:.0f} s "
-                f"(record {record.status if record else 'missing'}, jobs {states}); "
+                f"(record {record.status if record else 'missing'}, jobs {_plain(states)}); "
                 f"it keeps running: `autopipec-hpc status --generation {spec.generation}`"
             )
         time.sleep(poll_s)
@@ -219,7 +225,7 @@ def wait_for_generation(
     return record
 
 
-def cancel_generation(run_dir: Path, settle_s: float = 60.0) -> dict[str, str]:
+def cancel_generation(run_dir: Path, settle_s: float = 60.0) -> dict[str, JobState]:
     """Cancel both jobs, wait (bounded) for them to end, record CANCELLED; returns job states."""
     spec = RunSpec.load(run_dir)
     RunFolder(run_dir).cancel_marker.touch()

@@ -24,13 +24,7 @@ from autopipec_hpc.config import SiteConfig
 from autopipec_hpc.errors import SchedulerError, TrainingFailedError
 from autopipec_hpc.jobs import EvaluateJob, TrainJob, wait_for_training
 from autopipec_hpc.run_folder import RunSpec
-from autopipec_hpc.scheduler import (
-    CANCELLED,
-    COMPLETED,
-    FAILED,
-    RUNNING,
-    SubmittedJobs,
-)
+from autopipec_hpc.scheduler.base import JobState, SubmittedJobs
 
 
 def pid_alive(pid: int) -> bool:
@@ -63,7 +57,7 @@ class EvaluateAfterTraining:
         return EvaluateJob()(run_dir)
 
 
-def result_state(folder: Path, job_id: str) -> str | None:
+def result_state(folder: Path, job_id: str) -> JobState | None:
     """COMPLETED or FAILED from submitit's result pickle; None while there is none."""
     path = JobPaths(folder, job_id).result_pickle
     if not path.exists():
@@ -73,7 +67,7 @@ def result_state(folder: Path, job_id: str) -> str | None:
             outcome = pickle.load(handle)[0]
     except Exception:  # a pickle mid-write or from another version: not decisive yet
         return None
-    return COMPLETED if outcome == "success" else FAILED
+    return JobState.COMPLETED if outcome == "success" else JobState.FAILED
 
 
 @contextmanager
@@ -97,9 +91,16 @@ def _stdio_to_devnull() -> Iterator[None]:
 
 class LocalScheduler:
     name = "local"
+    check_name = "local executor"
 
     def __init__(self, site: SiteConfig) -> None:
         self.site = site
+
+    def check(self) -> None:
+        """Nothing to check: the jobs are processes on this machine."""
+
+    def job_preamble(self, run_dir: Path, role: str, folder: Path) -> list[str]:
+        return []  # no job script: submitit starts the job body directly
 
     def _executor(self, folder: Path, minutes: int) -> submitit.LocalExecutor:
         executor = submitit.LocalExecutor(folder=folder)
@@ -120,15 +121,15 @@ class LocalScheduler:
         jobs.save(spec.path)
         return jobs
 
-    def state(self, jobs: SubmittedJobs, which: str) -> str:
+    def state(self, jobs: SubmittedJobs, which: str) -> JobState:
         job_id = getattr(jobs, which)
         cancelled = (Path(jobs.folder) / f"{job_id}.cancelled").exists()
         done = result_state(Path(jobs.folder), job_id)
         if done is not None:
-            return CANCELLED if cancelled and done == FAILED else done
+            return JobState.CANCELLED if cancelled and done == JobState.FAILED else done
         if pid_alive(int(job_id)):
-            return RUNNING
-        return CANCELLED if cancelled else FAILED  # gone without a result
+            return JobState.RUNNING
+        return JobState.CANCELLED if cancelled else JobState.FAILED  # gone without a result
 
     def cancel(self, jobs: SubmittedJobs) -> None:
         for job_id in (jobs.evaluate, jobs.train):

@@ -22,26 +22,21 @@ from autopipec_hpc.errors import SchedulerError
 from autopipec_hpc.jobs import EvaluateJob, TrainJob
 from autopipec_hpc.pacemaker_wrapper import template_environment
 from autopipec_hpc.run_folder import RunSpec, submitted_pickle_name
-from autopipec_hpc.scheduler import (
-    CANCELLED,
-    COMPLETED,
-    FAILED,
-    PENDING,
-    RUNNING,
-    UNKNOWN,
-    SubmittedJobs,
-)
+from autopipec_hpc.scheduler.base import JobState, SubmittedJobs
 
 COMMAND_TIMEOUT_S = 30
 # sacct's states -> ours. A requeued job reads PENDING/REQUEUED until it runs again.
-STATE_MAP = {
-    "PENDING": PENDING, "REQUEUED": PENDING, "REQUEUE_HOLD": PENDING, "REQUEUE_FED": PENDING,
-    "RESIZING": PENDING, "SUSPENDED": PENDING, "CONFIGURING": PENDING,
-    "RUNNING": RUNNING, "COMPLETING": RUNNING, "STAGE_OUT": RUNNING, "SIGNALING": RUNNING,
-    "COMPLETED": COMPLETED,
-    "CANCELLED": CANCELLED, "REVOKED": CANCELLED, "DEADLINE": CANCELLED,
-    "FAILED": FAILED, "TIMEOUT": FAILED, "NODE_FAIL": FAILED, "PREEMPTED": FAILED,
-    "OUT_OF_MEMORY": FAILED, "BOOT_FAIL": FAILED,
+_PENDING, _RUNNING, _COMPLETED, _CANCELLED, _FAILED = (
+    JobState.PENDING, JobState.RUNNING, JobState.COMPLETED, JobState.CANCELLED, JobState.FAILED,
+)
+STATE_MAP: dict[str, JobState] = {
+    "PENDING": _PENDING, "REQUEUED": _PENDING, "REQUEUE_HOLD": _PENDING, "REQUEUE_FED": _PENDING,
+    "RESIZING": _PENDING, "SUSPENDED": _PENDING, "CONFIGURING": _PENDING,
+    "RUNNING": _RUNNING, "COMPLETING": _RUNNING, "STAGE_OUT": _RUNNING, "SIGNALING": _RUNNING,
+    "COMPLETED": _COMPLETED,
+    "CANCELLED": _CANCELLED, "REVOKED": _CANCELLED, "DEADLINE": _CANCELLED,
+    "FAILED": _FAILED, "TIMEOUT": _FAILED, "NODE_FAIL": _FAILED, "PREEMPTED": _FAILED,
+    "OUT_OF_MEMORY": _FAILED, "BOOT_FAIL": _FAILED,
 }
 
 
@@ -58,12 +53,12 @@ def run_command(args: list[str], what: str) -> str:
     return done.stdout
 
 
-def sacct_state(job_id: str) -> str:
+def sacct_state(job_id: str) -> JobState:
     out = run_command(["sacct", "-n", "-X", "-P", "-j", job_id, "-o", "State"], "reading job state")
     lines = [line.split()[0] for line in out.splitlines() if line.strip()]
     if not lines:
-        return UNKNOWN  # accounting has not seen it yet
-    return STATE_MAP.get(lines[-1].rstrip("+"), UNKNOWN)
+        return JobState.UNKNOWN  # accounting has not seen it yet
+    return STATE_MAP.get(lines[-1].rstrip("+"), JobState.UNKNOWN)
 
 
 def setup_lines(site: SiteConfig, run_dir: Path, role: str, folder: Path) -> list[str]:
@@ -76,9 +71,18 @@ def setup_lines(site: SiteConfig, run_dir: Path, role: str, folder: Path) -> lis
 
 class SlurmScheduler:
     name = "slurm"
+    check_name = "SLURM with accounting"
 
     def __init__(self, site: SiteConfig) -> None:
         self.site = site
+
+    def check(self) -> None:
+        """sbatch must exist and sacct must answer (submitit follows jobs only through it)."""
+        run_command(["sbatch", "--version"], "submitting")
+        run_command(["sacct", "-n", "-X", "-j", "1", "-o", "JobID"], "following jobs")
+
+    def job_preamble(self, run_dir: Path, role: str, folder: Path) -> list[str]:
+        return setup_lines(self.site, run_dir, role, folder)
 
     def _executor(self, spec: RunSpec, role: str, res: JobResources, extra: dict[str, str]) -> submitit.SlurmExecutor:
         folder = spec.folder.submitit_dir
@@ -121,7 +125,7 @@ class SlurmScheduler:
         jobs.save(spec.path)
         return jobs
 
-    def state(self, jobs: SubmittedJobs, which: str) -> str:
+    def state(self, jobs: SubmittedJobs, which: str) -> JobState:
         return sacct_state(getattr(jobs, which))
 
     def cancel(self, jobs: SubmittedJobs) -> None:

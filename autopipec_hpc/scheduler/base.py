@@ -1,0 +1,76 @@
+"""The scheduler contract every backend implements: job states, submitted job ids, the protocol.
+
+A scheduler takes a prepared ``RunSpec`` and submits two jobs, training and
+an evaluation that runs only after training succeeded. It records the job
+ids in the run folder (``RunFolder.jobs_file``) so that status and cancel work
+from any later process.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from enum import StrEnum
+from pathlib import Path
+from typing import Protocol
+
+from autopipec_hpc.errors import SchedulerError
+from autopipec_hpc.files import atomic_write_text
+from autopipec_hpc.run_folder import RunFolder, RunSpec
+
+
+class JobState(StrEnum):
+    """Job states as we report them, whatever the scheduler calls them."""
+
+    PENDING = "PENDING"
+    RUNNING = "RUNNING"
+    COMPLETED = "COMPLETED"
+    FAILED = "FAILED"
+    CANCELLED = "CANCELLED"
+    UNKNOWN = "UNKNOWN"
+
+
+FINISHED = frozenset({JobState.COMPLETED, JobState.FAILED, JobState.CANCELLED})
+JOB_ROLES = ("train", "evaluate")
+
+
+@dataclass(frozen=True)
+class SubmittedJobs:
+    """The scheduler and job ids of one generation, saved in its run folder."""
+
+    scheduler: str
+    folder: str
+    train: str
+    evaluate: str
+
+    def save(self, run_dir: Path) -> None:
+        atomic_write_text(RunFolder(run_dir).jobs_file, json.dumps(asdict(self), indent=2))
+
+    @classmethod
+    def load(cls, run_dir: str | Path) -> "SubmittedJobs":
+        path = RunFolder(run_dir).jobs_file
+        if not path.exists():
+            raise SchedulerError(f"{run_dir} has no {path.name}: nothing was submitted from it")
+        return cls(**json.loads(path.read_text()))
+
+
+class Scheduler(Protocol):
+    """Where the job bodies run. A new scheduler is one new module implementing this."""
+
+    name: str
+    # What ``check`` verifies, as the preflight names it in an error.
+    check_name: str
+
+    def check(self) -> None:
+        """Raise SchedulerError if this machine cannot submit jobs and follow them."""
+        ...
+
+    def job_preamble(self, run_dir: Path, role: str, folder: Path) -> list[str]:
+        """The lines a job script runs before the job body (none where there is no script)."""
+        ...
+
+    def submit(self, spec: RunSpec) -> SubmittedJobs: ...
+
+    def state(self, jobs: SubmittedJobs, which: str) -> JobState: ...
+
+    def cancel(self, jobs: SubmittedJobs) -> None: ...
