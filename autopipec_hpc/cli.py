@@ -18,16 +18,17 @@ from autopipec_hpc.config import SiteConfig, TrainConfig
 from autopipec_hpc.dataset_prep import DatasetManifest
 from autopipec_hpc.db import READY, DatabaseManager, TrainingRecord
 from autopipec_hpc.errors import AutopipecError
-from autopipec_hpc.jobs import dataset_settings, prepare_dataset_from_db
 from autopipec_hpc.run_folder import GENERATION_PLACEHOLDER, RunFolder
 from autopipec_hpc.scheduler import scheduler_for
 from autopipec_hpc.submission import (
     GenerationProgress,
     cancel_generation,
+    dataset_settings,
     find_run,
     generation_progress,
     job_states,
     plan_training,
+    prepare_dataset_from_db,
     submit_generation,
     wait_for_generation,
 )

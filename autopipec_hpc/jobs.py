@@ -1,18 +1,8 @@
-"""The pipeline's steps as job bodies any scheduler can run.
+"""The pipeline's job bodies, which any scheduler can run: training, then evaluation and publication.
 
-``prepare_run`` runs on the login node (dataset + run folder + record);
-``TrainJob`` and ``EvaluateJob`` run wherever the scheduler puts them and
-need only the run folder. A run folder holds the whole story of one
-generation::
-
-    runs/gen-0003/
-      run.json            what was asked: generation, database, site, training config
-      dataset/            the delta datasets and dataset.json
-      attempt-1/ ...      one pacemaker run directory per attempt (requeues add more)
-      train.done          the training job's verdict, for the evaluation job
-      evaluation/         metrics.json and parity.png of the holdout evaluation
-      submitit/           job scripts, logs and pickles of the scheduler
-      jobs.json           the scheduler and job ids, for status/cancel from a new process
+``TrainJob`` and ``EvaluateJob`` run wherever the scheduler puts them and need
+only the run folder (``run_folder.py``) that ``submission.prepare_run`` made on
+the login node.
 """
 
 from __future__ import annotations
@@ -21,28 +11,25 @@ import json
 import logging
 import os
 import shutil
-import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 import submitit
 
-from autopipec_hpc.config import Evaluator, SiteConfig, TrainConfig
-from autopipec_hpc.dataset_prep import DatasetBuilder, DatasetManifest, DatasetSettings
-from autopipec_hpc.files import atomic_write_text
-from autopipec_hpc.db import READY, DatabaseManager, is_url
+from autopipec_hpc import evaluation, registry
+from autopipec_hpc.config import Evaluator, SiteConfig
+from autopipec_hpc.dataset_prep import DatasetManifest
+from autopipec_hpc.db import DatabaseManager
 from autopipec_hpc.errors import (
     AutopipecError,
     GPUUnavailableError,
-    InsufficientDataError,
     PublicationError,
     TrainingDivergenceError,
     TrainingFailedError,
     TrainingInterrupted,
 )
-from autopipec_hpc import evaluation, registry
-from autopipec_hpc.run_folder import RunFolder, RunSpec, attempt_number, new_run_folder
+from autopipec_hpc.files import atomic_write_text
 from autopipec_hpc.pacemaker_wrapper import (
     INTERIM_POTENTIAL,
     PacemakerWrapper,
@@ -54,73 +41,9 @@ from autopipec_hpc.pacemaker_wrapper import (
     learning_curve,
     probe_backend,
 )
+from autopipec_hpc.run_folder import RunFolder, RunSpec, attempt_number
 
 log = logging.getLogger(__name__)
-
-# -- login node ---------------------------------------------------------------
-def dataset_settings(config: TrainConfig) -> DatasetSettings:
-    return DatasetSettings(
-        test_fraction=config.test_fraction,
-        seed=config.seed,
-        zbl_inner=config.zbl_inner,
-        zbl_outer=config.zbl_outer,
-        reference_energies=config.reference_energies,
-    )
-
-
-def prepare_dataset_from_db(
-    db: DatabaseManager, settings: DatasetSettings, out: Path, status: str = READY
-) -> DatasetManifest:
-    if db.count(status=status) == 0:
-        raise InsufficientDataError(f"no structures with status={status} in {db.target}; nothing written")
-    return DatasetBuilder(settings).prepare_dataset(db.ready_structures(status), out)
-
-
-def prepare_run(
-    database: str,
-    site: SiteConfig,
-    config: TrainConfig,
-    generation: int | None = None,
-    force: bool = False,
-) -> tuple[RunSpec, DatasetManifest]:
-    """Make the run folder and datasets of a generation and record it as SUBMITTED."""
-    db = DatabaseManager(database)
-    generation = db.next_generation() if generation is None else generation
-    existing = db.get_record(generation)
-    if existing is not None and existing.status == "SUCCEEDED" and not force:
-        raise AutopipecError(
-            f"generation {generation} already succeeded ({existing.values.get('potential_path', '')}); "
-            "use --force to train it again"
-        )
-    if existing is not None and existing.status in ("SUBMITTED", "RUNNING") and not force:
-        raise AutopipecError(f"generation {generation} is {existing.status}; cancel it or use --force")
-    run_dir = new_run_folder(Path(site.work_dir).resolve(), generation).path
-    spec = RunSpec(
-        generation=generation,
-        run_dir=str(run_dir),
-        database=_absolute_db(database),
-        output_dir=str(Path(site.output_dir).resolve()),
-        site=site.model_dump(mode="json"),
-        config=config.model_dump(mode="json"),
-        force=force,
-    )
-    try:
-        manifest = prepare_dataset_from_db(db, dataset_settings(config), spec.dataset_dir)
-    except BaseException:
-        shutil.rmtree(run_dir, ignore_errors=True)
-        raise
-    spec.save()
-    db.write_record(
-        generation,
-        "SUBMITTED",
-        values={"run_dir": str(run_dir), "n_train": len(manifest.train_ids), "n_test": len(manifest.test_ids)},
-        data={"config": spec.config, "site": site.name, "reference_energies": manifest.reference_energies},
-    )
-    return spec, manifest
-
-
-def _absolute_db(database: str) -> str:
-    return database if is_url(database) else str(Path(database).resolve())
 
 
 # -- job bodies -----------------------------------------------------------------
@@ -164,7 +87,8 @@ def check_backend(site: SiteConfig, evaluator: str, threads: int) -> dict[str, A
     }
 
 
-def _record_failure(spec: RunSpec, status: str, reason: str, log_tail: str = "") -> None:
+def record_failure(spec: RunSpec, status: str, reason: str, log_tail: str = "") -> None:
+    """Record a final failure (CANCELLED where a cancel was asked) and the training verdict."""
     if spec.folder.cancel_marker.exists():
         status, reason = "CANCELLED", "cancelled by user"
     db = DatabaseManager(spec.database)
@@ -197,7 +121,7 @@ class TrainJob(submitit.helpers.Checkpointable):
         try:
             environment = check_backend(site, evaluator, threads)
         except TrainingFailedError as exc:
-            _record_failure(spec, "FAILED", str(exc))
+            record_failure(spec, "FAILED", str(exc))
             raise
         db.write_record(
             spec.generation,
@@ -222,14 +146,14 @@ class TrainJob(submitit.helpers.Checkpointable):
                 generation=spec.generation,
             )
         except TrainingDivergenceError as exc:
-            _record_failure(spec, "DIVERGED", str(exc))
+            record_failure(spec, "DIVERGED", str(exc))
             raise
         except TrainingInterrupted:
             if not folder.requeue_marker.exists():  # a requeue is not a failure
-                _record_failure(spec, "FAILED", "training interrupted (cancelled or killed)")
+                record_failure(spec, "FAILED", "training interrupted (cancelled or killed)")
             raise
         except TrainingFailedError as exc:
-            _record_failure(spec, "FAILED", str(exc), exc.log_tail)
+            record_failure(spec, "FAILED", str(exc), exc.log_tail)
             raise
         atomic_write_text(folder.train_verdict, json.dumps({"ok": True, "attempt": result.run_dir}))
         return asdict(result)
@@ -238,7 +162,7 @@ class TrainJob(submitit.helpers.Checkpointable):
         spec = RunSpec.load(run_dir)
         restarts = max(0, len(spec.folder.attempts()) - 1)
         if restarts >= spec.site_config.max_restarts:
-            _record_failure(spec, "FAILED", f"time limit reached after {restarts} restarts (max_restarts)")
+            record_failure(spec, "FAILED", f"time limit reached after {restarts} restarts (max_restarts)")
             return None
         spec.folder.requeue_marker.touch()
         DatabaseManager(spec.database).write_record(
@@ -346,7 +270,7 @@ def evaluate_and_publish(spec: RunSpec, attempt: Path) -> dict[str, Any]:
         final = registry.publish(staging, spec.output_dir, spec.generation, force=spec.force)
     except TrainingDivergenceError as exc:
         registry.discard(staging)
-        _record_failure(spec, "DIVERGED", str(exc))
+        record_failure(spec, "DIVERGED", str(exc))
         raise
     except (PublicationError, AutopipecError) as exc:
         registry.discard(staging)
@@ -373,22 +297,3 @@ def evaluate_and_publish(spec: RunSpec, attempt: Path) -> dict[str, Any]:
         data={"metrics": json.loads((final / "metrics.json").read_text())},
     )
     return values
-
-
-def wait_for_training(run_dir: str, train_alive, poll_s: float = 1.0) -> dict[str, Any]:
-    """The local executor's ``afterok``: block until training has a verdict, or its job is gone."""
-    path = Path(run_dir)
-    while True:
-        verdict = training_verdict(path)
-        if verdict is not None:
-            return verdict
-        if not train_alive():
-            time.sleep(poll_s)  # the verdict may land just after the process ends
-            verdict = training_verdict(path)
-            if verdict is not None:
-                return verdict
-            spec = RunSpec.load(run_dir)
-            _record_failure(spec, "FAILED", "the training job ended without a result")
-            return {"ok": False, "reason": "the training job ended without a result"}
-        time.sleep(poll_s)
-

@@ -30,7 +30,7 @@ import yaml
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from autopipec_hpc.config import Evaluator, SiteConfig, TrainConfig, resolve_command
+from autopipec_hpc.config import Evaluator, TrainConfig, resolve_command
 from autopipec_hpc.dataset_prep import read_pickle
 from autopipec_hpc.files import atomic_write_text, fresh_dir
 from autopipec_hpc.errors import TrainingDivergenceError, TrainingFailedError, TrainingInterrupted
@@ -294,11 +294,12 @@ def check_divergence(config: TrainConfig, energy_mev: float | None, force_mev: f
 
 
 class PacemakerWrapper:
-    """Runs pacemaker: one attempt (``run_training``) or a whole generation (``train``).
+    """Runs pacemaker for one attempt (``run_training``) in a run directory of its own.
 
     ``command`` is the pacemaker executable (it may live in another
-    environment than ours); ``evaluator`` is pacemaker's backend. For
-    ``train``, build it with ``for_site`` so it knows the database and site.
+    environment than ours); ``evaluator`` is pacemaker's backend (tensorpot or
+    pyace). A whole generation (datasets, jobs, evaluation, publication) is
+    ``submission.train_generation``.
     """
 
     def __init__(
@@ -308,9 +309,6 @@ class PacemakerWrapper:
         console: Console | None = None,
         on_progress: Callable[[FitProgress], None] | None = None,
         should_stop: Callable[[], bool] | None = None,
-        database: str | None = None,
-        site: SiteConfig | None = None,
-        config: TrainConfig | None = None,
         threads: int | None = None,
     ) -> None:
         self.command = command
@@ -319,31 +317,7 @@ class PacemakerWrapper:
         self.console = console or Console(stderr=True)
         self.on_progress = on_progress
         self.should_stop = should_stop  # polled each second while pacemaker runs
-        self.database = database
-        self.site = site
-        self.config = config
 
-    @classmethod
-    def for_site(cls, site: SiteConfig, config: TrainConfig | None = None,
-                 database: str | None = None) -> "PacemakerWrapper":
-        return cls(command=site.pacemaker.command, evaluator=site.pacemaker.evaluator,
-                   database=database or site.database, site=site, config=config or TrainConfig())
-
-    def train(self, generation_id: int | None = None, force: bool = False, timeout_s: float | None = None):
-        """The orchestrator's one call: prepare, train, evaluate and publish a generation
-        through the site's scheduler, and return its SUCCEEDED training record.
-
-        Raises InsufficientDataError, TrainingFailedError or TrainingDivergenceError.
-        """
-        from autopipec_hpc.submission import submit_generation, wait_for_generation
-
-        if self.site is None or self.database is None or self.config is None:
-            raise TrainingFailedError("PacemakerWrapper.train needs a site: use PacemakerWrapper.for_site(...)")
-        submission = submit_generation(self.database, self.site, self.config, generation_id, force)
-        timeout = self.site.result_timeout_s if timeout_s is None else timeout_s
-        return wait_for_generation(Path(submission.spec.run_dir), timeout)
-
-    # -- one attempt -------------------------------------------------------------
     def run_training(
         self,
         dataset_path: str | Path | Sequence[str | Path],

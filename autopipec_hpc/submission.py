@@ -1,24 +1,32 @@
-"""Submit a generation, follow it, cancel it: the calls behind `submit`, `status`, `cancel`.
+"""The login node's side: prepare a generation, submit it, follow it, cancel it.
 
-Everything here works from the run folder alone, so a new process (or a later
-login) can re-attach to a generation submitted earlier.
+The calls behind `prepare`, `submit`, `status` and `cancel`, and the Python API's
+``train_generation``. Following and cancelling work from the run folder alone, so a
+new process (or a later login) can re-attach to a generation submitted earlier.
 """
 
 from __future__ import annotations
 
 import logging
+import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 
 from autopipec_hpc.config import Evaluator, SiteConfig, TrainConfig
-from autopipec_hpc.dataset_prep import DatasetManifest
-from autopipec_hpc.db import DatabaseManager, TrainingRecord
-from autopipec_hpc.errors import SchedulerError, TrainingDivergenceError, TrainingFailedError
-from autopipec_hpc.jobs import prepare_run
+from autopipec_hpc.dataset_prep import DatasetBuilder, DatasetManifest, DatasetSettings
+from autopipec_hpc.db import READY, DatabaseManager, TrainingRecord, is_url
+from autopipec_hpc.errors import (
+    AutopipecError,
+    InsufficientDataError,
+    SchedulerError,
+    TrainingDivergenceError,
+    TrainingFailedError,
+)
 from autopipec_hpc.pacemaker_wrapper import LiveProgress, count_parameters
-from autopipec_hpc.run_folder import RunFolder, RunSpec, attempt_number, latest_generation_folder
+from autopipec_hpc.preflight import run_preflight
+from autopipec_hpc.run_folder import RunFolder, RunSpec, attempt_number, latest_generation_folder, new_run_folder
 from autopipec_hpc.scheduler import scheduler_for
 from autopipec_hpc.scheduler.base import FINISHED, JOB_ROLES, JobState, SubmittedJobs
 
@@ -67,6 +75,74 @@ def plan_training(config: TrainConfig, elements: list[str], evaluator: Evaluator
     return TrainingPlan(evaluator, parameters, tuple(warnings))
 
 
+def dataset_settings(config: TrainConfig) -> DatasetSettings:
+    """The dataset stage's settings from the training settings."""
+    return DatasetSettings(
+        test_fraction=config.test_fraction,
+        seed=config.seed,
+        zbl_inner=config.zbl_inner,
+        zbl_outer=config.zbl_outer,
+        reference_energies=config.reference_energies,
+    )
+
+
+def prepare_dataset_from_db(
+    db: DatabaseManager, settings: DatasetSettings, out: Path, status: str = READY
+) -> DatasetManifest:
+    """The delta datasets of the rows with ``status``, written into ``out``."""
+    if db.count(status=status) == 0:
+        raise InsufficientDataError(f"no structures with status={status} in {db.target}; nothing written")
+    return DatasetBuilder(settings).prepare_dataset(db.ready_structures(status), out)
+
+
+def prepare_run(
+    database: str,
+    site: SiteConfig,
+    config: TrainConfig,
+    generation: int | None = None,
+    force: bool = False,
+) -> tuple[RunSpec, DatasetManifest]:
+    """Make the run folder and datasets of a generation and record it as SUBMITTED."""
+    db = DatabaseManager(database)
+    generation = db.next_generation() if generation is None else generation
+    existing = db.get_record(generation)
+    if existing is not None and existing.status == "SUCCEEDED" and not force:
+        raise AutopipecError(
+            f"generation {generation} already succeeded ({existing.values.get('potential_path', '')}); "
+            "use --force to train it again"
+        )
+    if existing is not None and existing.status in ("SUBMITTED", "RUNNING") and not force:
+        raise AutopipecError(f"generation {generation} is {existing.status}; cancel it or use --force")
+    run_dir = new_run_folder(Path(site.work_dir).resolve(), generation).path
+    spec = RunSpec(
+        generation=generation,
+        run_dir=str(run_dir),
+        database=_absolute_db(database),
+        output_dir=str(Path(site.output_dir).resolve()),
+        site=site.model_dump(mode="json"),
+        config=config.model_dump(mode="json"),
+        force=force,
+    )
+    try:
+        manifest = prepare_dataset_from_db(db, dataset_settings(config), spec.dataset_dir)
+    except BaseException:
+        shutil.rmtree(run_dir, ignore_errors=True)
+        raise
+    spec.save()
+    db.write_record(
+        generation,
+        "SUBMITTED",
+        values={"run_dir": str(run_dir), "n_train": len(manifest.train_ids), "n_test": len(manifest.test_ids)},
+        data={"config": spec.config, "site": site.name, "reference_energies": manifest.reference_energies},
+    )
+    return spec, manifest
+
+
+def _absolute_db(database: str) -> str:
+    """A database path as every node sees it (absolute); a URL as it is."""
+    return database if is_url(database) else str(Path(database).resolve())
+
+
 def submit_generation(
     database: str,
     site: SiteConfig,
@@ -78,8 +154,6 @@ def submit_generation(
     """Prepare the datasets here, then submit training and its dependent evaluation.
 
     ``notify`` hears the training plan and its warnings before anything is queued."""
-    from autopipec_hpc.preflight import run_preflight
-
     say = notify or log.warning
     spec, manifest = prepare_run(database, site, config, generation, force)
     scheduler = scheduler_for(site)
@@ -103,6 +177,24 @@ def submit_generation(
                 "evaluator": str(plan.evaluator), "parameters": plan.parameters},
     )
     return Submission(spec, manifest, jobs, plan)
+
+
+def train_generation(
+    site: SiteConfig,
+    config: TrainConfig,
+    database: str | None = None,
+    generation: int | None = None,
+    force: bool = False,
+    timeout_s: float | None = None,
+) -> TrainingRecord:
+    """Prepare, train, evaluate and publish one generation through the site's scheduler
+    and return its SUCCEEDED training record (the Python API's one call).
+
+    Raises InsufficientDataError, TrainingFailedError or TrainingDivergenceError.
+    """
+    submission = submit_generation(database or site.database, site, config, generation, force)
+    timeout = site.result_timeout_s if timeout_s is None else timeout_s
+    return wait_for_generation(submission.spec.path, timeout)
 
 
 def find_run(site: SiteConfig, generation: int, database: str | None = None) -> Path:

@@ -9,20 +9,22 @@ starts at once and waits for the training job's verdict in the run folder
 from __future__ import annotations
 
 import os
-import sys
-from collections.abc import Iterator
-from contextlib import contextmanager
 import pickle
 import signal
+import sys
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import submitit
 from submitit.core.utils import JobPaths
 
 from autopipec_hpc.config import SiteConfig
 from autopipec_hpc.errors import SchedulerError, TrainingFailedError
-from autopipec_hpc.jobs import EvaluateJob, TrainJob, wait_for_training
+from autopipec_hpc.jobs import EvaluateJob, TrainJob, record_failure, training_verdict
 from autopipec_hpc.run_folder import RunSpec
 from autopipec_hpc.scheduler.base import JobState, SubmittedJobs
 
@@ -40,6 +42,25 @@ def pid_alive(pid: int) -> bool:
             return True
         except OSError:
             return False
+
+
+def wait_for_training(run_dir: str, train_alive: Callable[[], bool], poll_s: float = 1.0) -> dict[str, Any]:
+    """The local executor's ``afterok``: block until training has a verdict, or its job is gone."""
+    path = Path(run_dir)
+    while True:
+        verdict = training_verdict(path)
+        if verdict is not None:
+            return verdict
+        if not train_alive():
+            time.sleep(poll_s)  # the verdict may land just after the process ends
+            verdict = training_verdict(path)
+            if verdict is not None:
+                return verdict
+            spec = RunSpec.load(run_dir)
+            record_failure(spec, "FAILED", "the training job ended without a result")
+            return {"ok": False, "reason": "the training job ended without a result"}
+        time.sleep(poll_s)
+
 
 
 @dataclass(frozen=True)
