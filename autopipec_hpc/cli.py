@@ -16,7 +16,7 @@ from rich.table import Table
 from autopipec_hpc import __version__
 from autopipec_hpc.config import SiteConfig, TrainConfig
 from autopipec_hpc.dataset_prep import DatasetManifest
-from autopipec_hpc.db import READY, DatabaseManager, TrainingRecord
+from autopipec_hpc.db import DatabaseManager, RecordState, StructureStatus, TrainingRecord
 from autopipec_hpc.errors import AutopipecError
 from autopipec_hpc.run_folder import GENERATION_PLACEHOLDER, RunFolder
 from autopipec_hpc.scheduler import scheduler_for
@@ -130,17 +130,15 @@ def cmd_status(args: argparse.Namespace) -> int:
     for col in ("generation", "status", "jobs (train / evaluate)", "reason", "run folder"):
         table.add_column(col)
     for r in records:
-        run_dir = r.values.get("run_dir", "")
         jobs = ""
-        if run_dir and RunFolder(run_dir).jobs_file.exists():
-            states = job_states(Path(run_dir))
-            jobs = f"{r.values.get('train_job', '?')} {states['train']} / {r.values.get('evaluate_job', '?')} {states['evaluate']}"
-        table.add_row(str(r.generation), _coloured(r.status), jobs, r.reason[:80], str(run_dir))
+        if r.run_dir is not None and RunFolder(r.run_dir).jobs_file.exists():
+            states = job_states(r.run_dir)
+            jobs = f"{r.train_job or '?'} {states['train']} / {r.evaluate_job or '?'} {states['evaluate']}"
+        table.add_row(str(r.generation), _coloured(r.status), jobs, r.reason[:80], str(r.run_dir or ""))
     console.print(table)
     for r in records:
-        run_dir = r.values.get("run_dir", "")
-        if r.status in ("SUBMITTED", "RUNNING") and run_dir:
-            current = generation_progress(Path(run_dir))
+        if r.status.is_active and r.run_dir is not None:
+            current = generation_progress(r.run_dir)
             line = current.describe() if current else f"generation {r.generation}: no iteration reported yet"
             console.print(line, highlight=False, markup=False)
     return 0
@@ -232,9 +230,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
     site = SiteConfig.from_yaml(args.site)
     database = args.db or site.database
     db = DatabaseManager(database)
-    if db.count(status=READY) == 0:
+    if db.count(status=StructureStatus.TRAINING_READY) == 0:
         if args.data:
-            n = db.import_files(args.data, status=READY)
+            n = db.import_files(args.data, status=StructureStatus.TRAINING_READY)
             console.print(f"imported {n} structures from {', '.join(map(str, args.data))} into {database}")
         else:
             n = write_example_database(db)
@@ -263,8 +261,12 @@ def _local_evaluator(site: SiteConfig):
 
 
 # -- presentation ---------------------------------------------------------------
-def _coloured(status: str) -> str:
-    colour = {"SUCCEEDED": "green", "FAILED": "red", "DIVERGED": "red", "CANCELLED": "yellow"}.get(status, "cyan")
+RECORD_COLOURS = {RecordState.SUCCEEDED: "green", RecordState.FAILED: "red", RecordState.DIVERGED: "red",
+                  RecordState.CANCELLED: "yellow"}
+
+
+def _coloured(status: RecordState) -> str:
+    colour = RECORD_COLOURS.get(status, "cyan")
     return f"[{colour}]{status}[/{colour}]"
 
 
@@ -278,19 +280,17 @@ def print_records(records: list[TrainingRecord], detail: bool = False) -> None:
                 "iters", "wall s", "potential / reason"):
         table.add_column(col)
     for r in records:
-        v = r.values
         table.add_row(
             str(r.generation), _coloured(r.status),
-            _fmt(v.get("test_energy_rmse_mev")), _fmt(v.get("test_energy_mae_mev")),
-            _fmt(v.get("test_force_rmse_mev"), 1),
-            f"{_fmt(v.get('train_energy_rmse_mev'))} / {_fmt(v.get('train_force_rmse_mev'), 1)}",
-            str(v.get("iterations", "-")), _fmt(v.get("wall_time_s"), 0),
-            str(v.get("potential_path") or r.reason),
+            _fmt(r.test_energy_rmse_mev), _fmt(r.test_energy_mae_mev), _fmt(r.test_force_rmse_mev, 1),
+            f"{_fmt(r.train_energy_rmse_mev)} / {_fmt(r.train_force_rmse_mev, 1)}",
+            str("-" if r.iterations is None else r.iterations), _fmt(r.wall_time_s, 0),
+            str(r.potential_path or r.reason),
         )
     console.print(table)
     console.print("force errors are per Cartesian component")
     for r in records if detail else []:
-        metrics = r.data.get("metrics")
+        metrics = r.metrics
         if metrics:
             per = Table(title=f"generation {r.generation} holdout per config_type")
             for col in ("config_type", "structures", "E RMSE (residual)", "E RMSE (total)",
@@ -302,8 +302,8 @@ def print_records(records: list[TrainingRecord], detail: bool = False) -> None:
                             _fmt(tot["energy_rmse_mev"]), _fmt(tot["energy_mae_mev"]),
                             _fmt(res["force_rmse_mev"], 1), _fmt(tot["force_rmse_mev"], 1))
             console.print(per)
-        if r.data.get("log_tail"):
-            console.print(f"[b]log tail of generation {r.generation}:[/b]\n{r.data['log_tail']}", highlight=False)
+        if r.log_tail:
+            console.print(f"[b]log tail of generation {r.generation}:[/b]\n{r.log_tail}", highlight=False)
 
 def print_dataset_summary(m: DatasetManifest) -> None:
     table = Table(title=f"dataset in {m.directory}")
@@ -357,7 +357,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("import", help="load labelled structures from ASE-readable files")
     p.add_argument("files", nargs="+", type=Path)
     p.add_argument("--db", required=True)
-    p.add_argument("--status", default=READY)
+    p.add_argument("--status", default=StructureStatus.TRAINING_READY.value)
     p.add_argument("--config-type", default=None, help="override each frame's config_type")
     p.set_defaults(func=cmd_import)
 
@@ -371,7 +371,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", type=Path, default=None, help="TrainConfig YAML")
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--test-fraction", type=float, default=None)
-    p.add_argument("--status", default=READY)
+    p.add_argument("--status", default=StructureStatus.TRAINING_READY.value)
     p.set_defaults(func=cmd_prepare)
 
     def site_args(p: argparse.ArgumentParser) -> None:

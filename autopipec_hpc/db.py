@@ -13,6 +13,7 @@ import math
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
@@ -24,23 +25,80 @@ from ase.calculators.singlepoint import SinglePointCalculator
 
 from autopipec_hpc.errors import DatabaseError, ImportDataError
 
-READY = "TRAINING_READY"
 TRAINING_RECORD = "training"
-RECORD_STATES = ("SUBMITTED", "RUNNING", "SUCCEEDED", "FAILED", "DIVERGED", "CANCELLED")
+
+
+class StructureStatus(StrEnum):
+    """The ``status`` of a structure row that the pipeline selects (import may set any word)."""
+
+    TRAINING_READY = "TRAINING_READY"
+
+
+class RecordState(StrEnum):
+    """The ``status`` of a training record, stored as this plain string."""
+
+    SUBMITTED = "SUBMITTED"
+    RUNNING = "RUNNING"
+    SUCCEEDED = "SUCCEEDED"
+    FAILED = "FAILED"
+    DIVERGED = "DIVERGED"
+    CANCELLED = "CANCELLED"
+
+    @property
+    def is_final(self) -> bool:
+        return self in FINAL_RECORD_STATES
+
+    @property
+    def is_active(self) -> bool:
+        """Submitted or running: a generation in flight."""
+        return self in (RecordState.SUBMITTED, RecordState.RUNNING)
+
+
+FINAL_RECORD_STATES = frozenset(
+    {RecordState.SUCCEEDED, RecordState.FAILED, RecordState.DIVERGED, RecordState.CANCELLED}
+)
+RECORD_STATES = tuple(state.value for state in RecordState)
 
 
 def is_url(target: str) -> bool:
     return "://" in target
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class TrainingRecord:
+    """One generation's training record: a row with ``record=training``.
+
+    Typed fields for what the pipeline reads; ``values`` keeps every key-value
+    pair of the row (the typed ones included) and ``data`` its data.
+    """
+
     generation: int
-    status: str
+    status: RecordState
     reason: str
     row_id: int
     values: dict[str, Any]
     data: dict[str, Any]
+    run_dir: Path | None = None
+    potential_path: Path | None = None
+    train_job: str | None = None
+    evaluate_job: str | None = None
+    iterations: int | None = None
+    wall_time_s: float | None = None
+    train_energy_rmse_mev: float | None = None
+    train_force_rmse_mev: float | None = None
+    test_energy_rmse_mev: float | None = None
+    test_energy_mae_mev: float | None = None
+    test_force_rmse_mev: float | None = None
+
+    @property
+    def log_tail(self) -> str:
+        """pacemaker's last log lines, kept when a fit failed."""
+        return str(self.data.get("log_tail", ""))
+
+    @property
+    def metrics(self) -> dict[str, Any] | None:
+        """The holdout metrics (metrics.json) of a generation that succeeded."""
+        return self.data.get("metrics")
 
 
 class DatabaseManager:
@@ -64,7 +122,7 @@ class DatabaseManager:
     def import_files(
         self,
         paths: Sequence[str | Path],
-        status: str = READY,
+        status: str = StructureStatus.TRAINING_READY,
         config_type: str | None = None,
     ) -> int:
         """Add every frame of ``paths``; all or nothing.
@@ -93,7 +151,7 @@ class DatabaseManager:
                         data["force_mask"] = np.asarray(atoms.arrays["force_mask"], dtype=np.int8)
                     db.write(
                         row_atoms,
-                        status=status,
+                        status=str(status),
                         config_type=ctype,
                         source=Path(path).name,
                         frame=index,
@@ -108,7 +166,7 @@ class DatabaseManager:
         energy: float,
         forces: np.ndarray,
         config_type: str,
-        status: str = READY,
+        status: str = StructureStatus.TRAINING_READY,
         force_mask: np.ndarray | None = None,
     ) -> int:
         """Write one labelled structure. Labels are stored as given, even bad ones:
@@ -116,22 +174,22 @@ class DatabaseManager:
         row_atoms = Atoms(numbers=atoms.numbers, positions=atoms.positions, cell=atoms.cell, pbc=atoms.pbc)
         row_atoms.calc = SinglePointCalculator(row_atoms, energy=energy, forces=forces)
         data = {} if force_mask is None else {"force_mask": np.asarray(force_mask, dtype=np.int8)}
-        return self._db.write(row_atoms, status=status, config_type=config_type, data=data)
+        return self._db.write(row_atoms, status=str(status), config_type=config_type, data=data)
 
     def count(self, **selection: Any) -> int:
-        return self._db.count(**selection)
+        return self._db.count(**{k: str(v) if isinstance(v, StrEnum) else v for k, v in selection.items()})
 
-    def ready_structures(self, status: str = READY) -> "ReadyStructures":
+    def ready_structures(self, status: str = StructureStatus.TRAINING_READY) -> "ReadyStructures":
         return ReadyStructures(self, status)
 
-    def iter_structures(self, status: str = READY) -> Iterator[Atoms]:
+    def iter_structures(self, status: str = StructureStatus.TRAINING_READY) -> Iterator[Atoms]:
         """Stream the rows with ``status``, as Atoms carrying their labels.
 
         ``info`` holds ``db_id`` and ``config_type``; the calculator holds the
         DFT energy and forces (``None`` where a row lacks them); a force mask
         is in ``arrays['force_mask']``.
         """
-        for row in self._select_paged(status=status):
+        for row in self._select_paged(status=str(status)):
             atoms = Atoms(numbers=row.numbers, positions=row.positions, cell=row.cell, pbc=row.pbc)
             energy = row.get("energy")
             forces = row.get("forces")
@@ -181,7 +239,7 @@ class DatabaseManager:
     def write_record(
         self,
         generation: int,
-        status: str,
+        status: RecordState | str,
         reason: str = "",
         values: dict[str, Any] | None = None,
         data: dict[str, Any] | None = None,
@@ -189,6 +247,7 @@ class DatabaseManager:
         """Create or update the record of ``generation``; earlier values and data are kept."""
         if status not in RECORD_STATES:
             raise DatabaseError(f"unknown training status {status!r}; expected one of {RECORD_STATES}")
+        status = RecordState(status).value  # the row holds the plain string
         clean = {k: _clean_value(v) for k, v in (values or {}).items()}
         clean = {k: v for k, v in clean.items() if v is not None}
         row = self._record_row(generation)
@@ -253,12 +312,35 @@ def _record_from_row(row) -> TrainingRecord:
     values = {k: v for k, v in row.key_value_pairs.items() if k not in skip}
     return TrainingRecord(
         generation=int(row.generation),
-        status=str(row.status),
+        status=RecordState(row.status),
         reason=str(row.get("reason", "")),
         row_id=row.id,
         values=values,
         data=dict(row.data or {}),
+        run_dir=_typed(values, "run_dir", Path),
+        potential_path=_typed(values, "potential_path", Path),
+        train_job=_typed(values, "train_job", _text),
+        evaluate_job=_typed(values, "evaluate_job", _text),
+        iterations=_typed(values, "iterations", int),
+        wall_time_s=_typed(values, "wall_time_s", float),
+        train_energy_rmse_mev=_typed(values, "train_energy_rmse_mev", float),
+        train_force_rmse_mev=_typed(values, "train_force_rmse_mev", float),
+        test_energy_rmse_mev=_typed(values, "test_energy_rmse_mev", float),
+        test_energy_mae_mev=_typed(values, "test_energy_mae_mev", float),
+        test_force_rmse_mev=_typed(values, "test_force_rmse_mev", float),
     )
+
+
+def _typed(values: dict[str, Any], key: str, kind: Any) -> Any:
+    """``values[key]`` as ``kind``; None where it is absent or empty."""
+    value = values.get(key)
+    return None if value is None or value == "" else kind(value)
+
+
+def _text(value: Any) -> str:
+    """A string stored by ``_clean_value``: numbers come back as numbers, number-like text quoted."""
+    text = str(value)
+    return text[1:-1] if len(text) > 1 and text[0] == text[-1] == "'" else text
 
 
 def _labels_of(atoms: Atoms, where: str) -> tuple[float, np.ndarray]:

@@ -13,7 +13,7 @@ from ase.calculators.emt import EMT
 from ase.calculators.singlepoint import SinglePointCalculator
 
 from autopipec_hpc.config import Evaluator, TrainConfig
-from autopipec_hpc.db import READY, DatabaseManager
+from autopipec_hpc.db import DatabaseManager, StructureStatus
 
 FCC_A = 3.61
 
@@ -52,7 +52,7 @@ def write_example_database(db: DatabaseManager, seed: int = 7) -> int:
     count = 0
     for atoms, ctype in example_structures(seed):
         db.add_structure(
-            atoms, atoms.calc.results["energy"], atoms.calc.results["forces"], ctype, status=READY
+            atoms, atoms.calc.results["energy"], atoms.calc.results["forces"], ctype, status=StructureStatus.TRAINING_READY
         )
         count += 1
     return count

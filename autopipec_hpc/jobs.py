@@ -20,7 +20,7 @@ import submitit
 from autopipec_hpc import evaluation, registry
 from autopipec_hpc.config import Evaluator, SiteConfig
 from autopipec_hpc.dataset_prep import DatasetManifest
-from autopipec_hpc.db import DatabaseManager
+from autopipec_hpc.db import DatabaseManager, RecordState
 from autopipec_hpc.errors import (
     AutopipecError,
     GPUUnavailableError,
@@ -87,10 +87,10 @@ def check_backend(site: SiteConfig, evaluator: str, threads: int) -> dict[str, A
     }
 
 
-def record_failure(spec: RunSpec, status: str, reason: str, log_tail: str = "") -> None:
+def record_failure(spec: RunSpec, status: RecordState, reason: str, log_tail: str = "") -> None:
     """Record a final failure (CANCELLED where a cancel was asked) and the training verdict."""
     if spec.folder.cancel_marker.exists():
-        status, reason = "CANCELLED", "cancelled by user"
+        status, reason = RecordState.CANCELLED, "cancelled by user"
     db = DatabaseManager(spec.database)
     db.write_record(spec.generation, status, reason=reason, data={"log_tail": log_tail} if log_tail else None)
     atomic_write_text(spec.folder.train_verdict, json.dumps({"ok": False, "status": status, "reason": reason}))
@@ -121,11 +121,11 @@ class TrainJob(submitit.helpers.Checkpointable):
         try:
             environment = check_backend(site, evaluator, threads)
         except TrainingFailedError as exc:
-            record_failure(spec, "FAILED", str(exc))
+            record_failure(spec, RecordState.FAILED, str(exc))
             raise
         db.write_record(
             spec.generation,
-            "RUNNING",
+            RecordState.RUNNING,
             values={"attempt": attempt_number(attempt), "resumed_from": str(resume_from or ""), **environment},
         )
         manifest = DatasetManifest.load(spec.dataset_dir)
@@ -146,14 +146,14 @@ class TrainJob(submitit.helpers.Checkpointable):
                 generation=spec.generation,
             )
         except TrainingDivergenceError as exc:
-            record_failure(spec, "DIVERGED", str(exc))
+            record_failure(spec, RecordState.DIVERGED, str(exc))
             raise
         except TrainingInterrupted:
             if not folder.requeue_marker.exists():  # a requeue is not a failure
-                record_failure(spec, "FAILED", "training interrupted (cancelled or killed)")
+                record_failure(spec, RecordState.FAILED, "training interrupted (cancelled or killed)")
             raise
         except TrainingFailedError as exc:
-            record_failure(spec, "FAILED", str(exc), exc.log_tail)
+            record_failure(spec, RecordState.FAILED, str(exc), exc.log_tail)
             raise
         atomic_write_text(folder.train_verdict, json.dumps({"ok": True, "attempt": result.run_dir}))
         return asdict(result)
@@ -162,11 +162,11 @@ class TrainJob(submitit.helpers.Checkpointable):
         spec = RunSpec.load(run_dir)
         restarts = max(0, len(spec.folder.attempts()) - 1)
         if restarts >= spec.site_config.max_restarts:
-            record_failure(spec, "FAILED", f"time limit reached after {restarts} restarts (max_restarts)")
+            record_failure(spec, RecordState.FAILED, f"time limit reached after {restarts} restarts (max_restarts)")
             return None
         spec.folder.requeue_marker.touch()
         DatabaseManager(spec.database).write_record(
-            spec.generation, "SUBMITTED",
+            spec.generation, RecordState.SUBMITTED,
             reason=f"requeued after a time limit or preemption (restart {restarts + 1})",
             values={"restarts": restarts + 1},
         )
@@ -270,11 +270,11 @@ def evaluate_and_publish(spec: RunSpec, attempt: Path) -> dict[str, Any]:
         final = registry.publish(staging, spec.output_dir, spec.generation, force=spec.force)
     except TrainingDivergenceError as exc:
         registry.discard(staging)
-        record_failure(spec, "DIVERGED", str(exc))
+        record_failure(spec, RecordState.DIVERGED, str(exc))
         raise
     except (PublicationError, AutopipecError) as exc:
         registry.discard(staging)
-        db.write_record(spec.generation, "FAILED", reason=f"evaluation/publication failed: {exc}")
+        db.write_record(spec.generation, RecordState.FAILED, reason=f"evaluation/publication failed: {exc}")
         raise
     except BaseException:
         registry.discard(staging)
@@ -293,7 +293,7 @@ def evaluate_and_publish(spec: RunSpec, attempt: Path) -> dict[str, Any]:
         "residual_force_rmse_mev": report.residual.force_rmse_mev,
     }
     db.write_record(
-        spec.generation, "SUCCEEDED", reason="", values=values,
+        spec.generation, RecordState.SUCCEEDED, reason="", values=values,
         data={"metrics": json.loads((final / "metrics.json").read_text())},
     )
     return values

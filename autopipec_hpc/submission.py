@@ -16,7 +16,7 @@ from pathlib import Path
 
 from autopipec_hpc.config import Evaluator, SiteConfig, TrainConfig
 from autopipec_hpc.dataset_prep import DatasetBuilder, DatasetManifest, DatasetSettings
-from autopipec_hpc.db import READY, DatabaseManager, TrainingRecord, is_url
+from autopipec_hpc.db import DatabaseManager, RecordState, StructureStatus, TrainingRecord, is_url
 from autopipec_hpc.errors import (
     AutopipecError,
     InsufficientDataError,
@@ -32,7 +32,6 @@ from autopipec_hpc.scheduler.base import FINISHED, JOB_ROLES, JobState, Submitte
 
 log = logging.getLogger(__name__)
 
-FINAL_RECORD_STATES = {"SUCCEEDED", "FAILED", "DIVERGED", "CANCELLED"}
 FAILURE_GRACE_S = 30.0
 
 
@@ -87,7 +86,7 @@ def dataset_settings(config: TrainConfig) -> DatasetSettings:
 
 
 def prepare_dataset_from_db(
-    db: DatabaseManager, settings: DatasetSettings, out: Path, status: str = READY
+    db: DatabaseManager, settings: DatasetSettings, out: Path, status: str = StructureStatus.TRAINING_READY
 ) -> DatasetManifest:
     """The delta datasets of the rows with ``status``, written into ``out``."""
     if db.count(status=status) == 0:
@@ -106,12 +105,12 @@ def prepare_run(
     db = DatabaseManager(database)
     generation = db.next_generation() if generation is None else generation
     existing = db.get_record(generation)
-    if existing is not None and existing.status == "SUCCEEDED" and not force:
+    if existing is not None and existing.status == RecordState.SUCCEEDED and not force:
         raise AutopipecError(
-            f"generation {generation} already succeeded ({existing.values.get('potential_path', '')}); "
+            f"generation {generation} already succeeded ({existing.potential_path or ''}); "
             "use --force to train it again"
         )
-    if existing is not None and existing.status in ("SUBMITTED", "RUNNING") and not force:
+    if existing is not None and existing.status.is_active and not force:
         raise AutopipecError(f"generation {generation} is {existing.status}; cancel it or use --force")
     run_dir = new_run_folder(Path(site.work_dir).resolve(), generation).path
     spec = RunSpec(
@@ -131,7 +130,7 @@ def prepare_run(
     spec.save()
     db.write_record(
         generation,
-        "SUBMITTED",
+        RecordState.SUBMITTED,
         values={"run_dir": str(run_dir), "n_train": len(manifest.train_ids), "n_test": len(manifest.test_ids)},
         data={"config": spec.config, "site": site.name, "reference_energies": manifest.reference_energies},
     )
@@ -168,11 +167,11 @@ def submit_generation(
         jobs = scheduler.submit(spec)
     except BaseException as exc:
         DatabaseManager(spec.database).write_record(
-            spec.generation, "FAILED", reason=f"not submitted: {exc}"
+            spec.generation, RecordState.FAILED, reason=f"not submitted: {exc}"
         )
         raise
     DatabaseManager(spec.database).write_record(
-        spec.generation, "SUBMITTED",
+        spec.generation, RecordState.SUBMITTED,
         values={"scheduler": jobs.scheduler, "train_job": jobs.train, "evaluate_job": jobs.evaluate,
                 "evaluator": str(plan.evaluator), "parameters": plan.parameters},
     )
@@ -201,8 +200,8 @@ def find_run(site: SiteConfig, generation: int, database: str | None = None) -> 
     """The run folder of ``generation``: from its record, else the newest in the work folder."""
     db = DatabaseManager(database or site.database)
     record = db.get_record(generation)
-    if record is not None and record.values.get("run_dir"):
-        return Path(record.values["run_dir"])
+    if record is not None and record.run_dir is not None:
+        return record.run_dir
     latest = latest_generation_folder(site.work_dir, generation)
     if latest is None:
         raise SchedulerError(f"no run folder for generation {generation} under {site.work_dir}")
@@ -285,10 +284,10 @@ def wait_for_generation(
         record = db.get_record(spec.generation)
         states = job_states(run_dir)
         jobs_done = all(s in FINISHED for s in states.values())
-        final = record is not None and record.status in FINAL_RECORD_STATES
+        final = record is not None and record.status.is_final
         if final and jobs_done:
             break
-        if final and record.status != "SUCCEEDED":
+        if final and record.status != RecordState.SUCCEEDED:
             # Give the other job a moment to end (a local evaluation noticing, SLURM
             # removing a dependent job); a cluster that leaves it pending must not hang us.
             failed_at = failed_at or time.monotonic()
@@ -296,7 +295,7 @@ def wait_for_generation(
                 break
         elif jobs_done:
             # Both jobs ended but nobody wrote a final record (killed hard, node lost).
-            db.write_record(spec.generation, "FAILED", reason=f"jobs ended without a result: {_plain(states)}")
+            db.write_record(spec.generation, RecordState.FAILED, reason=f"jobs ended without a result: {_plain(states)}")
             record = db.get_record(spec.generation)
             break
         if time.monotonic() > deadline:
@@ -307,12 +306,12 @@ def wait_for_generation(
             )
         time.sleep(poll_s)
     assert record is not None
-    if record.status == "DIVERGED":
+    if record.status == RecordState.DIVERGED:
         raise TrainingDivergenceError(f"generation {spec.generation} diverged: {record.reason}")
-    if record.status in ("FAILED", "CANCELLED"):
+    if record.status in (RecordState.FAILED, RecordState.CANCELLED):
         raise TrainingFailedError(
             f"generation {spec.generation} {record.status}: {record.reason}",
-            log_tail=str(record.data.get("log_tail", "")),
+            log_tail=record.log_tail,
         )
     return record
 
@@ -323,7 +322,7 @@ def cancel_generation(run_dir: Path, settle_s: float = 60.0) -> dict[str, JobSta
     RunFolder(run_dir).cancel_marker.touch()
     jobs = SubmittedJobs.load(run_dir)
     scheduler_for(spec.site_config).cancel(jobs)
-    DatabaseManager(spec.database).write_record(spec.generation, "CANCELLED", reason="cancelled by user")
+    DatabaseManager(spec.database).write_record(spec.generation, RecordState.CANCELLED, reason="cancelled by user")
     deadline = time.monotonic() + settle_s
     states = job_states(Path(run_dir))
     while any(s not in FINISHED for s in states.values()) and time.monotonic() < deadline:

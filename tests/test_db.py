@@ -9,7 +9,7 @@ import pytest
 from ase.build import bulk
 from ase.calculators.singlepoint import SinglePointCalculator
 
-from autopipec_hpc.db import DatabaseManager
+from autopipec_hpc.db import DatabaseManager, RecordState, StructureStatus
 from autopipec_hpc.errors import DatabaseError, ImportDataError
 
 
@@ -89,3 +89,29 @@ def test_training_records_are_rows_ase_can_select(tmp_path):
 def test_unknown_path_kind_is_refused(tmp_path):
     with pytest.raises(DatabaseError, match="expected a .db"):
         DatabaseManager(tmp_path / "x.txt")
+
+
+def test_records_are_typed_and_rows_keep_plain_strings(tmp_path):
+    db = DatabaseManager(tmp_path / "x.db")
+    db.write_record(2, RecordState.SUBMITTED, values={"run_dir": str(tmp_path / "gen-0002"), "train_job": "4711"})
+    db.write_record(2, "SUCCEEDED", values={"potential_path": str(tmp_path / "p" / "2"), "iterations": 20,
+                                            "test_energy_rmse_mev": 1.5, "wall_time_s": 3})
+    rec = db.get_record(2)
+    assert rec.status is RecordState.SUCCEEDED and rec.status == "SUCCEEDED" and rec.status.is_final
+    assert rec.run_dir == tmp_path / "gen-0002" and rec.potential_path == tmp_path / "p" / "2"
+    assert rec.train_job == "4711" and rec.evaluate_job is None
+    assert rec.iterations == 20 and rec.test_energy_rmse_mev == 1.5 and rec.wall_time_s == 3.0
+    assert rec.test_force_rmse_mev is None and rec.log_tail == "" and rec.metrics is None
+    assert rec.values["iterations"] == 20 and rec.values["train_job"] == 4711  # every stored value, as stored
+    row = ase.db.connect(tmp_path / "x.db").get(record="training")
+    assert type(row.status) is str and row.status == "SUCCEEDED"
+    with pytest.raises(DatabaseError, match="unknown training status 'DONE'"):
+        db.write_record(2, "DONE")
+
+
+def test_structure_status_is_stored_as_its_plain_string(tmp_path):
+    db = DatabaseManager(tmp_path / "x.db")
+    db.add_structure(bulk("Cu", cubic=True), 0.0, np.zeros((4, 3)), "t0")
+    row = ase.db.connect(tmp_path / "x.db").get(id=1)
+    assert type(row.status) is str and row.status == StructureStatus.TRAINING_READY == "TRAINING_READY"
+    assert db.count(status=StructureStatus.TRAINING_READY) == 1 == len(db.ready_structures())
