@@ -1,8 +1,8 @@
 """Typed settings: what to train (TrainConfig) and where to run it (SiteConfig).
 
 Both load from YAML and refuse unknown keys by name, because pacemaker itself
-silently ignores keys it does not know (facts.md) and a typo must not cost a
-day of GPU time.
+silently ignores keys it does not know and a typo must not cost a day of GPU
+time.
 """
 
 from __future__ import annotations
@@ -31,12 +31,12 @@ _PATH = re.compile(r"^[A-Za-z0-9_./~+-]+$")
 
 class _Strict(BaseModel):
     # inf and NaN pass Python's comparisons in surprising ways and end up in
-    # input.yaml as `rcut: inf`: refuse them everywhere.
+    # pacemaker's input as `rcut: inf`: refuse them everywhere.
     model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
 class TrainConfig(_Strict):
-    """Training settings; the mapping onto pacemaker's input.yaml is in ``pacemaker_input``."""
+    """Training settings; ``pacemaker_wrapper.render_input`` maps them onto pacemaker's input."""
 
     cutoff: float = Field(5.0, gt=0, description="ACE radial cutoff rcut, Angstrom")
     # A small production basis: 100 functions per element up to body order 5

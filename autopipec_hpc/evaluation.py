@@ -121,7 +121,8 @@ def predict(
 
 
 def pacemaker_prediction_stats(pred_file: Path) -> ErrorStats | None:
-    """Errors from pacemaker's own ``test_pred.pckl.gzip`` (ACE alone vs targets).
+    """Errors from pacemaker's own test-set predictions (``pacemaker_wrapper.TEST_PREDICTIONS``:
+    ACE alone vs targets).
 
     A cross-check of the residual view: same potential, same structures,
     pacemaker's evaluator instead of ours.

@@ -19,6 +19,7 @@ import submitit
 
 from autopipec_hpc import evaluation, registry
 from autopipec_hpc.config import Evaluator, SiteConfig
+from autopipec_hpc.dataset_prep import MANIFEST as DATASET_MANIFEST
 from autopipec_hpc.dataset_prep import DatasetManifest
 from autopipec_hpc.db import DatabaseManager, RecordState
 from autopipec_hpc.errors import (
@@ -32,6 +33,7 @@ from autopipec_hpc.errors import (
 from autopipec_hpc.files import atomic_write_text
 from autopipec_hpc.pacemaker_wrapper import (
     INTERIM_POTENTIAL,
+    PACEMAKER_INPUT,
     PacemakerWrapper,
     TrainingResult,
     FITTING_DATA_INFO,
@@ -257,15 +259,15 @@ def evaluate_and_publish(spec: RunSpec, attempt: Path) -> dict[str, Any]:
         }
         evaluation_dir = spec.folder.evaluation_dir
         evaluation_dir.mkdir(exist_ok=True)
-        report.save(staging / "metrics.json", extra)
-        evaluation.parity_plot(total, staging / "parity.png", f"generation {spec.generation}: holdout, ACE + ZBL")
+        report.save(staging / registry.METRICS, extra)
+        evaluation.parity_plot(total, staging / registry.PARITY_PLOT, f"generation {spec.generation}: holdout, ACE + ZBL")
         evaluation.learning_curve_plot(
-            generation_learning_curve(spec.path), staging / "learning_curve.png",
+            generation_learning_curve(spec.path), staging / registry.LEARNING_CURVE_PLOT,
             f"generation {spec.generation}: learning curve",
         )
-        shutil.copy2(attempt / "input.yaml", staging / "input.yaml")
-        shutil.copy2(spec.dataset_dir / "dataset.json", staging / "dataset.json")
-        for name in ("metrics.json", "parity.png", "learning_curve.png"):
+        shutil.copy2(attempt / PACEMAKER_INPUT, staging / registry.TRAINING_INPUT)
+        shutil.copy2(spec.dataset_dir / DATASET_MANIFEST, staging / DATASET_MANIFEST)
+        for name in registry.EVALUATION_FILES:
             shutil.copy2(staging / name, evaluation_dir / name)
         final = registry.publish(staging, spec.output_dir, spec.generation, force=spec.force)
     except TrainingDivergenceError as exc:
@@ -294,6 +296,6 @@ def evaluate_and_publish(spec: RunSpec, attempt: Path) -> dict[str, Any]:
     }
     db.write_record(
         spec.generation, RecordState.SUCCEEDED, reason="", values=values,
-        data={"metrics": json.loads((final / "metrics.json").read_text())},
+        data={"metrics": json.loads((final / registry.METRICS).read_text())},
     )
     return values

@@ -1,9 +1,11 @@
-"""Run the real pacemaker: render input.yaml, stream its output, read its metrics.
+"""Run the real pacemaker for one attempt: render its input, stream its output, read its metrics.
 
 Each attempt gets its own run directory, which holds the whole story in
 pacemaker's own file contract (input.yaml, log.txt, metrics.txt,
 *_pred.pckl.gzip, output_potential.yaml) plus ``pacemaker.out`` (our copy of
-its stdout) and ``training.json`` (what we read from it).
+its stdout), ``progress.json`` (the live progress) and ``training.json`` (what
+we read from it). These names are pacemaker's contract and are spelled only
+here, as the constants below; every other module uses them.
 """
 
 from __future__ import annotations
@@ -37,6 +39,8 @@ from autopipec_hpc.errors import TrainingDivergenceError, TrainingFailedError, T
 
 # The top-level job_templates/ folder, packaged into the wheel under this name (pyproject.toml).
 TEMPLATES_PACKAGE = "autopipec_hpc.job_templates"
+PACEMAKER_INPUT = "input.yaml"
+LOG_FILE = "log.txt"
 OUTPUT_POTENTIAL = "output_potential.yaml"
 INTERIM_POTENTIAL = "interim_potential_0.yaml"
 STDOUT_LOG = "pacemaker.out"
@@ -269,7 +273,7 @@ def _last_metrics(table: pd.DataFrame | None) -> tuple[float | None, float | Non
 
 
 def log_tail(run_dir: Path, lines: int = 25) -> str:
-    for name in ("log.txt", STDOUT_LOG):
+    for name in (LOG_FILE, STDOUT_LOG):
         path = Path(run_dir) / name
         if path.exists():
             text = path.read_text(errors="replace").splitlines()
@@ -336,8 +340,8 @@ class PacemakerWrapper:
             elements = _elements_of(train_files)
         text = render_input(config, elements, [str(p) for p in train_files],
                             [str(p) for p in test_files], self.evaluator, generation)
-        atomic_write_text(run / "input.yaml", text)
-        args = [resolve_command(self.command), "input.yaml"]
+        atomic_write_text(run / PACEMAKER_INPUT, text)
+        args = [resolve_command(self.command), PACEMAKER_INPUT]
         if initial_potential is not None:
             args += ["-p", str(Path(initial_potential).resolve())]
         start = time.monotonic()
@@ -353,7 +357,7 @@ class PacemakerWrapper:
         e_train, f_train, iterations = _last_metrics(read_metrics_table(run / TRAIN_METRICS))
         e_test, f_test, _ = _last_metrics(read_metrics_table(run / TEST_METRICS))
         if e_train is None:
-            raise TrainingFailedError(f"pacemaker wrote no metrics.txt in {run}", log_tail=log_tail(run))
+            raise TrainingFailedError(f"pacemaker wrote no {TRAIN_METRICS} in {run}", log_tail=log_tail(run))
         result = TrainingResult(
             run_dir=str(run),
             potential=str(potential),

@@ -31,6 +31,13 @@ POTENTIAL_YACE = "potential.yace"
 ACTIVE_SET = "potential.asi"
 LAMMPS_SNIPPET = "lammps.in"
 MANIFEST = "potential.json"
+REFERENCE_ENERGIES = "reference_energies.json"
+# Written beside the potential by the evaluation job (and kept in the run folder's evaluation/).
+METRICS = "metrics.json"
+PARITY_PLOT = "parity.png"
+LEARNING_CURVE_PLOT = "learning_curve.png"
+EVALUATION_FILES = (METRICS, PARITY_PLOT, LEARNING_CURVE_PLOT)
+TRAINING_INPUT = "input.yaml"  # a copy of the pacemaker input the potential was fitted with
 
 
 @dataclass(frozen=True)
@@ -113,8 +120,8 @@ def stage_potential(
         if (staging / ACTIVE_SET).exists():
             files.append(ACTIVE_SET)
     (staging / LAMMPS_SNIPPET).write_text(lammps_snippet(elements, zbl_inner, zbl_outer, generation))
-    (staging / "reference_energies.json").write_text(json.dumps(dict(reference_energies), indent=2))
-    files += [LAMMPS_SNIPPET, "reference_energies.json"]
+    (staging / REFERENCE_ENERGIES).write_text(json.dumps(dict(reference_energies), indent=2))
+    files += [LAMMPS_SNIPPET, REFERENCE_ENERGIES]
     manifest = PotentialManifest(
         generation=generation,
         elements=list(elements),
