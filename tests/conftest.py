@@ -1,4 +1,4 @@
-"""Shared fixtures: paths to real data, small labelled structures, a fresh database."""
+"""Shared fixtures: paths to real data, small labelled structures, the example database, a local site."""
 
 from __future__ import annotations
 
@@ -9,6 +9,10 @@ import pytest
 from ase import Atoms
 from ase.build import bulk
 from ase.calculators.singlepoint import SinglePointCalculator
+
+from autopipec_hpc.config import SiteConfig
+from autopipec_hpc.db import DatabaseManager
+from autopipec_hpc.example_data import write_example_database
 
 PROJECT = Path(__file__).resolve().parents[1]
 SHARED = PROJECT.parent / "shared"
@@ -50,3 +54,29 @@ def cu_bulk() -> Atoms:
     atoms = bulk("Cu", "fcc", a=3.615, cubic=True).repeat(2)
     atoms.rattle(0.1, seed=3)
     return atoms
+
+
+@pytest.fixture
+def example_db(tmp_path) -> str:
+    """The demo's 30 EMT copper structures in a fresh database: the sites' database below."""
+    path = str(tmp_path / "structures.db")
+    write_example_database(DatabaseManager(path))
+    return path
+
+
+@pytest.fixture
+def local_site(tmp_path):
+    """Makes local-executor sites whose work, output folders and database lie in ``tmp_path``."""
+
+    def make(command: str = "pacemaker", evaluator: str = "pyace") -> SiteConfig:
+        return SiteConfig(
+            name="test-local",
+            scheduler="local",
+            work_dir=tmp_path / "runs",
+            output_dir=tmp_path / "output",
+            database=str(tmp_path / "structures.db"),
+            pacemaker={"command": command, "evaluator": evaluator},
+            train={"cpus": 2},
+        )
+
+    return make

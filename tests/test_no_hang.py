@@ -8,12 +8,11 @@ from pathlib import Path
 import pytest
 
 from autopipec_hpc.errors import PreflightError, SchedulerError
-from autopipec_hpc.example_data import tiny_train_config, write_example_database
 from autopipec_hpc.db import DatabaseManager
+from autopipec_hpc.example_data import tiny_train_config
 from autopipec_hpc.scheduler.slurm import sacct_state
 from autopipec_hpc.submission import cancel_generation, submit_generation, wait_for_generation
 from autopipec_hpc.testing.fault_pacemaker import make_fault_pacemaker
-from tests.test_pipeline_local import local_site
 
 
 def test_sacct_missing_is_a_clear_error_not_a_hang(monkeypatch, tmp_path):
@@ -24,26 +23,22 @@ def test_sacct_missing_is_a_clear_error_not_a_hang(monkeypatch, tmp_path):
     assert time.monotonic() - start < 5
 
 
-def test_slurm_site_without_accounting_is_refused_before_submitting(monkeypatch, tmp_path):
+def test_slurm_site_without_accounting_is_refused_before_submitting(monkeypatch, tmp_path, example_db, local_site):
     fake_bin = tmp_path / "bin"
     fake_bin.mkdir()
     sbatch = fake_bin / "sbatch"
     sbatch.write_text("#!/bin/sh\necho 'slurm 22.05.8'\n")  # a login node whose cluster has no sacct
     sbatch.chmod(0o755)
     monkeypatch.setenv("PATH", str(fake_bin))  # sbatch answers, sacct does not exist
-    db = str(tmp_path / "s.db")
-    write_example_database(DatabaseManager(db))
-    site = local_site(tmp_path).model_copy(update={"scheduler": "slurm"})
+    site = local_site().model_copy(update={"scheduler": "slurm"})
     with pytest.raises(PreflightError, match="SLURM with accounting.*sacct not found"):
-        submit_generation(db, site, tiny_train_config())
-    assert DatabaseManager(db).get_record(1).status == "FAILED"
+        submit_generation(example_db, site, tiny_train_config())
+    assert DatabaseManager(example_db).get_record(1).status == "FAILED"
 
 
-def test_waiting_for_a_result_that_never_comes_is_bounded(tmp_path):
-    db = str(tmp_path / "s.db")
-    write_example_database(DatabaseManager(db))
-    site = local_site(tmp_path, str(make_fault_pacemaker(tmp_path, "hang")))
-    sub = submit_generation(db, site, tiny_train_config())
+def test_waiting_for_a_result_that_never_comes_is_bounded(tmp_path, example_db, local_site):
+    site = local_site(str(make_fault_pacemaker(tmp_path, "hang")))
+    sub = submit_generation(example_db, site, tiny_train_config())
     start = time.monotonic()
     with pytest.raises(SchedulerError, match="not finished after 4 s"):
         wait_for_generation(Path(sub.spec.run_dir), timeout_s=4)

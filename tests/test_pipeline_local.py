@@ -16,11 +16,11 @@ from ase import Atoms
 from ase.build import bulk
 from ase.eos import EquationOfState
 
-from autopipec_hpc.config import SiteConfig, TrainConfig
+from autopipec_hpc.config import SiteConfig
 from autopipec_hpc.db import DatabaseManager
 from autopipec_hpc.errors import AutopipecError, TrainingDivergenceError, TrainingFailedError
 from autopipec_hpc.evaluation import predict
-from autopipec_hpc.example_data import demo_train_config, tiny_train_config, write_example_database
+from autopipec_hpc.example_data import demo_train_config, tiny_train_config
 from autopipec_hpc.registry import POTENTIAL_YAML, load_calculator, potentials_root
 from autopipec_hpc.scheduler.local import pid_alive
 from autopipec_hpc.submission import cancel_generation, job_states, submit_generation, wait_for_generation
@@ -30,28 +30,9 @@ PACEMAKER = Path(sys.executable).parent / "pacemaker"
 pytestmark = pytest.mark.skipif(not PACEMAKER.exists(), reason="pip install -e .[pacemaker]")
 
 
-def local_site(root: Path, command: str = "pacemaker", evaluator: str = "pyace") -> SiteConfig:
-    return SiteConfig(
-        name="test-local",
-        scheduler="local",
-        work_dir=root / "runs",
-        output_dir=root / "output",
-        database=str(root / "structures.db"),
-        pacemaker={"command": command, "evaluator": evaluator},
-        train={"cpus": 2},
-    )
-
-
-@pytest.fixture
-def example_db(tmp_path) -> str:
-    path = str(tmp_path / "structures.db")
-    write_example_database(DatabaseManager(path))
-    return path
-
-
 @pytest.mark.slow
-def test_submit_trains_evaluates_and_registers_a_real_potential(tmp_path, example_db):
-    site = local_site(tmp_path)
+def test_submit_trains_evaluates_and_registers_a_real_potential(tmp_path, example_db, local_site):
+    site = local_site()
     sub = submit_generation(example_db, site, tiny_train_config())
     record = wait_for_generation(Path(sub.spec.run_dir), timeout_s=900)
     assert record.status == "SUCCEEDED" and record.generation == 1
@@ -116,11 +97,11 @@ def _no_potential(site: SiteConfig) -> bool:
 
 
 @pytest.mark.slow
-def test_tensorpot_fit_end_to_end_shows_its_progress_and_learning_curve(tmp_path, example_db):
+def test_tensorpot_fit_end_to_end_shows_its_progress_and_learning_curve(tmp_path, example_db, local_site):
     """The default evaluator where TensorFlow is installed: a real tensorpot fit on the
     local executor, followed live from the run folder, published with its learning curve."""
     pytest.importorskip("tensorpotential")
-    site = local_site(tmp_path, evaluator="auto")
+    site = local_site(evaluator="auto")
     config = demo_train_config("tensorpot").model_copy(update={"maxiter": 60})
     said: list[str] = []
     sub = submit_generation(example_db, site, config, notify=said.append)
@@ -154,8 +135,8 @@ def test_pyace_with_many_parameters_is_announced_before_submitting(tmp_path, exa
     assert plan_training(demo_train_config("tensorpot"), ["Cu"], "tensorpot").warnings == ()
 
 
-def test_crashing_trainer_fails_with_log_tail_and_publishes_nothing(tmp_path, example_db):
-    site = local_site(tmp_path, str(make_fault_pacemaker(tmp_path, "crash")))
+def test_crashing_trainer_fails_with_log_tail_and_publishes_nothing(tmp_path, example_db, local_site):
+    site = local_site(str(make_fault_pacemaker(tmp_path, "crash")))
     sub = submit_generation(example_db, site, tiny_train_config())
     with pytest.raises(TrainingFailedError, match="FAILED: pacemaker exited with code 1") as info:
         wait_for_generation(Path(sub.spec.run_dir), timeout_s=300)
@@ -167,8 +148,8 @@ def test_crashing_trainer_fails_with_log_tail_and_publishes_nothing(tmp_path, ex
     assert job_states(Path(sub.spec.run_dir)) == {"train": "FAILED", "evaluate": "FAILED"}
 
 
-def test_diverging_fit_is_recorded_and_not_published(tmp_path, example_db):
-    site = local_site(tmp_path, str(make_fault_pacemaker(tmp_path, "diverge")))
+def test_diverging_fit_is_recorded_and_not_published(tmp_path, example_db, local_site):
+    site = local_site(str(make_fault_pacemaker(tmp_path, "diverge")))
     sub = submit_generation(example_db, site, tiny_train_config())
     with pytest.raises(TrainingDivergenceError, match="exceeds the limit"):
         wait_for_generation(Path(sub.spec.run_dir), timeout_s=300)
@@ -177,8 +158,8 @@ def test_diverging_fit_is_recorded_and_not_published(tmp_path, example_db):
     assert _no_potential(site)
 
 
-def test_hanging_trainer_is_killed_at_the_timeout(tmp_path, example_db):
-    site = local_site(tmp_path, str(make_fault_pacemaker(tmp_path, "hang")))
+def test_hanging_trainer_is_killed_at_the_timeout(tmp_path, example_db, local_site):
+    site = local_site(str(make_fault_pacemaker(tmp_path, "hang")))
     config = tiny_train_config().model_copy(update={"timeout_hours": 3.0 / 3600})
     sub = submit_generation(example_db, site, config)
     with pytest.raises(TrainingFailedError, match="timeout"):
@@ -194,8 +175,8 @@ def _wait_for_file(path: Path, timeout_s: float = 60) -> None:
     assert path.exists(), path
 
 
-def test_cancel_stops_both_jobs_and_the_trainer_and_records_cancelled(tmp_path, example_db):
-    site = local_site(tmp_path, str(make_fault_pacemaker(tmp_path, "hang")))
+def test_cancel_stops_both_jobs_and_the_trainer_and_records_cancelled(tmp_path, example_db, local_site):
+    site = local_site(str(make_fault_pacemaker(tmp_path, "hang")))
     sub = submit_generation(example_db, site, tiny_train_config())
     run = Path(sub.spec.run_dir)
     _wait_for_file(run / "attempt-1" / "grandchild.pid")  # the (fake) trainer is running
@@ -212,8 +193,8 @@ def test_cancel_stops_both_jobs_and_the_trainer_and_records_cancelled(tmp_path, 
     assert _no_potential(site)
 
 
-def test_cancel_right_after_submit_never_starts_the_trainer(tmp_path, example_db):
-    site = local_site(tmp_path, str(make_fault_pacemaker(tmp_path, "hang")))
+def test_cancel_right_after_submit_never_starts_the_trainer(tmp_path, example_db, local_site):
+    site = local_site(str(make_fault_pacemaker(tmp_path, "hang")))
     sub = submit_generation(example_db, site, tiny_train_config())
     run = Path(sub.spec.run_dir)
     cancel_generation(run)
@@ -224,8 +205,8 @@ def test_cancel_right_after_submit_never_starts_the_trainer(tmp_path, example_db
     assert not pid_file.exists() or not pid_alive(int(pid_file.read_text()))
 
 
-def test_insufficient_data_submits_nothing(tmp_path):
-    site = local_site(tmp_path)
+def test_insufficient_data_submits_nothing(tmp_path, local_site):
+    site = local_site()
     from autopipec_hpc.errors import InsufficientDataError
 
     with pytest.raises(InsufficientDataError):
@@ -235,12 +216,12 @@ def test_insufficient_data_submits_nothing(tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.physics
-def test_physics_on_real_dft_copper(tmp_path, cu_dft_path):
+def test_physics_on_real_dft_copper(tmp_path, cu_dft_path, local_site):
     """Train on 105 FHI-aims Cu structures with tensorpot; the deployed ACE + ZBL gives
     the DFT lattice constant within 0.5 % and a strongly repulsive Cu dimer at 1.0 A."""
     db_path = str(tmp_path / "cu.db")
     DatabaseManager(db_path).import_files([cu_dft_path])
-    site = local_site(tmp_path, evaluator="tensorpot")
+    site = local_site(evaluator="tensorpot")
     config = demo_train_config("tensorpot")  # 100 functions per element, body order 5, 200 iterations
     assert config.b_basis_size >= 100
     sub = submit_generation(db_path, site, config)

@@ -18,7 +18,7 @@ import pytest
 from autopipec_hpc.config import SiteConfig
 from autopipec_hpc.db import DatabaseManager
 from autopipec_hpc.errors import PreflightError, TrainingFailedError
-from autopipec_hpc.example_data import tiny_train_config, write_example_database
+from autopipec_hpc.example_data import tiny_train_config
 from autopipec_hpc.registry import potentials_root
 from autopipec_hpc.scheduler.local import pid_alive
 from autopipec_hpc.scheduler.slurm import sacct_state
@@ -53,20 +53,13 @@ def slurm_cluster():
 def ci_site(root: Path, **changes) -> SiteConfig:
     """slurm-ci.yaml with folders of this test's own (job ids restart with the cluster)."""
     base = SiteConfig.from_yaml(CI_SITE).model_dump(mode="json")
-    base.update(work_dir=str(root / "runs"), output_dir=str(root / "output"), database=str(root / "s.db"))
+    base.update(work_dir=str(root / "runs"), output_dir=str(root / "output"), database=str(root / "structures.db"))
     for key, value in changes.items():
         if isinstance(value, dict):
             base[key] = {**base[key], **value}
         else:
             base[key] = value
     return SiteConfig.model_validate(base)
-
-
-@pytest.fixture
-def example_db(tmp_path) -> str:
-    path = str(tmp_path / "s.db")
-    write_example_database(DatabaseManager(path))
-    return path
 
 
 def _wait_state(job_id: str, wanted: set[str], timeout_s: float = 60) -> str:
