@@ -5,7 +5,7 @@ follows with ``afterok`` and ``--kill-on-invalid-dep=yes``, so a failed
 training removes it instead of leaving it pending forever. Job state is read
 with ``sacct`` under a timeout: a cluster without accounting gives a clear
 error, never a hang. The scripts that run are kept in the run folder
-(``train.sbatch``, ``evaluate.sbatch``) and can be resubmitted by hand.
+(``RunFolder.job_script``) and can be resubmitted by hand.
 """
 
 from __future__ import annotations
