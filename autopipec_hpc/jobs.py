@@ -32,12 +32,12 @@ from autopipec_hpc.errors import (
 )
 from autopipec_hpc.files import atomic_write_text
 from autopipec_hpc.pacemaker_wrapper import (
+    FITTING_DATA_INFO,
     INTERIM_POTENTIAL,
     PACEMAKER_INPUT,
+    TEST_PREDICTIONS,
     PacemakerWrapper,
     TrainingResult,
-    FITTING_DATA_INFO,
-    TEST_PREDICTIONS,
     check_divergence,
     iterations_done,
     learning_curve,
@@ -48,7 +48,6 @@ from autopipec_hpc.run_folder import RunFolder, RunSpec, attempt_number
 log = logging.getLogger(__name__)
 
 
-# -- job bodies -----------------------------------------------------------------
 def job_threads(site: SiteConfig) -> int:
     """CPU threads for pacemaker: SLURM's --cpus-per-task where SLURM runs the job,
     else the site's ``train.cpus``; never the node's core count."""

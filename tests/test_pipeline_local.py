@@ -18,12 +18,23 @@ from ase.eos import EquationOfState
 
 from autopipec_hpc.config import SiteConfig
 from autopipec_hpc.db import DatabaseManager
-from autopipec_hpc.errors import AutopipecError, TrainingDivergenceError, TrainingFailedError
+from autopipec_hpc.errors import (
+    AutopipecError,
+    InsufficientDataError,
+    TrainingDivergenceError,
+    TrainingFailedError,
+)
 from autopipec_hpc.evaluation import predict
 from autopipec_hpc.example_data import demo_train_config, tiny_train_config
 from autopipec_hpc.registry import POTENTIAL_YAML, load_calculator, potentials_root
 from autopipec_hpc.scheduler.local import pid_alive
-from autopipec_hpc.submission import cancel_generation, job_states, submit_generation, wait_for_generation
+from autopipec_hpc.submission import (
+    cancel_generation,
+    job_states,
+    submit_generation,
+    train_generation,
+    wait_for_generation,
+)
 from autopipec_hpc.testing.fault_pacemaker import make_fault_pacemaker
 
 PACEMAKER = Path(sys.executable).parent / "pacemaker"
@@ -158,6 +169,18 @@ def test_diverging_fit_is_recorded_and_not_published(tmp_path, example_db, local
     assert _no_potential(site)
 
 
+def test_train_generation_runs_a_whole_generation_on_the_sites_database(tmp_path, example_db, local_site):
+    """The Python API's one call: database from the site, waits, raises the pipeline's error."""
+    site = local_site(str(make_fault_pacemaker(tmp_path, "diverge")))
+    assert site.database == example_db
+    with pytest.raises(TrainingDivergenceError, match="exceeds the limit"):
+        train_generation(site, tiny_train_config(), timeout_s=300)
+    record = DatabaseManager(example_db).get_record(1)
+    assert record.status == "DIVERGED" and record.run_dir.parent == tmp_path / "runs"
+    with pytest.raises(InsufficientDataError):
+        train_generation(site, tiny_train_config(), database=str(tmp_path / "empty.db"))
+
+
 def test_hanging_trainer_is_killed_at_the_timeout(tmp_path, example_db, local_site):
     site = local_site(str(make_fault_pacemaker(tmp_path, "hang")))
     config = tiny_train_config().model_copy(update={"timeout_hours": 3.0 / 3600})
@@ -207,8 +230,6 @@ def test_cancel_right_after_submit_never_starts_the_trainer(tmp_path, example_db
 
 def test_insufficient_data_submits_nothing(tmp_path, local_site):
     site = local_site()
-    from autopipec_hpc.errors import InsufficientDataError
-
     with pytest.raises(InsufficientDataError):
         submit_generation(str(tmp_path / "empty.db"), site, tiny_train_config())
     assert not (tmp_path / "runs").exists() or not list((tmp_path / "runs").iterdir())
