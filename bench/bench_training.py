@@ -35,6 +35,7 @@ import re
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -109,25 +110,33 @@ def time_tensorpot(folder: Path, env_extra: dict[str, str] | None = None) -> dic
 
 
 def time_pyace_evaluations(folder: Path, budget_s: float) -> dict:
-    """Let pyace run for ``budget_s``; seconds per loss evaluation from its 'Eval N' lines."""
+    """Let pyace run for ``budget_s``; seconds per loss evaluation from its 'Eval N' lines
+    (printed without newlines, so the output is read in raw chunks)."""
     proc = subprocess.Popen([str(PACEMAKER), "input.yaml"], cwd=folder, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, env=environment(), bufsize=1)
+                            stderr=subprocess.STDOUT, env=environment())
     stamps: list[float] = []
-    start = time.perf_counter()
-    os.set_blocking(proc.stdout.fileno(), False)  # type: ignore[union-attr]
-    buffer = ""
-    while time.perf_counter() - start < budget_s and proc.poll() is None:
-        chunk = proc.stdout.read()  # type: ignore[union-attr]
-        if chunk:
-            buffer += chunk
-            found = EVAL_LINE.findall(buffer)
-            now = time.perf_counter()
-            stamps.extend([now] * len(found))
-            buffer = buffer[buffer.rfind("Eval ") + 1:] if found else buffer[-200:]
-        else:
-            time.sleep(0.05)
+
+    def read() -> None:
+        tail = b""
+        while True:
+            chunk = os.read(proc.stdout.fileno(), 65536)  # type: ignore[union-attr]
+            if not chunk:
+                return
+            text = tail + chunk
+            found = len(EVAL_LINE.findall(text.decode(errors="replace")))
+            stamps.extend([time.perf_counter()] * found)
+            cut = text.rfind(b"Eval ")
+            tail = text[cut + 1:] if found else text[-200:]
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    try:
+        proc.wait(timeout=budget_s)
+    except subprocess.TimeoutExpired:
+        pass
     proc.kill()
     proc.wait()
+    reader.join(timeout=5)
     if len(stamps) < 3:
         return {"s_per_evaluation": None, "evaluations": len(stamps)}
     return {"s_per_evaluation": (stamps[-1] - stamps[0]) / (len(stamps) - 1), "evaluations": len(stamps)}
@@ -155,7 +164,7 @@ def main() -> None:
     parser.add_argument("--iterations", type=int, default=15, help="tensorpot iterations per timing fit")
     parser.add_argument("--pyace-budget-s", type=float, default=60.0, help="seconds of pyace per size")
     parser.add_argument("--memory-batch-sizes", type=int, nargs="+", default=[1000, 100, 20])
-    parser.add_argument("--memory-limit-gb", type=float, default=4.0)
+    parser.add_argument("--memory-limit-gb", type=float, default=2.0)
     parser.add_argument("--skip-memory", action="store_true")
     args = parser.parse_args()
     if not PACEMAKER.exists():
