@@ -3,21 +3,23 @@
 from __future__ import annotations
 
 import argparse
-from dataclasses import replace
 import importlib.resources
 import logging
+import os
 import sys
 import time
 from pathlib import Path
+from typing import NoReturn
 
+from pydantic import ValidationError
 from rich.console import Console
 from rich.table import Table
 
 from autopipec_hpc import __version__
-from autopipec_hpc.config import SiteConfig, TrainConfig
+from autopipec_hpc.config import SiteConfig, TrainConfig, describe_validation_error
 from autopipec_hpc.dataset_prep import DatasetManifest
 from autopipec_hpc.db import DatabaseManager, RecordState, StructureStatus, TrainingRecord
-from autopipec_hpc.errors import AutopipecError
+from autopipec_hpc.errors import AutopipecError, ConfigError, DatasetError
 from autopipec_hpc.run_folder import GENERATION_PLACEHOLDER, RunFolder
 from autopipec_hpc.scheduler import scheduler_for
 from autopipec_hpc.submission import (
@@ -69,11 +71,25 @@ def cmd_example_data(args: argparse.Namespace) -> int:
 
 def cmd_prepare(args: argparse.Namespace) -> int:
     config = TrainConfig.from_yaml(args.config)
-    overrides = {"seed": args.seed, "test_fraction": args.test_fraction}
-    settings = replace(dataset_settings(config), **{k: v for k, v in overrides.items() if v is not None})
-    manifest = prepare_dataset_from_db(DatabaseManager(args.db), settings, args.out, args.status)
+    overrides = {k: v for k, v in {"seed": args.seed, "test_fraction": args.test_fraction}.items() if v is not None}
+    if overrides:
+        config = _with_overrides(config, overrides)
+    db = DatabaseManager(args.db, must_exist=True)
+    try:
+        manifest = prepare_dataset_from_db(db, dataset_settings(config), args.out, args.status)
+    except OSError as exc:
+        # A full disk or a folder that cannot be written: the files already there stay whole.
+        raise DatasetError(f"{args.out}: cannot write the dataset ({exc.strerror or exc})") from None
     print_dataset_summary(manifest)
     return 0
+
+
+def _with_overrides(config: TrainConfig, overrides: dict) -> TrainConfig:
+    """``config`` with command-line values, validated like the YAML ones."""
+    try:
+        return TrainConfig.model_validate({**config.model_dump(), **overrides})
+    except ValidationError as exc:
+        raise ConfigError(f"command line: {describe_validation_error(exc)}") from None
 
 
 def _site_and_db(args: argparse.Namespace) -> tuple[SiteConfig, str]:
@@ -122,7 +138,7 @@ class ProgressPrinter:
 
 def cmd_status(args: argparse.Namespace) -> int:
     site, database = _site_and_db(args)
-    db = DatabaseManager(database)
+    db = DatabaseManager(database, must_exist=True)
     records = db.records()
     if args.generation is not None:
         records = [r for r in records if r.generation == args.generation]
@@ -146,7 +162,7 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 def cmd_results(args: argparse.Namespace) -> int:
     site, database = _site_and_db(args)
-    records = DatabaseManager(database).records()
+    records = DatabaseManager(database, must_exist=True).records()
     if args.generation is not None:
         records = [r for r in records if r.generation == args.generation]
         if not records:
@@ -346,11 +362,13 @@ def print_dataset_summary(m: DatasetManifest) -> None:
 
 # -- parser ---------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _OneLineParser(
         prog="autopipec-hpc",
         description="DFT-labelled structures in an ASE database -> a validated ACE potential.",
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
+    parser.add_argument("--debug", action="store_true",
+                        help="show the traceback of an unexpected error (also: AUTOPIPEC_DEBUG=1)")
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -382,24 +400,24 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("submit", help="prepare datasets, submit training and its evaluation")
     site_args(p)
     p.add_argument("--config", type=Path, default=None, help="TrainConfig YAML")
-    p.add_argument("--generation", type=int, default=None, help="default: one more than the last")
+    p.add_argument("--generation", type=_generation, default=None, help="default: one more than the last")
     p.add_argument("--wait", action="store_true", help="wait for the result and show it")
     p.add_argument("--force", action="store_true", help="retrain a generation that succeeded")
     p.set_defaults(func=cmd_submit)
 
     p = sub.add_parser("status", help="generations and their jobs")
     site_args(p)
-    p.add_argument("--generation", type=int, default=None)
+    p.add_argument("--generation", type=_generation, default=None)
     p.set_defaults(func=cmd_status)
 
     p = sub.add_parser("results", help="metrics of finished generations")
     site_args(p)
-    p.add_argument("--generation", type=int, default=None)
+    p.add_argument("--generation", type=_generation, default=None)
     p.set_defaults(func=cmd_results)
 
     p = sub.add_parser("cancel", help="cancel a generation's jobs")
     site_args(p)
-    p.add_argument("--generation", type=int, required=True)
+    p.add_argument("--generation", type=_generation, required=True)
     p.set_defaults(func=cmd_cancel)
 
     p = sub.add_parser("check-site", help="validate a site config and show what would be submitted")
@@ -422,8 +440,26 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _generation(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"generation must be a whole number, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"generation must be 1 or more, got {value}")
+    return value
+
+
+class _OneLineParser(argparse.ArgumentParser):
+    """argparse, but a usage mistake is one line and exit code 2 like every other one."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    debug = bool(args.debug or os.environ.get("AUTOPIPEC_DEBUG"))
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.WARNING,
         format="%(levelname)s %(name)s: %(message)s",
@@ -431,11 +467,33 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return int(args.func(args) or 0)
     except AutopipecError as exc:
-        err_console.print(f"[red]error:[/red] {exc}", highlight=False, soft_wrap=True)
+        if debug:
+            raise
+        _error_line(str(exc))
+        return 2
+    except OSError as exc:
+        # A file or folder the user named that cannot be read or written.
+        if debug:
+            raise
+        where = exc.filename or "a file"
+        _error_line(f"{where}: {exc.strerror or exc}")
         return 2
     except KeyboardInterrupt:
         err_console.print("interrupted")
         return 130
+    except Exception as exc:  # a bug, not a mistake of the user's: say so, in one line
+        if debug:
+            raise
+        reason = " ".join(str(exc).split())[:300]
+        _error_line(f"internal error (a bug in autopipec-hpc): {type(exc).__name__}: {reason}; "
+                    "rerun with --debug (or AUTOPIPEC_DEBUG=1) for the traceback")
+        return 1
+
+
+def _error_line(message: str) -> None:
+    """One line on stderr, however long or multi-line the message was."""
+    text = " ".join(message.split())
+    sys.stderr.write(f"error: {text}\n")
 
 
 if __name__ == "__main__":

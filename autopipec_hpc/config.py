@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
+from ase.data import chemical_symbols
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from autopipec_hpc.errors import ConfigError
@@ -74,6 +75,15 @@ class TrainConfig(_Strict):
     max_force_rmse_mev: float = Field(10000.0, gt=0, description="divergence threshold, meV/A")
     timeout_hours: float = Field(24.0, gt=0)
 
+    @field_validator("reference_energies")
+    @classmethod
+    def _known_elements(cls, value: dict[str, float] | None) -> dict[str, float] | None:
+        if value is not None:
+            unknown = sorted(k for k in value if k not in chemical_symbols[1:])
+            if unknown:
+                raise ValueError(f"not chemical elements: {', '.join(map(repr, unknown))}")
+        return value
+
     @field_validator("ladder_step", mode="before")
     @classmethod
     def _ladder_step(cls, value: Any) -> int | float | None:
@@ -121,7 +131,8 @@ class JobResources(_Strict):
     qos: str | None = None
     gpus: int = Field(0, ge=0)
     cpus: int = Field(1, ge=1)
-    mem_gb: float = Field(4.0, gt=0)
+    # SLURM reads --mem=0 as "all of the node's memory": keep a real minimum.
+    mem_gb: float = Field(4.0, ge=0.5, description="memory per job, GB (SLURM --mem; at least 0.5)")
     time_minutes: int = Field(60, ge=1)
 
     @field_validator("partition", "account", "qos")
@@ -183,7 +194,8 @@ class SiteConfig(_Strict):
         # These paths are written into job scripts: no characters a shell would act on.
         if not _PATH.match(str(value)):
             raise ValueError(f"path {str(value)!r} may only hold letters, digits, '_', '.', '-', '/' and '~'")
-        return value
+        # '~' means the home folder, as in a shell; never a folder literally named '~'.
+        return value.expanduser()
 
     @field_validator("name")
     @classmethod
@@ -234,14 +246,25 @@ def load_model(cls: type[_Strict], path: str | Path | None):
         raw: Any = yaml.safe_load(path.read_text()) or {}
     except FileNotFoundError:
         raise ConfigError(f"{path}: no such file") from None
+    except IsADirectoryError:
+        raise ConfigError(f"{path}: is a directory, not a YAML file") from None
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot be read ({exc.strerror})") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path}: not a text file") from None
+    except RecursionError:
+        raise ConfigError(f"{path}: nested too deeply to be a settings file") from None
     except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: not valid YAML ({exc})") from None
+        reason = " ".join(str(exc).split())
+        raise ConfigError(f"{path}: not valid YAML ({reason})") from None
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: expected a mapping of settings, got {type(raw).__name__}")
     try:
         return cls.model_validate(raw)
     except ValidationError as exc:
         raise ConfigError(f"{path}: {describe_validation_error(exc)}") from None
+    except RecursionError:
+        raise ConfigError(f"{path}: nested too deeply to be a settings file") from None
 
 
 def describe_validation_error(exc: ValidationError) -> str:
@@ -251,5 +274,5 @@ def describe_validation_error(exc: ValidationError) -> str:
         if err["type"] == "extra_forbidden":
             parts.append(f"unknown key '{key}'")
         else:
-            parts.append(f"'{key}': {err['msg']}")
+            parts.append(f"'{key}': {' '.join(str(err['msg']).split())}")
     return "; ".join(parts)

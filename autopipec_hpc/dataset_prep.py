@@ -238,7 +238,9 @@ def extxyz_frame(atoms: Atoms, energy: float, forces: np.ndarray, config_type: s
     """The frame written to Extended XYZ: ``species pos forces [force_weights]`` columns,
     energy, config_type and database id in the comment line."""
     frame = Atoms(numbers=atoms.numbers, positions=atoms.positions, cell=atoms.cell, pbc=atoms.pbc)
-    frame.info["config_type"] = config_type
+    # ASE's extxyz writer escapes quotes but not backslashes, and its reader takes a
+    # backslash as an escape: doubled here, the label reads back unchanged.
+    frame.info["config_type"] = config_type.replace("\\", "\\\\")
     frame.info["db_id"] = int(db_id)
     frame.info["energy"] = float(energy)
     # As plain arrays (not a calculator) so forces come before the weights column.

@@ -9,8 +9,12 @@ next to the data they came from.
 
 from __future__ import annotations
 
+import functools
 import math
+import re
+import sqlite3
 import time
+import unicodedata
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
@@ -101,10 +105,79 @@ class TrainingRecord:
         return self.data.get("metrics")
 
 
+SQLITE_HEADER = b"SQLite format 3\x00"
+MAX_LABEL_LENGTH = 200
+_STATUS_WORD = re.compile(r"^[A-Za-z][A-Za-z0-9_]{0,63}$")
+
+
+def check_label(value: str, where: str) -> str:
+    """A label (config_type) as files carry it: any printable text, unicode, quotes and
+    shell characters included. Control characters (newline, tab, carriage return, ...)
+    would break the Extended XYZ comment line and are refused, as are absurd lengths."""
+    text = str(value)
+    bad = next((ch for ch in text if unicodedata.category(ch) in ("Cc", "Cs")), None)
+    if bad is not None:
+        raise ImportDataError(f"{where}: config_type {text[:40]!r} holds the control character {bad!r}")
+    if len(text) > MAX_LABEL_LENGTH:
+        raise ImportDataError(f"{where}: config_type is {len(text)} characters long (at most {MAX_LABEL_LENGTH})")
+    if not text.strip():
+        raise ImportDataError(f"{where}: config_type is empty")
+    return text
+
+
+def check_status_word(status: str) -> str:
+    if not _STATUS_WORD.match(str(status)):
+        raise ImportDataError(f"status {str(status)!r} must be one word of letters, digits and '_' (e.g. TRAINING_READY)")
+    return str(status)
+
+
+def label_key(label: str, data: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+    """The key-value form of a label, and the row's data. ase.db refuses text that reads
+    as a number or a bool ("1234", "3.5", "True"): such a label is kept exactly in the
+    row's data and shown quoted as its key, so `ase db` still lists it."""
+    try:
+        float(label)
+        storable = False
+    except ValueError:
+        storable = label not in ("True", "False")
+    if storable:
+        return label, data
+    return f"'{label}'", {**data, "config_type": label}
+
+
+def label_of(row) -> str:
+    """The exact label of a structure row (see ``label_key``)."""
+    exact = row.data.get("config_type") if row.data else None
+    return str(exact) if exact is not None else str(row.get("config_type", "default"))
+
+
+def _guarded(method):
+    """Database errors from below (a locked, read-only or corrupt file) become one
+    DatabaseError naming the database."""
+
+    @functools.wraps(method)
+    def wrapper(self, *args, **kwargs):
+        try:
+            return method(self, *args, **kwargs)
+        except (sqlite3.Error, OSError) as exc:
+            raise DatabaseError(describe_database_error(self.target, exc)) from exc
+
+    return wrapper
+
+
+def describe_database_error(target: str, exc: BaseException) -> str:
+    text = str(exc) or type(exc).__name__
+    if "locked" in text or "busy" in text:
+        return f"database {target} is locked by another process (gave up after waiting): {text}"
+    if "readonly" in text or "read-only" in text or isinstance(exc, PermissionError):
+        return f"database {target} cannot be written: {text}"
+    return f"database {target}: {text}"
+
+
 class DatabaseManager:
     """One ASE database (a SQLite path by default, or any URL ``ase.db`` accepts)."""
 
-    def __init__(self, target: str | Path) -> None:
+    def __init__(self, target: str | Path, must_exist: bool = False) -> None:
         self.target = str(target)
         if not is_url(self.target):
             path = Path(self.target)
@@ -112,13 +185,25 @@ class DatabaseManager:
                 raise DatabaseError(
                     f"database {self.target!r}: expected a .db (SQLite) or .json path, or a URL"
                 )
-            path.parent.mkdir(parents=True, exist_ok=True)
+            if path.is_dir():
+                raise DatabaseError(f"database {self.target}: is a directory")
+            if must_exist and not path.exists():
+                raise DatabaseError(f"database {self.target} does not exist")
+            if path.suffix == ".db" and path.exists() and path.stat().st_size > 0:
+                with open(path, "rb") as handle:
+                    if handle.read(len(SQLITE_HEADER)) != SQLITE_HEADER:
+                        raise DatabaseError(f"database {self.target} is not a SQLite database")
+            try:
+                path.parent.mkdir(parents=True, exist_ok=True)
+            except OSError as exc:
+                raise DatabaseError(f"database {self.target}: cannot create its folder ({exc.strerror})") from None
         try:
             self._db = ase.db.connect(self.target, append=True)
         except Exception as exc:  # ase raises many kinds; the path is what the user needs
             raise DatabaseError(f"cannot open database {self.target!r}: {exc}") from exc
 
     # -- structures ---------------------------------------------------------
+    @_guarded
     def import_files(
         self,
         paths: Sequence[str | Path],
@@ -130,13 +215,21 @@ class DatabaseManager:
         Every frame is checked before the first row is written, and the rows are
         written in one transaction, so a refused file leaves the database as it was.
         """
+        check_status_word(status)
+        if config_type is not None:
+            check_label(config_type, "--config-type")
         for path in paths:
-            for index, atoms in enumerate(ase.io.iread(str(path), index=":")):
+            frames = 0
+            for index, atoms in read_frames(path):
                 _labels_of(atoms, f"{path}: frame {index}")
+                check_label(config_type or str(atoms.info.get("config_type", "default")), f"{path}: frame {index}")
+                frames += 1
+            if frames == 0:
+                raise ImportDataError(f"{path}: holds no structures; nothing was imported")
         count = 0
         with self._db as db:
             for path in paths:
-                for index, atoms in enumerate(ase.io.iread(str(path), index=":")):
+                for index, atoms in read_frames(path):
                     energy, forces = _labels_of(atoms, f"{path}: frame {index}")
                     ctype = config_type or str(atoms.info.get("config_type", "default"))
                     row_atoms = Atoms(
@@ -149,10 +242,11 @@ class DatabaseManager:
                     data = {}
                     if "force_mask" in atoms.arrays:
                         data["force_mask"] = np.asarray(atoms.arrays["force_mask"], dtype=np.int8)
+                    key, data = label_key(ctype, data)
                     db.write(
                         row_atoms,
                         status=str(status),
-                        config_type=ctype,
+                        config_type=key,
                         source=Path(path).name,
                         frame=index,
                         data=data,
@@ -160,6 +254,7 @@ class DatabaseManager:
                     count += 1
         return count
 
+    @_guarded
     def add_structure(
         self,
         atoms: Atoms,
@@ -169,13 +264,18 @@ class DatabaseManager:
         status: str = StructureStatus.TRAINING_READY,
         force_mask: np.ndarray | None = None,
     ) -> int:
-        """Write one labelled structure. Labels are stored as given, even bad ones:
-        the dataset stage is where they are judged, and it names the row at fault."""
+        """Write one labelled structure. Energies and forces are stored as given, even
+        bad ones: the dataset stage is where they are judged, and it names the row at
+        fault. The label must be one a file can carry (``check_label``)."""
+        check_label(config_type, "structure")
+        check_status_word(status)
         row_atoms = Atoms(numbers=atoms.numbers, positions=atoms.positions, cell=atoms.cell, pbc=atoms.pbc)
         row_atoms.calc = SinglePointCalculator(row_atoms, energy=energy, forces=forces)
         data = {} if force_mask is None else {"force_mask": np.asarray(force_mask, dtype=np.int8)}
-        return self._db.write(row_atoms, status=str(status), config_type=config_type, data=data)
+        key, data = label_key(config_type, data)
+        return self._db.write(row_atoms, status=str(status), config_type=key, data=data)
 
+    @_guarded
     def count(self, **selection: Any) -> int:
         return self._db.count(**{k: str(v) if isinstance(v, StrEnum) else v for k, v in selection.items()})
 
@@ -195,7 +295,7 @@ class DatabaseManager:
             forces = row.get("forces")
             atoms.calc = SinglePointCalculator(atoms, energy=energy, forces=forces)
             atoms.info["db_id"] = row.id
-            atoms.info["config_type"] = str(row.get("config_type", "default"))
+            atoms.info["config_type"] = label_of(row)
             mask = row.data.get("force_mask") if row.data else None
             if mask is not None:
                 atoms.arrays["force_mask"] = np.asarray(mask)
@@ -206,12 +306,16 @@ class DatabaseManager:
         whole result set at once, which would grow with the database."""
         last = 0
         while True:
-            rows = list(self._db.select(f"id>{last}", sort="id", limit=page, **selection))
+            try:
+                rows = list(self._db.select(f"id>{last}", sort="id", limit=page, **selection))
+            except (sqlite3.Error, OSError) as exc:
+                raise DatabaseError(describe_database_error(self.target, exc)) from exc
             yield from rows
             if len(rows) < page:
                 return
             last = rows[-1].id
 
+    @_guarded
     def mark_used(self, generation: int, train_ids: Sequence[int], test_ids: Sequence[int]) -> None:
         """Record which generation trained (or tested) on each structure, in one transaction."""
         with self._db as db:
@@ -224,18 +328,22 @@ class DatabaseManager:
         rows = list(self._db.select(record=TRAINING_RECORD, generation=int(generation)))
         return rows[0] if rows else None
 
+    @_guarded
     def get_record(self, generation: int) -> TrainingRecord | None:
         row = self._record_row(generation)
         return None if row is None else _record_from_row(row)
 
+    @_guarded
     def records(self) -> list[TrainingRecord]:
         rows = self._db.select(record=TRAINING_RECORD, sort="generation")
         return [_record_from_row(row) for row in rows]
 
+    @_guarded
     def next_generation(self) -> int:
         gens = [r.generation for r in self.records()]
         return max(gens) + 1 if gens else 1
 
+    @_guarded
     def write_record(
         self,
         generation: int,
@@ -341,6 +449,27 @@ def _text(value: Any) -> str:
     """A string stored by ``_clean_value``: numbers come back as numbers, number-like text quoted."""
     text = str(value)
     return text[1:-1] if len(text) > 1 and text[0] == text[-1] == "'" else text
+
+
+def read_frames(path: str | Path) -> Iterator[tuple[int, Atoms]]:
+    """(index, Atoms) of every frame of an ASE-readable file; a file that is missing,
+    a folder, or not a structure file is named in one ImportDataError."""
+    path = Path(path)
+    if not path.exists():
+        raise ImportDataError(f"{path}: no such file")
+    if path.is_dir():
+        raise ImportDataError(f"{path}: is a directory, not a structure file")
+    if path.stat().st_size == 0:
+        raise ImportDataError(f"{path}: is empty; nothing was imported")
+    try:
+        yield from enumerate(ase.io.iread(str(path), index=":"))
+    except ImportDataError:
+        raise
+    except Exception as exc:  # ASE's readers raise whatever their parser meets
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise ImportDataError(
+            f"{path}: not a readable structure file ({type(exc).__name__}: {reason[:160]}); nothing was imported"
+        ) from None
 
 
 def _labels_of(atoms: Atoms, where: str) -> tuple[float, np.ndarray]:

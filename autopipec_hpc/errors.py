@@ -23,6 +23,10 @@ class ImportDataError(AutopipecError):
     """A file offered to `import` holds a frame without energy or forces."""
 
 
+class DatasetError(AutopipecError):
+    """The datasets cannot be written where they were asked for."""
+
+
 class InsufficientDataError(AutopipecError):
     """Too few usable structures to build a training set."""
 

@@ -30,6 +30,9 @@ def test_import_then_prepare_on_real_dft_copper(tmp_path, cu_dft_path):
 
 
 def test_prepare_with_no_ready_rows_is_one_clear_line(tmp_path, capsys):
+    from autopipec_hpc.db import DatabaseManager
+
+    DatabaseManager(str(tmp_path / "empty.db")).count()  # an existing database without ready rows
     code = main(["prepare", "--db", str(tmp_path / "empty.db"), "--out", str(tmp_path / "out")])
     err = capsys.readouterr().err
     assert code == 2
