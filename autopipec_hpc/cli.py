@@ -18,13 +18,15 @@ from rich.table import Table
 from autopipec_hpc import __version__
 from autopipec_hpc.config import SiteConfig, TrainConfig, describe_validation_error
 from autopipec_hpc.dataset_prep import DatasetManifest
-from autopipec_hpc.db import DatabaseManager, RecordState, StructureStatus, TrainingRecord
+from autopipec_hpc.db import DatabaseManager, RecordState, StructureStatus, TrainingRecord, redact
 from autopipec_hpc.errors import AutopipecError, ConfigError, DatasetError
 from autopipec_hpc.run_folder import GENERATION_PLACEHOLDER, RunFolder
 from autopipec_hpc.scheduler import scheduler_for
 from autopipec_hpc.submission import (
     GenerationProgress,
     cancel_generation,
+    describe_jobs,
+    reconcile_generation,
     dataset_settings,
     find_run,
     generation_progress,
@@ -139,17 +141,12 @@ class ProgressPrinter:
 def cmd_status(args: argparse.Namespace) -> int:
     site, database = _site_and_db(args)
     db = DatabaseManager(database, must_exist=True)
-    records = db.records()
-    if args.generation is not None:
-        records = [r for r in records if r.generation == args.generation]
-    table = Table(title=f"training generations in {database}")
+    records = _reconciled(db, args.generation)
+    table = Table(title=f"training generations in {redact(database)}")
     for col in ("generation", "status", "jobs (train / evaluate)", "reason", "run folder"):
         table.add_column(col)
     for r in records:
-        jobs = ""
-        if r.run_dir is not None and RunFolder(r.run_dir).jobs_file.exists():
-            states = job_states(r.run_dir)
-            jobs = f"{r.train_job or '?'} {states['train']} / {r.evaluate_job or '?'} {states['evaluate']}"
+        jobs = describe_jobs(r.run_dir) if r.run_dir is not None else ""
         table.add_row(str(r.generation), _coloured(r.status), jobs, r.reason[:80], str(r.run_dir or ""))
     console.print(table)
     for r in records:
@@ -162,9 +159,8 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 def cmd_results(args: argparse.Namespace) -> int:
     site, database = _site_and_db(args)
-    records = DatabaseManager(database, must_exist=True).records()
+    records = _reconciled(DatabaseManager(database, must_exist=True), args.generation)
     if args.generation is not None:
-        records = [r for r in records if r.generation == args.generation]
         if not records:
             raise AutopipecError(f"no training record for generation {args.generation} in {database}")
     print_records(records, detail=args.generation is not None)
@@ -173,10 +169,24 @@ def cmd_results(args: argparse.Namespace) -> int:
 
 def cmd_cancel(args: argparse.Namespace) -> int:
     site, database = _site_and_db(args)
-    run_dir = find_run(site, args.generation, database)
-    cancel_generation(run_dir)
-    console.print(f"generation {args.generation}: jobs cancelled, record CANCELLED ({run_dir})")
+    db = DatabaseManager(database, must_exist=True)
+    record = reconcile_generation(db, args.generation)
+    if record is None:
+        raise AutopipecError(f"no training record for generation {args.generation} in {redact(database)}")
+    if record.status.is_final or record.run_dir is None:
+        console.print(f"generation {args.generation} is {record.status} already: nothing to cancel")
+        return 0
+    cancel_generation(record.run_dir)
+    after = db.get_record(args.generation)
+    state = after.status if after else "missing"
+    console.print(f"generation {args.generation}: jobs cancelled, record {state} ({record.run_dir})")
     return 0
+
+
+def _reconciled(db: DatabaseManager, generation: int | None) -> list[TrainingRecord]:
+    """The records (of one generation, or all), each first brought in line with its jobs."""
+    records = db.records() if generation is None else [r for r in [db.get_record(generation)] if r]
+    return [reconcile_generation(db, r.generation) or r if r.status.is_active else r for r in records]
 
 
 def cmd_check_site(args: argparse.Namespace) -> int:

@@ -9,13 +9,19 @@ next to the data they came from.
 
 from __future__ import annotations
 
+import fcntl
 import functools
+import hashlib
+import logging
 import math
+import os
+import socket
 import re
 import sqlite3
 import time
 import unicodedata
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
@@ -27,7 +33,9 @@ import numpy as np
 from ase import Atoms
 from ase.calculators.singlepoint import SinglePointCalculator
 
-from autopipec_hpc.errors import DatabaseError, ImportDataError
+from autopipec_hpc.errors import ClaimError, DatabaseBusyError, DatabaseError, ImportDataError
+
+log = logging.getLogger(__name__)
 
 TRAINING_RECORD = "training"
 
@@ -57,6 +65,18 @@ class RecordState(StrEnum):
         """Submitted or running: a generation in flight."""
         return self in (RecordState.SUBMITTED, RecordState.RUNNING)
 
+
+# Which state a record may move to from each: only forward. A requeue may take a
+# running generation back to SUBMITTED; a final state never changes.
+ALLOWED_MOVES: dict[RecordState, frozenset[RecordState]] = {
+    RecordState.SUBMITTED: frozenset(RecordState),
+    RecordState.RUNNING: frozenset(RecordState),
+    RecordState.SUCCEEDED: frozenset(),
+    RecordState.FAILED: frozenset(),
+    RecordState.DIVERGED: frozenset(),
+    RecordState.CANCELLED: frozenset(),
+}
+LOCK_TIMEOUT_S = 60.0
 
 FINAL_RECORD_STATES = frozenset(
     {RecordState.SUCCEEDED, RecordState.FAILED, RecordState.DIVERGED, RecordState.CANCELLED}
@@ -166,7 +186,8 @@ def _guarded(method):
 
 
 def describe_database_error(target: str, exc: BaseException) -> str:
-    text = str(exc) or type(exc).__name__
+    target = redact(target)
+    text = " ".join((str(exc) or type(exc).__name__).split())
     if "locked" in text or "busy" in text:
         return f"database {target} is locked by another process (gave up after waiting): {text}"
     if "readonly" in text or "read-only" in text or isinstance(exc, PermissionError):
@@ -179,6 +200,11 @@ class DatabaseManager:
 
     def __init__(self, target: str | Path, must_exist: bool = False) -> None:
         self.target = str(target)
+        if is_url(self.target) and redact(self.target) != self.target:
+            raise DatabaseError(
+                f"database {redact(self.target)}: a password in the URL would be written into run folders and "
+                "job scripts; give it in PGPASSWORD or ~/.pgpass (or PGPASSFILE) instead"
+            )
         if not is_url(self.target):
             path = Path(self.target)
             if path.suffix not in (".db", ".json"):
@@ -197,10 +223,11 @@ class DatabaseManager:
                 path.parent.mkdir(parents=True, exist_ok=True)
             except OSError as exc:
                 raise DatabaseError(f"database {self.target}: cannot create its folder ({exc.strerror})") from None
+        self._lock_depth = 0
         try:
             self._db = ase.db.connect(self.target, append=True)
         except Exception as exc:  # ase raises many kinds; the path is what the user needs
-            raise DatabaseError(f"cannot open database {self.target!r}: {exc}") from exc
+            raise DatabaseError(f"cannot open database {redact(self.target)!r}: {exc}") from exc
 
     # -- structures ---------------------------------------------------------
     @_guarded
@@ -377,6 +404,159 @@ class DatabaseManager:
             row.id, status=status, reason=reason, updated=stamp, data=merged, **clean
         )
         return row.id
+
+
+    # -- claims and forward-only updates -------------------------------------------
+    @contextmanager
+    def locked(self, timeout_s: float = LOCK_TIMEOUT_S) -> Iterator[None]:
+        """Hold the records' lock: one writer of training records at a time, across
+        processes and hosts that share the database. SQLite (and JSON): an flock on
+        ``<database>.records-lock`` beside the file; PostgreSQL: an advisory lock. Re-entrant
+        within this manager."""
+        if self._lock_depth:
+            self._lock_depth += 1
+            try:
+                yield
+            finally:
+                self._lock_depth -= 1
+            return
+        release = self._acquire(timeout_s)
+        self._lock_depth = 1
+        try:
+            yield
+        finally:
+            self._lock_depth = 0
+            release()
+
+    def _acquire(self, timeout_s: float) -> Callable[[], None]:
+        if is_url(self.target):
+            return _advisory_lock(self.target, timeout_s)
+        # Not "<db>.lock": ase.db keeps a lock of its own under that name.
+        path = Path(f"{self.target}.records-lock")
+        try:
+            handle = open(path, "a+")
+        except OSError as exc:
+            raise DatabaseError(f"database {self.target}: cannot open its lock file {path} ({exc.strerror})") from None
+        deadline = time.monotonic() + timeout_s
+        while True:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    handle.close()
+                    raise DatabaseBusyError(
+                        f"database {self.target}: its record lock {path} stayed held by another process "
+                        f"for {timeout_s:.0f} s"
+                    ) from None
+                time.sleep(0.05)
+
+        def release() -> None:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+            handle.close()
+
+        return release
+
+    @_guarded
+    def claim(
+        self,
+        generation: int | None,
+        make_run_dir: Callable[[int], Path],
+        force: bool = False,
+        values: dict[str, Any] | None = None,
+        data: dict[str, Any] | None = None,
+    ) -> tuple[int, Path]:
+        """Choose a generation (the given one, or one past the highest) and claim it for a
+        new run folder, in one step under the records' lock: of any number of
+        simultaneous claims of one generation exactly one wins, and plain claims get
+        distinct generations. The winner's record is new (nothing of an earlier run of
+        that generation is merged into it). Raises ClaimError for a generation in flight,
+        or one that succeeded unless ``force``."""
+        with self.locked():
+            number = self.next_generation() if generation is None else int(generation)
+            existing = self.get_record(number)
+            if existing is not None and existing.status.is_active:
+                raise ClaimError(
+                    f"generation {number} is {existing.status} (run folder {existing.run_dir}); "
+                    f"cancel it first: autopipec-hpc cancel --generation {number}"
+                )
+            if existing is not None and existing.status == RecordState.SUCCEEDED and not force:
+                raise ClaimError(
+                    f"generation {number} already succeeded ({existing.potential_path or ''}); "
+                    "use --force to train it again"
+                )
+            run_dir = make_run_dir(number)
+            owner = {"run_dir": str(run_dir), "claimed_by": f"{socket.gethostname()}:{os.getpid()}",
+                     "claimed_at": time.time()}
+            if existing is not None:
+                self._db.delete([existing.row_id])
+            self.write_record(number, RecordState.SUBMITTED, values={**(values or {}), **owner}, data=data)
+            return number, run_dir
+
+    @_guarded
+    def update_record(
+        self,
+        generation: int,
+        owner: str | Path,
+        status: RecordState | str,
+        reason: str = "",
+        values: dict[str, Any] | None = None,
+        data: dict[str, Any] | None = None,
+    ) -> bool:
+        """Move the record of ``generation`` to ``status`` if the run folder ``owner``
+        still holds the claim and the move is forward (``ALLOWED_MOVES``); else leave
+        it, log why and return False. A late, repeated or losing job can never
+        overwrite a final state or another run's record."""
+        status = RecordState(status)
+        with self.locked():
+            record = self.get_record(generation)
+            if record is None or record.run_dir is None or str(record.run_dir) != str(owner):
+                holder = None if record is None else record.run_dir
+                log.warning("generation %s: %s does not hold the record (held by %s); %s not written",
+                            generation, owner, holder, status)
+                return False
+            if status not in ALLOWED_MOVES[record.status]:
+                log.warning("generation %s is %s already; %s not written", generation, record.status, status)
+                return False
+            self.write_record(generation, status, reason=reason, values=values, data=data)
+            return True
+
+
+def _advisory_lock(url: str, timeout_s: float) -> Callable[[], None]:
+    """A PostgreSQL session advisory lock on its own connection (released with it)."""
+    try:
+        import psycopg2
+    except ImportError:
+        raise DatabaseError("PostgreSQL needs psycopg2: pip install 'autopipec-hpc[postgresql]'") from None
+    key = int.from_bytes(hashlib.sha256(b"autopipec-hpc training records").digest()[:8], "big", signed=True)
+    try:
+        connection = psycopg2.connect(url, connect_timeout=30)
+    except psycopg2.Error as exc:
+        raise DatabaseError(f"database {redact(url)}: {' '.join(str(exc).split())}") from None
+    connection.autocommit = True
+    try:
+        with connection.cursor() as cursor:
+            cursor.execute("SET lock_timeout = %s", (f"{int(timeout_s * 1000)}ms",))
+            cursor.execute("SELECT pg_advisory_lock(%s)", (key,))
+    except psycopg2.Error as exc:
+        connection.close()
+        raise DatabaseBusyError(
+            f"database {redact(url)}: the record lock stayed held for {timeout_s:.0f} s ({' '.join(str(exc).split())})"
+        ) from None
+
+    def release() -> None:
+        try:
+            with connection.cursor() as cursor:
+                cursor.execute("SELECT pg_advisory_unlock(%s)", (key,))
+        finally:
+            connection.close()
+
+    return release
+
+
+def redact(target: str) -> str:
+    """A database URL without its password, for messages and records."""
+    return re.sub(r"(://[^:/@]+):[^@]*@", r"\1:***@", target)
 
 
 class ReadyStructures:

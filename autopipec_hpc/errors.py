@@ -19,6 +19,14 @@ class DatabaseError(AutopipecError):
     """The database cannot be opened or a row cannot be read."""
 
 
+class ClaimError(AutopipecError):
+    """A generation is taken: another run holds it, or it succeeded already."""
+
+
+class DatabaseBusyError(DatabaseError):
+    """The database (or its record lock) stayed busy longer than we wait."""
+
+
 class ImportDataError(AutopipecError):
     """A file offered to `import` holds a frame without energy or forces."""
 

@@ -11,6 +11,7 @@ import json
 import logging
 import os
 import shutil
+import time
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -24,6 +25,8 @@ from autopipec_hpc.dataset_prep import DatasetManifest
 from autopipec_hpc.db import DatabaseManager, RecordState
 from autopipec_hpc.errors import (
     AutopipecError,
+    DatabaseBusyError,
+    DatabaseError,
     GPUUnavailableError,
     PublicationError,
     TrainingDivergenceError,
@@ -62,7 +65,8 @@ def check_backend(site: SiteConfig, evaluator: str, threads: int) -> dict[str, A
     devices TensorFlow sees there. A GPU job whose TensorFlow sees no GPU fails at
     once (GPUUnavailableError) unless the site allows the CPU fallback."""
     tensorpot = evaluator == Evaluator.TENSORPOT
-    backend = probe_backend(site.pacemaker.command, devices=tensorpot)
+    # Importing TensorFlow to list devices costs seconds: only where a GPU was asked for.
+    backend = probe_backend(site.pacemaker.command, devices=tensorpot and site.train.gpus > 0)
     host = os.uname().nodename
     visible = os.environ.get("CUDA_VISIBLE_DEVICES")
     devices = "CPU" if tensorpot else "CPU (pyace evaluator)"
@@ -88,13 +92,39 @@ def check_backend(site: SiteConfig, evaluator: str, threads: int) -> dict[str, A
     }
 
 
+# A job that finds the database busy (locked by another process) retries this long
+# before it gives up; the login side's reconciliation then tells the truth.
+JOB_DB_PATIENCE_S = 300.0
+
+
+def update_record(spec: RunSpec, status: RecordState, reason: str = "", values: dict[str, Any] | None = None,
+                  data: dict[str, Any] | None = None, patience_s: float = JOB_DB_PATIENCE_S) -> bool:
+    """A job's write of its generation's record: only as the run that holds the claim,
+    only forward, retried while the database is busy (bounded)."""
+    db = DatabaseManager(spec.database)
+    deadline = time.monotonic() + patience_s
+    delay = 1.0
+    while True:
+        try:
+            return db.update_record(spec.generation, spec.run_dir, status, reason=reason, values=values, data=data)
+        except DatabaseError as exc:
+            if not _busy(exc) or time.monotonic() + delay > deadline:
+                raise
+            log.warning("generation %s: database busy (%s); retrying in %.0f s", spec.generation, exc, delay)
+            time.sleep(delay)
+            delay = min(2 * delay, 30.0)
+
+
+def _busy(exc: DatabaseError) -> bool:
+    return isinstance(exc, DatabaseBusyError) or "locked" in str(exc) or "busy" in str(exc)
+
+
 def record_failure(spec: RunSpec, status: RecordState, reason: str, log_tail: str = "") -> None:
     """Record a final failure (CANCELLED where a cancel was asked) and the training verdict."""
     if spec.folder.cancel_marker.exists():
         status, reason = RecordState.CANCELLED, "cancelled by user"
-    db = DatabaseManager(spec.database)
-    db.write_record(spec.generation, status, reason=reason, data={"log_tail": log_tail} if log_tail else None)
     atomic_write_text(spec.folder.train_verdict, json.dumps({"ok": False, "status": status, "reason": reason}))
+    update_record(spec, status, reason=reason, data={"log_tail": log_tail} if log_tail else None)
 
 
 class TrainJob(submitit.helpers.Checkpointable):
@@ -124,11 +154,13 @@ class TrainJob(submitit.helpers.Checkpointable):
         except TrainingFailedError as exc:
             record_failure(spec, RecordState.FAILED, str(exc))
             raise
-        db.write_record(
-            spec.generation,
-            RecordState.RUNNING,
+        if not update_record(
+            spec, RecordState.RUNNING, reason="",
             values={"attempt": attempt_number(attempt), "resumed_from": str(resume_from or ""), **environment},
-        )
+        ):
+            raise TrainingFailedError(
+                f"generation {spec.generation} is no longer this run's to train (cancelled, or claimed by another run)"
+            )
         manifest = DatasetManifest.load(spec.dataset_dir)
         cancelled = folder.cancel_marker.exists
         wrapper = PacemakerWrapper(
@@ -150,8 +182,12 @@ class TrainJob(submitit.helpers.Checkpointable):
             record_failure(spec, RecordState.DIVERGED, str(exc))
             raise
         except TrainingInterrupted:
-            if not folder.requeue_marker.exists():  # a requeue is not a failure
-                record_failure(spec, RecordState.FAILED, "training interrupted (cancelled or killed)")
+            if folder.cancel_marker.exists():
+                record_failure(spec, RecordState.CANCELLED, "cancelled by user")
+            # Otherwise a signal from the scheduler: a requeue (time limit, preemption,
+            # `scontrol requeue`, a node lost) or an scancel. Which one only the scheduler
+            # knows, so nothing is written here: the record stays as it is until the
+            # requeued attempt runs, or the login side reconciles it with the scheduler.
             raise
         except TrainingFailedError as exc:
             record_failure(spec, RecordState.FAILED, str(exc), exc.log_tail)
@@ -166,8 +202,8 @@ class TrainJob(submitit.helpers.Checkpointable):
             record_failure(spec, RecordState.FAILED, f"time limit reached after {restarts} restarts (max_restarts)")
             return None
         spec.folder.requeue_marker.touch()
-        DatabaseManager(spec.database).write_record(
-            spec.generation, RecordState.SUBMITTED,
+        update_record(
+            spec, RecordState.SUBMITTED,
             reason=f"requeued after a time limit or preemption (restart {restarts + 1})",
             values={"restarts": restarts + 1},
         )
@@ -217,6 +253,7 @@ def evaluate_and_publish(spec: RunSpec, attempt: Path) -> dict[str, Any]:
     config = spec.train_config
     site = spec.site_config
     db = DatabaseManager(spec.database)
+    _still_ours(db, spec)
     manifest = DatasetManifest.load(spec.dataset_dir)
     result = TrainingResult.load(attempt)
     staging = registry.new_staging_dir(spec.output_dir, spec.generation)
@@ -268,21 +305,18 @@ def evaluate_and_publish(spec: RunSpec, attempt: Path) -> dict[str, Any]:
         shutil.copy2(spec.dataset_dir / DATASET_MANIFEST, staging / DATASET_MANIFEST)
         for name in registry.EVALUATION_FILES:
             shutil.copy2(staging / name, evaluation_dir / name)
-        final = registry.publish(staging, spec.output_dir, spec.generation, force=spec.force)
     except TrainingDivergenceError as exc:
         registry.discard(staging)
         record_failure(spec, RecordState.DIVERGED, str(exc))
         raise
     except (PublicationError, AutopipecError) as exc:
         registry.discard(staging)
-        db.write_record(spec.generation, RecordState.FAILED, reason=f"evaluation/publication failed: {exc}")
+        update_record(spec, RecordState.FAILED, reason=f"evaluation/publication failed: {exc}")
         raise
     except BaseException:
         registry.discard(staging)
         raise
-    db.mark_used(spec.generation, manifest.train_ids, manifest.test_ids)
     values = {
-        "potential_path": str(final),
         "iterations": sum(iterations_done(a) for a in spec.folder.attempts()),  # across requeues
         "wall_time_s": result.wall_time_s,
         "train_energy_rmse_mev": result.train_rmse_energy_mev,
@@ -293,8 +327,39 @@ def evaluate_and_publish(spec: RunSpec, attempt: Path) -> dict[str, Any]:
         "residual_energy_rmse_mev": report.residual.energy_rmse_mev,
         "residual_force_rmse_mev": report.residual.force_rmse_mev,
     }
-    db.write_record(
-        spec.generation, RecordState.SUCCEEDED, reason="", values=values,
-        data={"metrics": json.loads((final / registry.METRICS).read_text())},
-    )
+    values["potential_path"] = str(registry.potentials_root(spec.output_dir) / str(spec.generation))
+    publish_and_record(db, spec, staging, values, manifest)
     return values
+
+
+def _still_ours(db: DatabaseManager, spec: RunSpec) -> None:
+    record = db.get_record(spec.generation)
+    if record is None or str(record.run_dir) != spec.run_dir or not record.status.is_active:
+        state = "missing" if record is None else f"{record.status} (run folder {record.run_dir})"
+        raise TrainingFailedError(f"generation {spec.generation} is {state}; this run does not publish it")
+
+
+def publish_and_record(db: DatabaseManager, spec: RunSpec, staging: Path, values: dict[str, Any],
+                       manifest: DatasetManifest) -> Path:
+    """Publish and mark SUCCEEDED as one step under the records' lock, so that the
+    published folder and the record never disagree: a generation cancelled (or claimed
+    by another run) meanwhile is not published, and a record that cannot be written
+    takes the publication back."""
+    metrics = json.loads((staging / registry.METRICS).read_text())
+    with db.locked(timeout_s=JOB_DB_PATIENCE_S):
+        try:
+            _still_ours(db, spec)
+        except TrainingFailedError:
+            registry.discard(staging)
+            raise
+        final = registry.publish(staging, spec.output_dir, spec.generation, force=spec.force)
+        try:
+            written = update_record(spec, RecordState.SUCCEEDED, reason="", values=values, data={"metrics": metrics})
+        except BaseException:
+            registry.discard(final)
+            raise
+        if not written:
+            registry.discard(final)
+            raise TrainingFailedError(f"generation {spec.generation}: the record refused SUCCEEDED; not published")
+    db.mark_used(spec.generation, manifest.train_ids, manifest.test_ids)
+    return final

@@ -5,15 +5,22 @@ Each check names itself in its error; a failed check submits nothing.
 
 from __future__ import annotations
 
+import logging
+import os
 import shlex
 import subprocess
+import tempfile
+from collections.abc import Callable
 
+from autopipec_hpc import registry
 from autopipec_hpc.config import Evaluator
 from autopipec_hpc.dataset_prep import DatasetManifest
 from autopipec_hpc.errors import PreflightError, SchedulerError, TrainingFailedError
 from autopipec_hpc.run_folder import RunSpec
 from autopipec_hpc.scheduler.base import Scheduler
 from autopipec_hpc.pacemaker_wrapper import BackendInfo, pacemaker_python, probe_backend
+
+log = logging.getLogger(__name__)
 
 CHECK_TIMEOUT_S = 120
 
@@ -83,17 +90,35 @@ def check_database(spec: RunSpec) -> None:
                      "database reachable from the compute-node environment")
 
 
-def check_scheduler(scheduler: Scheduler) -> None:
-    """The scheduler's own check (SLURM: sbatch exists and sacct answers)."""
+def check_scheduler(scheduler: Scheduler) -> list[str]:
+    """The scheduler's own check (SLURM: sbatch exists, sacct answers, partitions exist)."""
     try:
-        scheduler.check()
+        return scheduler.check()
     except SchedulerError as exc:
         raise PreflightError(f"check '{scheduler.check_name}': {exc}") from None
 
 
-def run_preflight(spec: RunSpec, manifest: DatasetManifest, scheduler: Scheduler) -> Evaluator:
-    """Run every check; return the evaluator the training job will use."""
-    check_scheduler(scheduler)
+def check_writable(spec: RunSpec) -> None:
+    """The output folder (where the potential is published) and the run folder must
+    take files now, before a training is spent on them."""
+    for what, folder in (("output folder", registry.potentials_root(spec.output_dir)), ("run folder", spec.path)):
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            with tempfile.NamedTemporaryFile(dir=folder, prefix=".autopipec-check-") as probe:
+                probe.write(b"\0" * 65536)
+                probe.flush()
+                os.fsync(probe.fileno())
+        except OSError as exc:
+            raise PreflightError(f"check '{what} writable': {folder}: {exc.strerror or exc}") from None
+
+
+def run_preflight(spec: RunSpec, manifest: DatasetManifest, scheduler: Scheduler,
+                  warn: Callable[[str], None] | None = None) -> Evaluator:
+    """Run every check; return the evaluator the training job will use. Warnings
+    (a partition that is down) go to ``warn``."""
+    for warning in check_scheduler(scheduler):
+        (warn or log.warning)(f"warning: {warning}")
+    check_writable(spec)
     interpreter, backend = check_pacemaker(spec)
     evaluator = resolve_evaluator(spec.site_config.pacemaker.evaluator, backend, interpreter)
     check_dataset_readable(spec, manifest, interpreter)

@@ -8,7 +8,8 @@ new process (or a later login) can re-attach to a generation submitted earlier.
 from __future__ import annotations
 
 import logging
-import shutil
+import os
+import socket
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
@@ -101,18 +102,22 @@ def prepare_run(
     generation: int | None = None,
     force: bool = False,
 ) -> tuple[RunSpec, DatasetManifest]:
-    """Make the run folder and datasets of a generation and record it as SUBMITTED."""
+    """Claim a generation (and its run folder) in the database, then write its datasets.
+
+    The claim comes first and is atomic, so two submits never train one generation;
+    a failure after it leaves the record FAILED with the reason."""
     db = DatabaseManager(database)
-    generation = db.next_generation() if generation is None else generation
-    existing = db.get_record(generation)
-    if existing is not None and existing.status == RecordState.SUCCEEDED and not force:
-        raise AutopipecError(
-            f"generation {generation} already succeeded ({existing.potential_path or ''}); "
-            "use --force to train it again"
+    if db.count(status=StructureStatus.TRAINING_READY) == 0:
+        raise InsufficientDataError(
+            f"no structures with status={StructureStatus.TRAINING_READY} in {db.target}; nothing written"
         )
-    if existing is not None and existing.status.is_active and not force:
-        raise AutopipecError(f"generation {generation} is {existing.status}; cancel it or use --force")
-    run_dir = new_run_folder(Path(site.work_dir).resolve(), generation).path
+    if generation is not None:
+        reconcile_generation(db, generation)  # a stale record must not block the claim
+    work = Path(site.work_dir).resolve()
+    generation, run_dir = db.claim(
+        generation, lambda number: new_run_folder(work, number).path, force=force,
+        data={"config": config.model_dump(mode="json"), "site": site.name},
+    )
     spec = RunSpec(
         generation=generation,
         run_dir=str(run_dir),
@@ -123,18 +128,21 @@ def prepare_run(
         force=force,
     )
     try:
+        spec.save()
         manifest = prepare_dataset_from_db(db, dataset_settings(config), spec.dataset_dir)
-    except BaseException:
-        shutil.rmtree(run_dir, ignore_errors=True)
+    except BaseException as exc:
+        db.update_record(generation, run_dir, RecordState.FAILED, reason=f"not submitted: {_one_line(exc)}")
         raise
-    spec.save()
-    db.write_record(
-        generation,
-        RecordState.SUBMITTED,
-        values={"run_dir": str(run_dir), "n_train": len(manifest.train_ids), "n_test": len(manifest.test_ids)},
-        data={"config": spec.config, "site": site.name, "reference_energies": manifest.reference_energies},
+    db.update_record(
+        generation, run_dir, RecordState.SUBMITTED,
+        values={"n_train": len(manifest.train_ids), "n_test": len(manifest.test_ids)},
+        data={"reference_energies": manifest.reference_energies},
     )
     return spec, manifest
+
+
+def _one_line(exc: BaseException) -> str:
+    return " ".join(str(exc).split()) or type(exc).__name__
 
 
 def _absolute_db(database: str) -> str:
@@ -157,7 +165,7 @@ def submit_generation(
     spec, manifest = prepare_run(database, site, config, generation, force)
     scheduler = scheduler_for(site)
     try:
-        evaluator = run_preflight(spec, manifest, scheduler)
+        evaluator = run_preflight(spec, manifest, scheduler, warn=say)
         plan = plan_training(config, manifest.elements, evaluator)
         say(plan.describe())
         for warning in plan.warnings:
@@ -166,12 +174,12 @@ def submit_generation(
         spec.save()
         jobs = scheduler.submit(spec)
     except BaseException as exc:
-        DatabaseManager(spec.database).write_record(
-            spec.generation, RecordState.FAILED, reason=f"not submitted: {exc}"
+        DatabaseManager(spec.database).update_record(
+            spec.generation, spec.run_dir, RecordState.FAILED, reason=f"not submitted: {_one_line(exc)}"
         )
         raise
-    DatabaseManager(spec.database).write_record(
-        spec.generation, RecordState.SUBMITTED,
+    DatabaseManager(spec.database).update_record(
+        spec.generation, spec.run_dir, RecordState.SUBMITTED,
         values={"scheduler": jobs.scheduler, "train_job": jobs.train, "evaluate_job": jobs.evaluate,
                 "evaluator": str(plan.evaluator), "parameters": plan.parameters},
     )
@@ -295,9 +303,9 @@ def wait_for_generation(
                 break
         elif jobs_done:
             # Both jobs ended but nobody wrote a final record (killed hard, node lost).
-            db.write_record(spec.generation, RecordState.FAILED, reason=f"jobs ended without a result: {_plain(states)}")
-            record = db.get_record(spec.generation)
-            break
+            record = reconcile_generation(db, spec.generation)
+            if record is not None and record.status.is_final:
+                break
         if time.monotonic() > deadline:
             raise SchedulerError(
                 f"generation {spec.generation} not finished after {timeout_s:.0f} s "
@@ -317,15 +325,91 @@ def wait_for_generation(
 
 
 def cancel_generation(run_dir: Path, settle_s: float = 60.0) -> dict[str, JobState]:
-    """Cancel both jobs, wait (bounded) for them to end, record CANCELLED; returns job states."""
+    """Cancel both jobs, record CANCELLED (whenever the cancel lands before another final
+    state), wait (bounded) for the jobs to end; returns the job states."""
     spec = RunSpec.load(run_dir)
-    RunFolder(run_dir).cancel_marker.touch()
-    jobs = SubmittedJobs.load(run_dir)
-    scheduler_for(spec.site_config).cancel(jobs)
-    DatabaseManager(spec.database).write_record(spec.generation, RecordState.CANCELLED, reason="cancelled by user")
-    deadline = time.monotonic() + settle_s
-    states = job_states(Path(run_dir))
-    while any(s not in FINISHED for s in states.values()) and time.monotonic() < deadline:
-        time.sleep(0.5)
+    db = DatabaseManager(spec.database)
+    folder = RunFolder(run_dir)
+    folder.cancel_marker.touch()
+    states: dict[str, JobState] = {}
+    if folder.jobs_file.exists():
+        jobs = SubmittedJobs.load(run_dir)
+        scheduler_for(spec.site_config).cancel(jobs)
+    db.update_record(spec.generation, spec.run_dir, RecordState.CANCELLED, reason="cancelled by user")
+    if folder.jobs_file.exists():
+        deadline = time.monotonic() + settle_s
         states = job_states(Path(run_dir))
+        while any(s not in FINISHED for s in states.values()) and time.monotonic() < deadline:
+            time.sleep(0.5)
+            states = job_states(Path(run_dir))
     return states
+
+
+def reconcile_generation(db: DatabaseManager, generation: int) -> TrainingRecord | None:
+    """Bring the record of ``generation`` in line with its jobs: a record SUBMITTED or
+    RUNNING whose jobs have all ended (killed, cancelled by hand, node lost) becomes
+    FAILED with the reason, so nobody sees, or is blocked by, a state that is not true.
+    A record whose scheduler cannot answer is left as it is."""
+    record = db.get_record(generation)
+    if record is None or not record.status.is_active or record.run_dir is None:
+        return record
+    folder = RunFolder(record.run_dir)
+    if not folder.jobs_file.exists():
+        claimer = str(record.values.get("claimed_by", ""))
+        host, _, pid = claimer.rpartition(":")
+        if host == socket.gethostname() and pid.isdigit() and not _process_alive(int(pid)):
+            db.update_record(generation, record.run_dir, RecordState.FAILED,
+                             reason=f"the submitting process ({claimer}) ended before its jobs were submitted")
+        return db.get_record(generation)
+    try:
+        spec = RunSpec.load(record.run_dir)
+        jobs = SubmittedJobs.load(record.run_dir)
+        scheduler = scheduler_for(spec.site_config)
+        states = {which: scheduler.state(jobs, which) for which in JOB_ROLES}
+    except (SchedulerError, OSError, ValueError) as exc:
+        log.info("generation %s: cannot ask the scheduler (%s); record left as it is", generation, exc)
+        return record
+    if any(state not in FINISHED for state in states.values()):
+        return record
+    verdict = "training finished" if folder.train_verdict.exists() else "training left no verdict"
+    reason = (f"its jobs ended without a final record: training job {jobs.train} {states['train']}, "
+              f"evaluation job {jobs.evaluate} {states['evaluate']} ({verdict})")
+    db.update_record(generation, record.run_dir, RecordState.FAILED, reason=reason)
+    return db.get_record(generation)
+
+
+def describe_jobs(run_dir: Path) -> str:
+    """The jobs of a run as `status` shows them: ids, states, and why a pending one
+    waits; what went wrong where the scheduler cannot answer."""
+    folder = RunFolder(run_dir)
+    if not folder.jobs_file.exists():
+        return "not submitted"
+    try:
+        spec = RunSpec.load(run_dir)
+        jobs = SubmittedJobs.load(run_dir)
+        scheduler = scheduler_for(spec.site_config)
+        parts = []
+        for which in JOB_ROLES:
+            state = scheduler.state(jobs, which)
+            text = f"{getattr(jobs, which)} {state}"
+            if state in (JobState.PENDING, JobState.UNKNOWN):
+                reason = scheduler.pending_reason(jobs, which)
+                text += f" ({reason})" if reason else ""
+            parts.append(text)
+        return " / ".join(parts)
+    except (SchedulerError, OSError, ValueError) as exc:
+        return f"unknown: {_one_line(exc)[:120]}"
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:
+        with open(f"/proc/{pid}/stat") as handle:
+            return handle.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return True

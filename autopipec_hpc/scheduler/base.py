@@ -61,8 +61,13 @@ class Scheduler(Protocol):
     # What ``check`` verifies, as the preflight names it in an error.
     check_name: str
 
-    def check(self) -> None:
-        """Raise SchedulerError if this machine cannot submit jobs and follow them."""
+    def check(self) -> list[str]:
+        """Raise SchedulerError if this machine cannot submit jobs and follow them;
+        return warnings (a partition that is down) that do not stop a submission."""
+        ...
+
+    def pending_reason(self, jobs: SubmittedJobs, which: str) -> str | None:
+        """Why a pending job waits, as the scheduler says (None where it does not say)."""
         ...
 
     def job_preamble(self, run_dir: Path, role: str, folder: Path) -> list[str]:

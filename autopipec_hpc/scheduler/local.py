@@ -117,8 +117,12 @@ class LocalScheduler:
     def __init__(self, site: SiteConfig) -> None:
         self.site = site
 
-    def check(self) -> None:
+    def check(self) -> list[str]:
         """Nothing to check: the jobs are processes on this machine."""
+        return []
+
+    def pending_reason(self, jobs: SubmittedJobs, which: str) -> str | None:
+        return None  # local jobs start at once
 
     def job_preamble(self, run_dir: Path, role: str, folder: Path) -> list[str]:
         return []  # no job script: submitit starts the job body directly

@@ -76,10 +76,45 @@ class SlurmScheduler:
     def __init__(self, site: SiteConfig) -> None:
         self.site = site
 
-    def check(self) -> None:
-        """sbatch must exist and sacct must answer (submitit follows jobs only through it)."""
+    def check(self) -> list[str]:
+        """sbatch must exist, sacct must answer (submitit follows jobs only through it),
+        and the site's partitions must exist; a partition that is not up is a warning:
+        its jobs would wait until it is."""
         run_command(["sbatch", "--version"], "submitting")
         run_command(["sacct", "-n", "-X", "-j", "1", "-o", "JobID"], "following jobs")
+        return self._check_partitions()
+
+    def _check_partitions(self) -> list[str]:
+        out = run_command(["sinfo", "-h", "-o", "%R|%a|%D|%t"], "listing partitions")
+        partitions: dict[str, list[tuple[str, str]]] = {}
+        for line in out.splitlines():
+            name, avail, _nodes, node_state = (line.split("|") + ["", "", "", ""])[:4]
+            partitions.setdefault(name.strip(), []).append((avail.strip(), node_state.strip()))
+        warnings = []
+        for role, res in (("train", self.site.train), ("evaluate", self.site.evaluate)):
+            if not res.partition:
+                continue
+            if res.partition not in partitions:
+                raise SchedulerError(
+                    f"the {role} partition {res.partition!r} does not exist (sinfo lists: "
+                    f"{', '.join(sorted(partitions)) or 'none'})"
+                )
+            states = partitions[res.partition]
+            if all(avail != "up" for avail, _ in states):
+                warnings.append(f"the {role} partition {res.partition!r} is {states[0][0]}: "
+                                "its jobs will wait (PENDING) until it is up")
+            elif all(node.rstrip("*~#!%$@^-") in ("down", "drain", "drained", "fail", "inval") for _, node in states):
+                warnings.append(f"every node of the {role} partition {res.partition!r} is "
+                                f"{'/'.join(sorted({n for _, n in states}))}: its jobs will wait until one is back")
+        return warnings
+
+    def pending_reason(self, jobs: SubmittedJobs, which: str) -> str | None:
+        try:
+            out = run_command(["squeue", "-h", "-j", getattr(jobs, which), "-o", "%r"], "reading why a job waits")
+        except SchedulerError:
+            return None
+        reason = out.strip().splitlines()[-1].strip() if out.strip() else ""
+        return reason if reason and reason != "None" else None
 
     def job_preamble(self, run_dir: Path, role: str, folder: Path) -> list[str]:
         return setup_lines(self.site, run_dir, role, folder)
