@@ -180,7 +180,9 @@ def _guarded(method):
         try:
             return method(self, *args, **kwargs)
         except (sqlite3.Error, OSError) as exc:
-            raise DatabaseError(describe_database_error(self.target, exc)) from exc
+            message = describe_database_error(self.target, exc)
+            busy = "locked" in str(exc) or "busy" in str(exc)
+            raise (DatabaseBusyError if busy else DatabaseError)(message) from exc
 
     return wrapper
 

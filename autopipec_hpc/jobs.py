@@ -14,7 +14,8 @@ import shutil
 import time
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 import submitit
 
@@ -92,27 +93,39 @@ def check_backend(site: SiteConfig, evaluator: str, threads: int) -> dict[str, A
     }
 
 
+T = TypeVar("T")
+
 # A job that finds the database busy (locked by another process) retries this long
 # before it gives up; the login side's reconciliation then tells the truth.
 JOB_DB_PATIENCE_S = 300.0
 
 
-def update_record(spec: RunSpec, status: RecordState, reason: str = "", values: dict[str, Any] | None = None,
-                  data: dict[str, Any] | None = None, patience_s: float = JOB_DB_PATIENCE_S) -> bool:
-    """A job's write of its generation's record: only as the run that holds the claim,
-    only forward, retried while the database is busy (bounded)."""
-    db = DatabaseManager(spec.database)
+def patiently(action: Callable[[], T], what: str, patience_s: float = JOB_DB_PATIENCE_S) -> T:
+    """Run a job's database ``action``, retried (bounded) while the database is busy."""
     deadline = time.monotonic() + patience_s
     delay = 1.0
     while True:
         try:
-            return db.update_record(spec.generation, spec.run_dir, status, reason=reason, values=values, data=data)
+            return action()
         except DatabaseError as exc:
             if not _busy(exc) or time.monotonic() + delay > deadline:
                 raise
-            log.warning("generation %s: database busy (%s); retrying in %.0f s", spec.generation, exc, delay)
+            log.warning("%s: database busy (%s); retrying in %.0f s", what, exc, delay)
             time.sleep(delay)
             delay = min(2 * delay, 30.0)
+
+
+def update_record(spec: RunSpec, status: RecordState, reason: str = "", values: dict[str, Any] | None = None,
+                  data: dict[str, Any] | None = None, patience_s: float = JOB_DB_PATIENCE_S,
+                  db: DatabaseManager | None = None) -> bool:
+    """A job's write of its generation's record: only as the run that holds the claim,
+    only forward, retried while the database is busy (bounded). Pass the ``db`` whose
+    records lock is held, if one is (the lock is re-entrant per manager only)."""
+    db = db or DatabaseManager(spec.database)
+    return patiently(
+        lambda: db.update_record(spec.generation, spec.run_dir, status, reason=reason, values=values, data=data),
+        f"generation {spec.generation}: writing {status}", patience_s,
+    )
 
 
 def _busy(exc: DatabaseError) -> bool:
@@ -253,7 +266,7 @@ def evaluate_and_publish(spec: RunSpec, attempt: Path) -> dict[str, Any]:
     config = spec.train_config
     site = spec.site_config
     db = DatabaseManager(spec.database)
-    _still_ours(db, spec)
+    patiently(lambda: _still_ours(db, spec), f"generation {spec.generation}: reading its record")
     manifest = DatasetManifest.load(spec.dataset_dir)
     result = TrainingResult.load(attempt)
     staging = registry.new_staging_dir(spec.output_dir, spec.generation)
@@ -348,18 +361,20 @@ def publish_and_record(db: DatabaseManager, spec: RunSpec, staging: Path, values
     metrics = json.loads((staging / registry.METRICS).read_text())
     with db.locked(timeout_s=JOB_DB_PATIENCE_S):
         try:
-            _still_ours(db, spec)
+            patiently(lambda: _still_ours(db, spec), f"generation {spec.generation}: reading its record")
         except TrainingFailedError:
             registry.discard(staging)
             raise
         final = registry.publish(staging, spec.output_dir, spec.generation, force=spec.force)
         try:
-            written = update_record(spec, RecordState.SUCCEEDED, reason="", values=values, data={"metrics": metrics})
+            written = update_record(spec, RecordState.SUCCEEDED, reason="", values=values,
+                                    data={"metrics": metrics}, db=db)
         except BaseException:
             registry.discard(final)
             raise
         if not written:
             registry.discard(final)
             raise TrainingFailedError(f"generation {spec.generation}: the record refused SUCCEEDED; not published")
-    db.mark_used(spec.generation, manifest.train_ids, manifest.test_ids)
+    patiently(lambda: db.mark_used(spec.generation, manifest.train_ids, manifest.test_ids),
+              f"generation {spec.generation}: marking the structures it used")
     return final

@@ -20,6 +20,7 @@ from autopipec_hpc.dataset_prep import DatasetBuilder, DatasetManifest, DatasetS
 from autopipec_hpc.db import DatabaseManager, RecordState, StructureStatus, TrainingRecord, is_url
 from autopipec_hpc.errors import (
     AutopipecError,
+    DatabaseBusyError,
     InsufficientDataError,
     SchedulerError,
     TrainingDivergenceError,
@@ -289,7 +290,13 @@ def wait_for_generation(
             if current is not None and (current.attempt, current.progress.updated_at) != last_seen:
                 last_seen = (current.attempt, current.progress.updated_at)
                 on_progress(current)
-        record = db.get_record(spec.generation)
+        try:
+            record = db.get_record(spec.generation)
+        except DatabaseBusyError:
+            time.sleep(poll_s)  # a waiter is patient with a busy database; the deadline still holds
+            if time.monotonic() > deadline:
+                raise
+            continue
         states = job_states(run_dir)
         jobs_done = all(s in FINISHED for s in states.values())
         final = record is not None and record.status.is_final

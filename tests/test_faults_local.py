@@ -1,0 +1,156 @@
+"""Faults on the local executor, with real processes: simultaneous submits, jobs
+killed with SIGKILL, a database locked while a job writes, folders that cannot be
+written. Each ends in the true state, in bounded time, with nobody running --wait."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from autopipec_hpc.db import DatabaseManager, RecordState
+from autopipec_hpc.errors import PreflightError
+from autopipec_hpc.example_data import tiny_train_config
+from autopipec_hpc.registry import potentials_root
+from autopipec_hpc.run_folder import RunFolder
+from autopipec_hpc.scheduler.base import SubmittedJobs
+from autopipec_hpc.submission import cancel_generation, submit_generation, wait_for_generation
+from autopipec_hpc.testing.fault_pacemaker import make_fault_pacemaker
+
+CLI = [sys.executable, "-m", "autopipec_hpc.cli"]
+
+
+def _site_file(tmp_path: Path, site) -> Path:
+    path = tmp_path / "site.yaml"
+    path.write_text(json.dumps(site.model_dump(mode="json")))
+    return path
+
+
+def _cli(tmp_path: Path, *argv: str, timeout: float = 120) -> subprocess.CompletedProcess:
+    return subprocess.run(CLI + list(argv), cwd=tmp_path, capture_output=True, text=True, timeout=timeout)
+
+
+def _status_until(tmp_path: Path, site_file: Path, generation: int, wanted: set[str], timeout_s: float = 60):
+    """`status` from new processes until the record is one of ``wanted``."""
+    db = DatabaseManager(json.loads(site_file.read_text())["database"])
+    deadline = time.monotonic() + timeout_s
+    while True:
+        done = _cli(tmp_path, "status", "--site", str(site_file), "--generation", str(generation))
+        record = db.get_record(generation)
+        if record.status in wanted or time.monotonic() > deadline:
+            return done, record
+        time.sleep(1)
+
+
+def test_simultaneous_submits_of_one_generation_one_proceeds(tmp_path, example_db, local_site):
+    site = local_site(str(make_fault_pacemaker(tmp_path, "hang")))
+    site_file = _site_file(tmp_path, site)
+    procs = [subprocess.Popen(CLI + ["submit", "--site", str(site_file), "--generation", "7"], cwd=tmp_path,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(4)]
+    outcomes = [(p.wait(timeout=300), p.stdout.read(), p.stderr.read()) for p in procs]
+    try:
+        assert sorted(rc for rc, _, _ in outcomes) == [0, 2, 2, 2], outcomes
+        for rc, _, err in outcomes:
+            if rc == 2:
+                assert err.count("\n") == 1 and "generation 7 is SUBMITTED" in err or "RUNNING" in err
+        runs = sorted((tmp_path / "runs").glob("gen-0007*"))
+        assert len(runs) == 1  # the losers made no run folder
+        record = DatabaseManager(example_db).get_record(7)
+        assert record.status.is_active and record.run_dir == runs[0]
+    finally:
+        cancel_generation(runs[0]) if runs else None
+
+
+def test_simultaneous_plain_submits_get_distinct_generations(tmp_path, example_db, local_site):
+    site = local_site(str(make_fault_pacemaker(tmp_path, "crash")))
+    site_file = _site_file(tmp_path, site)
+    procs = [subprocess.Popen(CLI + ["submit", "--site", str(site_file)], cwd=tmp_path,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(3)]
+    assert [p.wait(timeout=300) for p in procs] == [0, 0, 0]
+    records = DatabaseManager(example_db).records()
+    assert [r.generation for r in records] == [1, 2, 3]
+    assert len({r.run_dir for r in records}) == 3
+
+
+@pytest.mark.parametrize("victims", [("train",), ("train", "evaluate")])
+def test_jobs_killed_with_sigkill_end_failed_without_anyone_waiting(tmp_path, example_db, local_site, victims):
+    site = local_site(str(make_fault_pacemaker(tmp_path, "hang")))
+    sub = submit_generation(example_db, site, tiny_train_config())
+    folder = RunFolder(sub.spec.run_dir)
+    deadline = time.monotonic() + 60
+    while not (folder.path / "attempt-1" / "grandchild.pid").exists() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    jobs = SubmittedJobs.load(folder.path)
+    for which in victims:
+        os.kill(int(getattr(jobs, which)), signal.SIGKILL)
+    done, record = _status_until(tmp_path, _site_file(tmp_path, site), 1, {"FAILED"})
+    assert record.status == RecordState.FAILED, (record, done.stdout)
+    assert "FAILED" in done.stdout
+    assert any(word in record.reason for word in ("ended without", "training job")), record.reason
+    assert not (potentials_root(site.output_dir) / "1").exists()
+    # the generation is not blocked: it can be claimed again at once
+    again = submit_generation(example_db, local_site(str(make_fault_pacemaker(tmp_path, "crash"))),
+                              tiny_train_config(), generation=1)
+    assert again.spec.generation == 1 and again.spec.run_dir != sub.spec.run_dir
+
+
+@pytest.mark.slow
+def test_a_database_locked_when_a_job_writes_is_waited_out(tmp_path, example_db, local_site):
+    """Another process holds the SQLite file's lock for 45 s from the moment pacemaker
+    starts, so the jobs' writes at the end of training and at publication meet it for
+    longer than one ASE write waits (20 s): they retry, and the generation still ends
+    SUCCEEDED and published."""
+    site = local_site()
+    locker = subprocess.Popen(
+        [sys.executable, "-c",
+         "import sqlite3, sys, time\n"
+         "c = sqlite3.connect(sys.argv[1], timeout=60, isolation_level=None)\n"
+         "while not __import__('os').path.exists(sys.argv[2]): time.sleep(0.05)\n"
+         "c.execute('BEGIN EXCLUSIVE'); print('locked', flush=True); time.sleep(45); c.execute('COMMIT')\n",
+         example_db, str(tmp_path / "runs" / "gen-0001" / "attempt-1")],
+        stdout=subprocess.PIPE, text=True,
+    )
+    try:
+        sub = submit_generation(example_db, site, tiny_train_config())
+    except Exception:
+        locker.kill()
+        raise
+    assert locker.stdout.readline().strip() == "locked"
+    record = wait_for_generation(Path(sub.spec.run_dir), timeout_s=600)
+    locker.wait(timeout=120)
+    assert record.status == RecordState.SUCCEEDED
+    assert (potentials_root(site.output_dir) / "1" / "potential.yaml").exists()
+
+
+def _mount_tmpfs(where: Path, options: str) -> None:
+    if os.geteuid() != 0:
+        pytest.skip("needs root to mount a small tmpfs")
+    where.mkdir(parents=True, exist_ok=True)
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(where)], capture_output=True)
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here ({done.stderr.decode().strip()})")
+
+
+@pytest.mark.parametrize("kind", ["read-only", "full"])
+def test_an_output_folder_that_cannot_be_written_is_refused_before_submitting(tmp_path, example_db, local_site, kind):
+    site = local_site()
+    out = Path(site.output_dir)
+    _mount_tmpfs(out, "ro,size=1m" if kind == "read-only" else "size=32k")
+    try:
+        if kind == "full":
+            (out / "potentials").mkdir()
+            (out / "filler").write_bytes(b"\0" * 30_000)
+        with pytest.raises(PreflightError, match="output folder writable"):
+            submit_generation(example_db, site, tiny_train_config())
+        record = DatabaseManager(example_db).get_record(1)
+        assert record.status == RecordState.FAILED and "not submitted" in record.reason
+        assert not RunFolder(record.run_dir).jobs_file.exists()  # nothing was queued
+    finally:
+        subprocess.run(["umount", str(out)], capture_output=True)

@@ -1,0 +1,151 @@
+"""Records that stay true: atomic claims, forward-only updates by the run that holds
+the claim, on SQLite and on PostgreSQL, with real concurrent processes."""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+
+from autopipec_hpc.db import DatabaseManager, RecordState
+from autopipec_hpc.errors import ClaimError, DatabaseError
+
+PG_URL = os.environ.get("AUTOPIPEC_TEST_POSTGRES")
+
+
+def _postgres_database() -> str:
+    """A fresh database on the test server of scripts/postgres/up.sh."""
+    if not PG_URL:
+        if os.environ.get("AUTOPIPEC_REQUIRE_POSTGRES") == "1":
+            pytest.fail("AUTOPIPEC_REQUIRE_POSTGRES=1 but AUTOPIPEC_TEST_POSTGRES is not set")
+        pytest.skip("no PostgreSQL: start one with `bash scripts/postgres/up.sh` and source its env.sh")
+    import psycopg2
+
+    name = f"t_{uuid.uuid4().hex[:12]}"
+    connection = psycopg2.connect(PG_URL)
+    connection.autocommit = True
+    with connection.cursor() as cursor:
+        cursor.execute(f"CREATE DATABASE {name}")
+    connection.close()
+    return PG_URL.rsplit("/", 1)[0] + "/" + name
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def database(request, tmp_path) -> str:
+    if request.param == "sqlite":
+        return str(tmp_path / "records.db")
+    return _postgres_database()
+
+
+def _claim(args: tuple[str, int | None, str, int]) -> tuple[str, int | None, str]:
+    """In a separate process: claim ``generation`` for a run folder of our own."""
+    target, generation, root, k = args
+    db = DatabaseManager(target)
+    try:
+        number, run_dir = db.claim(generation, lambda g: _fresh(Path(root), g, k))
+        return "won", number, str(run_dir)
+    except ClaimError as exc:
+        return "refused", generation, str(exc)
+
+
+def _fresh(root: Path, generation: int, k: int) -> Path:
+    path = root / f"gen-{generation:04d}-p{k}"
+    path.mkdir(parents=True)
+    return path
+
+
+def _race(target: str, generation: int | None, root: Path, n: int = 6):
+    DatabaseManager(target).count()  # create the tables before the race
+    context = multiprocessing.get_context("spawn")
+    with context.Pool(n) as pool:
+        return pool.map(_claim, [(target, generation, str(root), k) for k in range(n)])
+
+
+def test_of_simultaneous_claims_of_one_generation_exactly_one_wins(database, tmp_path):
+    results = _race(database, 7, tmp_path)
+    winners = [r for r in results if r[0] == "won"]
+    assert len(winners) == 1, results
+    assert all("generation 7 is SUBMITTED" in r[2] for r in results if r[0] == "refused")
+    record = DatabaseManager(database).get_record(7)
+    assert record.status == RecordState.SUBMITTED and str(record.run_dir) == winners[0][2]
+
+
+def test_simultaneous_plain_claims_get_distinct_generations(database, tmp_path):
+    results = _race(database, None, tmp_path)
+    numbers = sorted(r[1] for r in results)
+    assert all(r[0] == "won" for r in results) and numbers == list(range(1, 7))
+    assert len({r[2] for r in results}) == 6  # a run folder belongs to exactly one claim
+    assert [r.generation for r in DatabaseManager(database).records()] == list(range(1, 7))
+
+
+def test_states_move_only_forward_and_only_for_the_owner(database, tmp_path):
+    db = DatabaseManager(database)
+    _, owner = db.claim(3, lambda g: _fresh(tmp_path, g, 0))
+    assert db.update_record(3, owner, RecordState.RUNNING, values={"attempt": 1})
+    assert db.update_record(3, owner, RecordState.SUBMITTED, reason="requeued")  # a requeue goes back
+    assert db.update_record(3, owner, RecordState.RUNNING, values={"attempt": 2})
+    assert not db.update_record(3, tmp_path / "someone-else", RecordState.FAILED, reason="a losing job")
+    assert db.get_record(3).status == RecordState.RUNNING
+    assert db.update_record(3, owner, RecordState.CANCELLED, reason="cancelled by user")
+    for late in (RecordState.FAILED, RecordState.SUCCEEDED, RecordState.RUNNING, RecordState.SUBMITTED):
+        assert not db.update_record(3, owner, late, reason="late")
+    record = db.get_record(3)
+    assert record.status == RecordState.CANCELLED and record.reason == "cancelled by user"
+
+
+def test_a_new_claim_replaces_the_old_record_instead_of_merging_it(database, tmp_path):
+    db = DatabaseManager(database)
+    _, first = db.claim(2, lambda g: _fresh(tmp_path, g, 0))
+    db.update_record(2, first, RecordState.SUCCEEDED, values={"potential_path": "/old/pot", "test_energy_rmse_mev": 9.0})
+    with pytest.raises(ClaimError, match="already succeeded"):
+        db.claim(2, lambda g: _fresh(tmp_path, g, 1))
+    _, second = db.claim(2, lambda g: _fresh(tmp_path, g, 2), force=True)
+    assert db.update_record(2, second, RecordState.FAILED, reason="crashed")
+    assert not db.update_record(2, first, RecordState.SUCCEEDED)  # the old run cannot come back
+    record = db.get_record(2)
+    assert record.status == RecordState.FAILED and record.run_dir == second
+    assert record.potential_path is None and record.test_energy_rmse_mev is None  # nothing mixed in
+
+
+def test_a_failed_generation_can_be_claimed_again_without_force(database, tmp_path):
+    db = DatabaseManager(database)
+    _, first = db.claim(4, lambda g: _fresh(tmp_path, g, 0))
+    db.update_record(4, first, RecordState.FAILED, reason="node died")
+    number, second = db.claim(4, lambda g: _fresh(tmp_path, g, 1))
+    assert number == 4 and second != first and db.get_record(4).status == RecordState.SUBMITTED
+
+
+def test_a_database_url_with_a_password_is_refused_without_showing_it():
+    with pytest.raises(DatabaseError) as info:
+        DatabaseManager("postgresql://autopipec:s3cret-pw@127.0.0.1:1/x")
+    assert "s3cret-pw" not in str(info.value) and "PGPASSWORD" in str(info.value)
+
+
+def test_a_record_lock_held_elsewhere_is_waited_for_then_named(tmp_path):
+    target = str(tmp_path / "busy.db")
+    DatabaseManager(target).count()
+    holder = subprocess.Popen(
+        [sys.executable, "-c",
+         "import sys, time; from autopipec_hpc.db import DatabaseManager\n"
+         "db = DatabaseManager(sys.argv[1])\n"
+         "with db.locked():\n    print('held', flush=True); time.sleep(30)\n", target],
+        stdout=subprocess.PIPE, text=True,
+    )
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        start = time.monotonic()
+        with pytest.raises(DatabaseError, match="records-lock"):
+            with DatabaseManager(target).locked(timeout_s=1.0):
+                pass
+        assert time.monotonic() - start < 10
+    finally:
+        holder.kill()
+        holder.wait()
+    with DatabaseManager(target).locked(timeout_s=5.0):  # free again once its holder is gone
+        pass
