@@ -247,6 +247,48 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_select(args: argparse.Namespace) -> int:
+    from autopipec_hpc.active_learning import check_selection_args, select_candidates
+
+    check_selection_args(args.max, args.gamma_min, args.strategy, args.batch)
+    site, database = _site_and_db(args)
+    result = select_candidates(database, args.generation, args.max, args.gamma_min, args.strategy,
+                               args.batch, args.seed, args.out, notify=_say)
+    print_selection(result)
+    return 0
+
+
+def cmd_label(args: argparse.Namespace) -> int:
+    from autopipec_hpc.active_learning import label_requested, load_calculator_class
+
+    load_calculator_class(args.calculator, args.kwargs)  # a bad spec is named before the database opens
+    site, database = _site_and_db(args)
+    result = label_requested(database, args.calculator, args.kwargs, notify=_say)
+    console.print(f"{len(result.labelled)} structures labelled with {args.calculator}: now TRAINING_READY")
+    return 0
+
+
+def print_selection(result) -> None:
+    table = Table(title=f"candidates scored by generation {result.generation} ({result.strategy}, "
+                        f"gamma > {result.gamma_min:g}, at most {result.max_select})")
+    for col in ("config_type", "scored", "median max gamma", "largest gamma", "gamma > min", "gamma > 5",
+                "selected"):
+        table.add_column(col, justify="right" if col != "config_type" else "left")
+    for ctype, c in result.by_config_type.items():
+        table.add_row(ctype, str(c["scored"]), _fmt(c["gamma_max_median"]), _fmt(c["gamma_max_max"]),
+                      str(c["above_gamma_min"]), str(c["above_5"]), str(c["selected"]))
+    table.add_row("[b]total", f"[b]{result.scored}", "", "", f"[b]{result.above}",
+                  f"[b]{sum(c['above_5'] for c in result.by_config_type.values())}",
+                  f"[b]{len(result.selected_ids)}")
+    console.print(table)
+    if result.skipped:
+        named = ", ".join(f"id={i} ({'/'.join(els)})" for i, els in sorted(result.skipped.items()))
+        console.print(f"skipped {len(result.skipped)} candidates with elements the potential does not know: {named}",
+                      highlight=False)
+    console.print(f"{len(result.selected_ids)} structures now DFT_REQUESTED; summary and gamma histograms in "
+                  f"{result.folder}", highlight=False)
+
+
 def _local_evaluator(site: SiteConfig):
     """The evaluator pacemaker's environment on this machine would get."""
     from autopipec_hpc.errors import TrainingFailedError
@@ -418,6 +460,23 @@ def build_parser() -> argparse.ArgumentParser:
                    help="labelled structures to train on (default: 30 EMT copper cells made on the spot)")
     p.add_argument("--config", type=Path, default=None, help="default: a small quick fit")
     p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("select", help="score candidates by extrapolation grade; request labels for the best")
+    site_args(p)
+    p.add_argument("--generation", type=int, required=True, help="the published generation that scores")
+    p.add_argument("--max", type=int, default=20, help="structures to choose at most (default 20)")
+    p.add_argument("--gamma-min", type=float, default=1.0, help="only candidates above this max gamma (default 1)")
+    p.add_argument("--strategy", default="d-optimal", help="d-optimal (default), top-gamma or random")
+    p.add_argument("--batch", type=int, default=200, help="candidates scored and offered to MaxVol at a time")
+    p.add_argument("--seed", type=int, default=0, help="for --strategy random")
+    p.add_argument("--out", type=Path, default=None, help="summary folder (default: <output>/selections/gen-N)")
+    p.set_defaults(func=cmd_select)
+
+    p = sub.add_parser("label", help="label DFT_REQUESTED structures with an ASE calculator")
+    site_args(p)
+    p.add_argument("--calculator", required=True, help="MODULE:CLASS, e.g. ase.calculators.emt:EMT")
+    p.add_argument("--kwargs", default=None, help="the calculator's keyword arguments as a JSON object")
+    p.set_defaults(func=cmd_label)
 
     return parser
 

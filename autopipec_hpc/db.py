@@ -26,6 +26,7 @@ from ase.calculators.singlepoint import SinglePointCalculator
 from autopipec_hpc.errors import DatabaseError, ImportDataError
 
 TRAINING_RECORD = "training"
+SELECTION_RECORD = "selection"  # one row per `select` run (active_learning.py)
 
 
 class StructureStatus(StrEnum):
@@ -262,6 +263,24 @@ class DatabaseManager:
         if generation is not None:
             selection["generation"] = int(generation)
         return list(self._db.select(sort="id", **selection))
+
+    def commit_selection(self, generation: int, row_ids: Sequence[int], values: dict[str, Any],
+                         data: dict[str, Any]) -> int:
+        """In one transaction: the chosen CANDIDATE rows become DFT_REQUESTED (any other
+        row is left alone) and a ``record=selection`` row records the step; returns how
+        many rows changed status."""
+        changed = 0
+        clean = {k: _clean_value(v) for k, v in values.items()}
+        with self._db as db:
+            for row_id in row_ids:
+                if db.get(id=int(row_id)).get("status") != StructureStatus.CANDIDATE:
+                    continue
+                db.update(int(row_id), status=StructureStatus.DFT_REQUESTED.value,
+                          selected_by_generation=int(generation))
+                changed += 1
+            db.write(Atoms(), record=SELECTION_RECORD, generation=int(generation), updated=time.time(),
+                     data=data, **{k: v for k, v in clean.items() if v is not None})
+        return changed
 
     def count(self, **selection: Any) -> int:
         return self._db.count(**{k: str(v) if isinstance(v, StrEnum) else v for k, v in selection.items()})

@@ -65,3 +65,151 @@ def test_set_labels_keeps_unique_id_and_key_value_pairs(tmp_path):
     assert row.unique_id == uid and row.id == row_id
     assert row.status == "TRAINING_READY" and row.temperature == 300.0 and row.config_type == "md_300K"
     assert row.energy == -1.5 and np.allclose(row.forces, 1.0)
+
+
+# -- selection and labelling with a real (tiny) potential ---------------------------------
+import shutil
+import sys
+
+from autopipec_hpc.config import SiteConfig
+from autopipec_hpc.example_data import tiny_train_config, write_example_database
+
+PACEMAKER = Path(sys.executable).parent / "pacemaker"
+needs_pacemaker = pytest.mark.skipif(not PACEMAKER.exists(), reason="pip install -e .[pacemaker]")
+
+
+def _site(root: Path) -> SiteConfig:
+    return SiteConfig(name="al-test", scheduler="local", work_dir=root / "runs", output_dir=root / "output",
+                      database=str(root / "structures.db"), pacemaker={"command": "pacemaker", "evaluator": "pyace"},
+                      train={"cpus": 2})
+
+
+def near_candidates(n=8, seed=11):
+    rng = np.random.default_rng(seed)
+    out = []
+    for _ in range(n):
+        atoms = bulk("Cu", "fcc", a=3.61 * rng.uniform(0.98, 1.02), cubic=True).repeat(2)
+        atoms.rattle(0.05, seed=int(rng.integers(1 << 30)))
+        out.append(atoms)
+    return out
+
+
+def far_candidates():
+    from ase.build import fcc111
+
+    squeezed = bulk("Cu", "fcc", a=3.0, cubic=True).repeat(2)
+    squeezed.rattle(0.05, seed=1)
+    slab = fcc111("Cu", (2, 2, 3), a=3.61, vacuum=5.0, periodic=True)
+    hot = bulk("Cu", "fcc", a=3.61, cubic=True).repeat(2)
+    hot.rattle(0.35, seed=2)
+    return [squeezed, slab, hot]
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """Generation 1 trained on the 30 example structures (pyace, 16 functions, 20 iterations)."""
+    if not PACEMAKER.exists():
+        pytest.skip("pacemaker not installed")
+    from autopipec_hpc.submission import train_generation
+
+    root = tmp_path_factory.mktemp("al")
+    site = _site(root)
+    db = DatabaseManager(site.database)
+    write_example_database(db)
+    record = train_generation(site, tiny_train_config(), timeout_s=900)
+    return root, site, record
+
+
+def _copy_db(trained, tmp_path) -> str:
+    root, site, _ = trained
+    path = tmp_path / "structures.db"
+    shutil.copy(site.database, path)
+    return str(path)
+
+
+@pytest.mark.slow
+@needs_pacemaker
+def test_select_scores_like_pyace_and_chooses_the_far_structures(trained, tmp_path):
+    from pyace import PyACECalculator
+
+    database = _copy_db(trained, tmp_path)
+    db = DatabaseManager(database)
+    near_ids = [db.add_candidate(a, "near") for a in near_candidates()]
+    far_ids = [db.add_candidate(a, f"far{k}") for k, a in enumerate(far_candidates())]
+    au = bulk("Au", "fcc", a=4.08, cubic=True)
+    au_id = db.add_candidate(au, "gold")
+    code = main(["select", "--db", database, "--generation", "1", "--max", "3", "--gamma-min", "1",
+                 "--out", str(tmp_path / "sel")])
+    assert code == 0
+    rows = {r.id: r for r in db.iter_rows()}
+    chosen = sorted(i for i, r in rows.items() if r.get("status") == "DFT_REQUESTED")
+    print({i: round(rows[i].gamma_max, 2) for i in near_ids + far_ids})
+    assert chosen == sorted(far_ids)
+    assert all(rows[i].selected_by_generation == 1 for i in chosen)
+    assert all(rows[i].scored_by_generation == 1 for i in near_ids + far_ids)
+    assert "gamma_max" not in rows[au_id] and rows[au_id].status == "CANDIDATE"  # unknown element: skipped
+    # select's gamma is PyACECalculator's with the active set
+    pot = Path(trained[2].potential_path)
+    calc = PyACECalculator(str(pot / "potential.yaml"))
+    calc.set_active_set(str(pot / "potential.asi"))
+    for i in (near_ids[0], far_ids[0], far_ids[2]):
+        atoms = rows[i].toatoms()
+        atoms.calc = calc
+        atoms.get_potential_energy()
+        assert rows[i].gamma_max == pytest.approx(calc.results["gamma"].max(), rel=1e-12)
+        assert rows[i].gamma_mean == pytest.approx(calc.results["gamma"].mean(), rel=1e-12)
+    sel = tmp_path / "sel"
+    assert (sel / "selection.json").exists() and (sel / "gamma_near.png").exists()
+    marker = db.markers("selection", 1)
+    assert len(marker) == 1 and marker[0].n_selected == 3
+
+    # label: DFT_REQUESTED -> TRAINING_READY with EMT, nothing else changes
+    before = {i: r.get("status") for i, r in rows.items()}
+    assert main(["label", "--db", database, "--calculator", "ase.calculators.emt:EMT"]) == 0
+    after = {r.id: r.get("status") for r in db.iter_rows()}
+    changes = {(before[i], after[i]) for i in before if before[i] != after[i]}
+    assert changes == {("DFT_REQUESTED", "TRAINING_READY")}
+    for i in chosen:
+        row = db.get_row(i)
+        atoms = row.toatoms()
+        atoms.calc = EMT()
+        assert row.energy == pytest.approx(atoms.get_potential_energy())
+        assert row.labelled_by == "ase.calculators.emt:EMT"
+
+
+@pytest.mark.slow
+@needs_pacemaker
+def test_select_top_gamma_and_random_strategies_keep_the_budget(trained, tmp_path):
+    database = _copy_db(trained, tmp_path)
+    db = DatabaseManager(database)
+    for a in near_candidates() + far_candidates():
+        db.add_candidate(a, "mixed")
+    from autopipec_hpc.active_learning import select_candidates
+
+    top = select_candidates(database, 1, max_select=2, gamma_min=0.0, strategy="top-gamma", out_dir=tmp_path / "a")
+    gammas = sorted((r.gamma_max for r in db.iter_rows(status="CANDIDATE")), reverse=True)
+    chosen = [db.get_row(i).gamma_max for i in top.selected_ids]
+    assert len(chosen) == 2 and min(chosen) >= gammas[0]
+
+
+@pytest.mark.parametrize("argv, culprit", [
+    (["select", "--generation", "7"], "generation 7"),
+    (["select", "--generation", "1", "--max", "0"], "--max"),
+    (["select", "--generation", "1", "--gamma-min", "-1"], "--gamma-min"),
+    (["select", "--generation", "1", "--strategy", "best"], "--strategy"),
+    (["label", "--calculator", "no_such_module_xyz:Calc"], "no_such_module_xyz"),
+    (["label", "--calculator", "ase.calculators.emt"], "MODULE:CLASS"),
+    (["label", "--calculator", "ase.calculators.emt:Nope"], "Nope"),
+    (["label", "--calculator", "ase.calculators.emt:EMT", "--kwargs", "{bad"], "--kwargs"),
+    (["label", "--calculator", "ase.calculators.emt:EMT", "--kwargs", "[1]"], "--kwargs"),
+])
+def test_bad_select_and_label_inputs_are_one_line_exit_2_database_unchanged(tmp_path, capsys, argv, culprit):
+    database = tmp_path / "structures.db"
+    db = DatabaseManager(database)
+    write_example_database(db)
+    db.add_candidate(near_candidates(1)[0], "near")
+    before = _bytes(database)
+    assert main([*argv, "--db", str(database)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and culprit in err, err
+    assert _bytes(database) == before
