@@ -84,6 +84,8 @@ def _site_and_db(args: argparse.Namespace) -> tuple[SiteConfig, str]:
 def cmd_submit(args: argparse.Namespace) -> int:
     site, database = _site_and_db(args)
     config = TrainConfig.from_yaml(args.config)
+    if args.from_generation is not None:
+        config = config.model_copy(update={"warm_start": args.from_generation})
     sub = submit_generation(database, site, config, args.generation, args.force, notify=_say)
     print_dataset_summary(sub.manifest)
     console.print(
@@ -318,12 +320,12 @@ def _fmt(value, digits: int = 2) -> str:
 
 def print_records(records: list[TrainingRecord], detail: bool = False) -> None:
     table = Table(title="training results (holdout: ACE + ZBL + reference energies vs DFT)")
-    for col in ("gen", "status", "E RMSE meV/at", "E MAE meV/at", "F RMSE meV/A", "train E / F",
+    for col in ("gen", "parent", "status", "E RMSE meV/at", "E MAE meV/at", "F RMSE meV/A", "train E / F",
                 "iters", "wall s", "potential / reason"):
         table.add_column(col)
     for r in records:
         table.add_row(
-            str(r.generation), _coloured(r.status),
+            str(r.generation), str(r.values.get("parent_generation") or "-"), _coloured(r.status),
             _fmt(r.test_energy_rmse_mev), _fmt(r.test_energy_mae_mev), _fmt(r.test_force_rmse_mev, 1),
             f"{_fmt(r.train_energy_rmse_mev)} / {_fmt(r.train_force_rmse_mev, 1)}",
             str("-" if r.iterations is None else r.iterations), _fmt(r.wall_time_s, 0),
@@ -427,6 +429,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--generation", type=int, default=None, help="default: one more than the last")
     p.add_argument("--wait", action="store_true", help="wait for the result and show it")
     p.add_argument("--force", action="store_true", help="retrain a generation that succeeded")
+    p.add_argument("--from-generation", type=int, default=None,
+                   help="warm start: begin from this published generation's potential")
     p.set_defaults(func=cmd_submit)
 
     p = sub.add_parser("status", help="generations and their jobs")

@@ -52,6 +52,7 @@ class PotentialManifest:
     # Software that made it; None in manifests written before these were recorded.
     autopipec_hpc_version: str | None = None
     pacemaker_version: str | None = None  # the python-ace distribution; None if not installed
+    parent_generation: int | None = None  # the generation a warm start began from; None: a cold start
 
 
 def installed_version(distribution: str) -> str | None:
@@ -109,6 +110,7 @@ def stage_potential(
     reference_energies: Mapping[str, float],
     generation: int,
     pacemaker_command: str,
+    parent_generation: int | None = None,
 ) -> PotentialManifest:
     """Write the deployable files of one potential into ``staging``."""
     staging.mkdir(parents=True, exist_ok=True)
@@ -132,6 +134,7 @@ def stage_potential(
         published_at=time.time(),
         autopipec_hpc_version=installed_version("autopipec-hpc"),
         pacemaker_version=installed_version("python-ace"),
+        parent_generation=parent_generation,
     )
     (staging / MANIFEST).write_text(json.dumps(asdict(manifest), indent=2))
     return manifest

@@ -213,3 +213,107 @@ def test_bad_select_and_label_inputs_are_one_line_exit_2_database_unchanged(tmp_
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and culprit in err, err
     assert _bytes(database) == before
+
+
+# -- warm start ------------------------------------------------------------------------------
+def _metrics(attempt: Path):
+    from autopipec_hpc.pacemaker_wrapper import read_metrics_table
+
+    return read_metrics_table(attempt / "metrics.txt")
+
+
+def _child_site(tmp_path, database) -> SiteConfig:
+    return _site(tmp_path).model_copy(update={"database": database})
+
+
+@pytest.mark.slow
+@needs_pacemaker
+def test_warm_start_loads_the_parent_and_trains_exactly_our_targets(trained, tmp_path):
+    import json
+
+    from autopipec_hpc.dataset_prep import read_pickle
+    from autopipec_hpc.submission import train_generation
+
+    root, _, parent = trained
+    database = _copy_db(trained, tmp_path)
+    site = _child_site(tmp_path, database)
+    config = tiny_train_config().model_copy(update={"warm_start": 1})
+    record = train_generation(site, config, generation=2, timeout_s=900)
+    assert record.values["parent_generation"] == 1
+    manifest = json.loads((Path(record.potential_path) / "potential.json").read_text())
+    assert manifest["parent_generation"] == 1
+    assert manifest["reference_energies"] == json.loads((Path(parent.potential_path) / "potential.json").read_text())["reference_energies"]
+
+    cold = _metrics(Path(parent.run_dir) / "attempt-1")
+    warm = _metrics(Path(record.run_dir) / "attempt-1")
+    cold_first, cold_last = float(cold["loss"].iloc[0]), float(cold["loss"].iloc[-1])
+    warm_first = float(warm["loss"].iloc[0])
+    print(f"cold start loss {cold_first:.4g} -> {cold_last:.4g}; warm start begins at {warm_first:.4g}")
+    assert warm_first == pytest.approx(cold_last, rel=1e-3)  # it really loaded the parent
+    assert warm_first < 0.2 * cold_first  # far below a cold start
+
+    # The targets trained on are exactly ours: our pickles, and pacemaker's own fitting data.
+    run = Path(record.run_dir)
+    ours = read_pickle(run / "dataset" / "train-000.pckl.gzip")
+    expected = ours["energy_dft"] - ours["energy_zbl"] - ours["energy_reference"]
+    assert (ours["energy"] == expected).all() and (ours["energy_corrected"] == expected).all()
+    fitted = read_pickle(run / "attempt-1" / "fitting_data_info.pckl.gzip")
+    assert len(fitted) == len(ours)
+    mine = dict(zip(ours["ase_atoms"].map(lambda a: a.positions.tobytes()), ours["energy_corrected"]))
+    theirs = dict(zip(fitted["ase_atoms"].map(lambda a: a.positions.tobytes()), fitted["energy_corrected"]))
+    assert theirs == mine
+    import yaml
+
+    start = yaml.safe_load((run / "warm_start.yaml").read_text())
+    assert "reference_energy" not in start["metadata"]
+    assert main(["results", "--db", database, "--site", str(_write_site(site, tmp_path))]) == 0
+
+
+def _write_site(site: SiteConfig, tmp_path: Path) -> Path:
+    import yaml
+
+    path = tmp_path / "site.yaml"
+    path.write_text(yaml.safe_dump(site.model_dump(mode="json")))
+    return path
+
+
+@pytest.mark.slow
+@needs_pacemaker
+@pytest.mark.parametrize("change, culprit", [
+    ({"zbl_outer": 2.5}, "zbl_outer"),
+    ({"b_basis_size": 20}, "b_basis_size"),
+    ({"cutoff": 4.5}, "cutoff"),
+    ({"reference_energies": {"Cu": -1.0}}, "reference_energies"),
+    ({"warm_start": 9}, "generation 9"),
+])
+def test_incompatible_warm_start_is_refused_by_name_and_writes_nothing(trained, tmp_path, change, culprit):
+    from autopipec_hpc.errors import ConfigError
+    from autopipec_hpc.submission import submit_generation
+
+    database = _copy_db(trained, tmp_path)
+    before = _bytes(database)
+    config = tiny_train_config().model_copy(update={"warm_start": 1, **change})
+    with pytest.raises(ConfigError, match=culprit):
+        submit_generation(database, _child_site(tmp_path, database), config, generation=2)
+    assert _bytes(database) == before
+    assert not (tmp_path / "runs").exists()
+
+
+@pytest.mark.slow
+@needs_pacemaker
+def test_warm_start_with_a_new_element_is_refused_by_name(trained, tmp_path, capsys):
+    database = _copy_db(trained, tmp_path)
+    db = DatabaseManager(database)
+    au = bulk("Au", "fcc", a=4.08, cubic=True)
+    au.calc = EMT()
+    db.add_structure(au, au.get_potential_energy(), au.get_forces(), "gold")
+    before = _bytes(database)
+    site_file = _write_site(_child_site(tmp_path, database), tmp_path)
+    import yaml
+
+    config_file = tmp_path / "train.yaml"
+    config_file.write_text(yaml.safe_dump(tiny_train_config().model_dump(mode="json")))
+    assert main(["submit", "--site", str(site_file), "--config", str(config_file), "--from-generation", "1"]) == 2
+    err = capsys.readouterr().err
+    assert "elements Au,Cu" in err and len(err.strip().splitlines()) == 1
+    assert _bytes(database) == before
