@@ -154,7 +154,23 @@ def cmd_results(args: argparse.Namespace) -> int:
         if not records:
             raise AutopipecError(f"no training record for generation {args.generation} in {database}")
     print_records(records, detail=args.generation is not None)
+    if args.common_holdout:
+        print_common_holdout(DatabaseManager(database))
     return 0
+
+
+def print_common_holdout(db: DatabaseManager) -> None:
+    from autopipec_hpc.active_learning import common_holdout
+
+    common, rows = common_holdout(db)
+    table = Table(title=f"every published generation on the same {len(common)} holdout structures "
+                        "(the intersection of their holdouts; ACE + ZBL + reference energies vs labels)")
+    for col in ("gen", "parent", "structures", "E RMSE meV/at", "F RMSE meV/A", "worst F error meV/A"):
+        table.add_column(col)
+    for r in rows:
+        table.add_row(str(r.generation), str(r.parent_generation or "-"), str(r.structures),
+                      _fmt(r.energy_rmse_mev), _fmt(r.force_rmse_mev, 1), _fmt(r.force_max_mev, 1))
+    console.print(table)
 
 
 def cmd_cancel(args: argparse.Namespace) -> int:
@@ -441,6 +457,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("results", help="metrics of finished generations")
     site_args(p)
     p.add_argument("--generation", type=int, default=None)
+    p.add_argument("--common-holdout", action="store_true",
+                   help="also evaluate every published generation on the holdout rows they share")
     p.set_defaults(func=cmd_results)
 
     p = sub.add_parser("cancel", help="cancel a generation's jobs")

@@ -317,3 +317,24 @@ def test_warm_start_with_a_new_element_is_refused_by_name(trained, tmp_path, cap
     err = capsys.readouterr().err
     assert "elements Au,Cu" in err and len(err.strip().splitlines()) == 1
     assert _bytes(database) == before
+
+
+# -- stable split ----------------------------------------------------------------------------
+def test_stable_split_keeps_every_holdout_row_when_rows_are_added():
+    import uuid
+
+    from autopipec_hpc.dataset_prep import stable_split
+
+    rng = np.random.default_rng(0)
+    keys = {i: (("bulk", "surface", "md")[i % 3], uuid.UUID(int=int(rng.integers(1 << 62))).hex) for i in range(300)}
+    train, test, _ = stable_split(keys, 0.1, 42)
+    assert 15 <= len(test) <= 45 and set(train) | set(test) == set(keys) and not set(train) & set(test)
+    grown = dict(keys)
+    grown.update({i: (("bulk", "surface", "md", "vacancy")[i % 4], uuid.uuid4().hex) for i in range(300, 500)})
+    train2, test2, _ = stable_split(grown, 0.1, 42)
+    assert set(test) <= set(test2) and set(train) <= set(train2)
+    assert any(i >= 300 for i in test2) and any(grown[i][0] == "vacancy" for i in test2)
+    # keyed on unique_id and the seed, not on the database id or the order
+    relabelled = {1000 + i: v for i, v in reversed(list(keys.items()))}
+    assert sorted(i - 1000 for i in stable_split(relabelled, 0.1, 42)[1]) == test
+    assert stable_split(keys, 0.1, 43)[1] != test
