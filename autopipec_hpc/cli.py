@@ -286,6 +286,24 @@ def cmd_label(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_loop(args: argparse.Namespace) -> int:
+    from autopipec_hpc.active_learning import check_selection_args, load_calculator_class, run_loop
+    from autopipec_hpc.errors import ConfigError
+
+    if args.generations < 1:
+        raise ConfigError(f"--generations must be at least 1, got {args.generations}")
+    check_selection_args(args.select, args.gamma_min, args.strategy, 1)
+    load_calculator_class(args.calculator, args.kwargs)  # named before anything is written
+    site, database = _site_and_db(args)
+    config = TrainConfig.from_yaml(args.config)
+    steps = run_loop(site, database, config, args.generations, args.select, args.calculator, args.kwargs,
+                     args.gamma_min, args.strategy, warm=not args.cold, notify=_say)
+    console.print(f"loop: {len(steps)} steps taken")
+    print_records(DatabaseManager(database).records())
+    print_common_holdout(DatabaseManager(database))
+    return 0
+
+
 def print_selection(result) -> None:
     table = Table(title=f"candidates scored by generation {result.generation} ({result.strategy}, "
                         f"gamma > {result.gamma_min:g}, at most {result.max_select})")
@@ -493,6 +511,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="for --strategy random")
     p.add_argument("--out", type=Path, default=None, help="summary folder (default: <output>/selections/gen-N)")
     p.set_defaults(func=cmd_select)
+
+    p = sub.add_parser("loop", help="train -> evaluate -> select -> label -> train warm-started, resumable")
+    site_args(p)
+    p.add_argument("--generations", type=int, required=True, help="stop when this generation is published")
+    p.add_argument("--select", type=int, required=True, help="structures to label per generation at most")
+    p.add_argument("--calculator", required=True, help="MODULE:CLASS that labels, e.g. ase.calculators.emt:EMT")
+    p.add_argument("--kwargs", default=None, help="the calculator's keyword arguments as a JSON object")
+    p.add_argument("--config", type=Path, default=None, help="TrainConfig YAML (warm_start is set by the loop)")
+    p.add_argument("--gamma-min", type=float, default=1.0)
+    p.add_argument("--strategy", default="d-optimal", help="d-optimal (default), top-gamma or random")
+    p.add_argument("--cold", action="store_true", help="train every generation from scratch")
+    p.set_defaults(func=cmd_loop)
 
     p = sub.add_parser("label", help="label DFT_REQUESTED structures with an ASE calculator")
     site_args(p)

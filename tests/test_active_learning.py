@@ -338,3 +338,94 @@ def test_stable_split_keeps_every_holdout_row_when_rows_are_added():
     relabelled = {1000 + i: v for i, v in reversed(list(keys.items()))}
     assert sorted(i - 1000 for i in stable_split(relabelled, 0.1, 42)[1]) == test
     assert stable_split(keys, 0.1, 43)[1] != test
+
+
+# -- the loop ----------------------------------------------------------------------------------
+def test_label_interrupted_midway_keeps_what_it_labelled_and_resumes(tmp_path, monkeypatch):
+    from autopipec_hpc import active_learning
+    from autopipec_hpc.errors import LabellingError
+
+    database = str(tmp_path / "s.db")
+    db = DatabaseManager(database)
+    ids = [db.add_candidate(a, "near") for a in near_candidates(3)]
+    db.update_rows([(i, {"status": "DFT_REQUESTED"}) for i in ids])
+
+    calls = {"n": 0}
+
+    class Flaky(EMT):
+        def calculate(self, *a, **k):
+            calls["n"] += 1
+            if calls["n"] == 2:
+                raise RuntimeError("node lost")
+            super().calculate(*a, **k)
+
+    monkeypatch.setattr(active_learning, "load_calculator_class", lambda spec, kw=None: (Flaky, {}))
+    with pytest.raises(LabellingError, match=f"id={ids[1]}"):
+        active_learning.label_requested(database, "x:Flaky")
+    assert [db.get_row(i).status for i in ids] == ["TRAINING_READY", "DFT_REQUESTED", "DFT_REQUESTED"]
+    again = active_learning.label_requested(database, "x:Flaky")
+    assert again.labelled == ids[1:]
+    assert all(db.get_row(i).status == "TRAINING_READY" for i in ids)
+
+
+@pytest.mark.parametrize("argv, culprit", [
+    (["loop", "--generations", "0", "--select", "2", "--calculator", "ase.calculators.emt:EMT"], "--generations"),
+    (["loop", "--generations", "2", "--select", "0", "--calculator", "ase.calculators.emt:EMT"], "--max"),
+    (["loop", "--generations", "2", "--select", "2", "--calculator", "nope_mod:X"], "nope_mod"),
+    (["loop", "--generations", "2", "--select", "2", "--calculator", "ase.calculators.emt:EMT", "--kwargs", "x"],
+     "--kwargs"),
+])
+def test_bad_loop_inputs_are_one_line_exit_2_database_unchanged(tmp_path, capsys, argv, culprit):
+    database = tmp_path / "structures.db"
+    write_example_database(DatabaseManager(database))
+    before = _bytes(database)
+    assert main([*argv, "--db", str(database)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and culprit in err, err
+    assert _bytes(database) == before
+
+
+@pytest.mark.slow
+@needs_pacemaker
+def test_interrupted_loop_resumes_without_repeating_a_finished_step(tmp_path, monkeypatch):
+    from autopipec_hpc import active_learning
+    from autopipec_hpc.active_learning import LoopStep, common_holdout, run_loop
+    from autopipec_hpc.dataset_prep import DatasetManifest
+
+    site = _site(tmp_path)
+    database = site.database
+    db = DatabaseManager(database)
+    write_example_database(db)
+    for a in near_candidates(6):
+        db.add_candidate(a, "near")
+    for k, a in enumerate(far_candidates()):
+        db.add_candidate(a, f"far{k}")
+    config = tiny_train_config()
+    args = dict(generations=2, select_max=2, calculator="ase.calculators.emt:EMT", timeout_s=900)
+
+    def interrupted(*a, **k):
+        raise KeyboardInterrupt  # the loop process dies while labelling
+
+    monkeypatch.setattr(active_learning, "label_requested", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        run_loop(site, database, config, **args)
+    assert db.get_record(1).status == "SUCCEEDED" and len(db.markers("selection")) == 1
+    assert db.count(status="DFT_REQUESTED") == 2
+    folders = sorted(p.name for p in (tmp_path / "runs").iterdir())
+    monkeypatch.undo()
+
+    steps = run_loop(site, database, config, **args)  # a new start: state from the database only
+    assert steps == [LoopStep("label", 1), LoopStep("train", 2, parent=1)]
+    assert len(db.markers("selection")) == 1 and db.count(status="DFT_REQUESTED") == 0
+    assert sorted(p.name for p in (tmp_path / "runs").iterdir()) == folders + ["gen-0002"]
+    gen2 = db.get_record(2)
+    assert gen2.status == "SUCCEEDED" and gen2.values["parent_generation"] == 1
+    assert gen2.values["n_train"] + gen2.values["n_test"] == 32
+    assert run_loop(site, database, config, **args) == []  # finished: nothing repeats
+
+    holdout1 = set(DatasetManifest.load(db.get_record(1).potential_path).test_ids)
+    holdout2 = set(DatasetManifest.load(gen2.potential_path).test_ids)
+    assert holdout1 <= holdout2
+    common, rows = common_holdout(db)
+    assert set(common) == holdout1 and [r.generation for r in rows] == [1, 2]
+    assert all(r.structures == len(holdout1) and r.force_rmse_mev > 0 for r in rows)
