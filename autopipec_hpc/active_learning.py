@@ -41,8 +41,8 @@ STRATEGIES = ("d-optimal", "top-gamma", "random")
 SELECTIONS_DIR = "selections"
 SUMMARY_FILE = "selection.json"
 # pacemaker's customary thresholds: above 5 a structure is extrapolative, above 25 unreliable.
-GAMMA_WRITE = 5.0
-GAMMA_STOP = 25.0
+GAMMA_WRITE = registry.GAMMA_WRITE
+GAMMA_STOP = registry.GAMMA_STOP
 
 
 @dataclass

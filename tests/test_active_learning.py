@@ -264,6 +264,8 @@ def test_warm_start_loads_the_parent_and_trains_exactly_our_targets(trained, tmp
     assert theirs == mine
     import yaml
 
+    assert (Path(record.potential_path) / "lammps_extrapolation.in").exists()
+    assert "lammps_extrapolation.in" in manifest["files"]
     start = yaml.safe_load((run / "warm_start.yaml").read_text())
     assert "reference_energy" not in start["metadata"]
     assert main(["results", "--db", database, "--site", str(_write_site(site, tmp_path))]) == 0
@@ -429,3 +431,19 @@ def test_interrupted_loop_resumes_without_repeating_a_finished_step(tmp_path, mo
     common, rows = common_holdout(db)
     assert set(common) == holdout1 and [r.generation for r in rows] == [1, 2]
     assert all(r.structures == len(holdout1) and r.force_rmse_mev > 0 for r in rows)
+
+
+# -- exploration hooks -------------------------------------------------------------------------
+def test_lammps_extrapolation_lines_use_the_active_set_and_the_customary_thresholds():
+    from autopipec_hpc.registry import lammps_extrapolation_snippet
+
+    text = lammps_extrapolation_snippet(["Au", "Cu"], 1.0, 2.0, generation=3)
+    lines = [line for line in text.splitlines() if not line.startswith("#")]
+    assert lines[:5] == [
+        "pair_style hybrid/overlay pace/extrapolation zbl 1.0 2.0",
+        "pair_coeff * * pace/extrapolation potential.yaml potential.asi Au Cu",
+        "pair_coeff 1 1 zbl 79 79", "pair_coeff 1 2 zbl 79 29", "pair_coeff 2 2 zbl 29 29",
+    ]
+    assert "fix pace_gamma all pair 20 pace/extrapolation gamma 1" in lines
+    assert 'variable dump_skip equal "c_max_pace_gamma < 5"' in lines
+    assert "fix extreme_extrapolation all halt 20 v_max_pace_gamma > 25" in lines
