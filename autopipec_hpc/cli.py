@@ -102,6 +102,8 @@ def _site_and_db(args: argparse.Namespace) -> tuple[SiteConfig, str]:
 def cmd_submit(args: argparse.Namespace) -> int:
     site, database = _site_and_db(args)
     config = TrainConfig.from_yaml(args.config)
+    if args.from_generation is not None:
+        config = config.model_copy(update={"warm_start": args.from_generation})
     sub = submit_generation(database, site, config, args.generation, args.force, notify=_say)
     print_dataset_summary(sub.manifest)
     console.print(
@@ -164,7 +166,23 @@ def cmd_results(args: argparse.Namespace) -> int:
         if not records:
             raise AutopipecError(f"no training record for generation {args.generation} in {database}")
     print_records(records, detail=args.generation is not None)
+    if args.common_holdout:
+        print_common_holdout(DatabaseManager(database))
     return 0
+
+
+def print_common_holdout(db: DatabaseManager) -> None:
+    from autopipec_hpc.active_learning import common_holdout
+
+    common, rows = common_holdout(db)
+    table = Table(title=f"every published generation on the same {len(common)} holdout structures "
+                        "(the intersection of their holdouts; ACE + ZBL + reference energies vs labels)")
+    for col in ("gen", "parent", "structures", "E RMSE meV/at", "F RMSE meV/A", "worst F error meV/A"):
+        table.add_column(col)
+    for r in rows:
+        table.add_row(str(r.generation), str(r.parent_generation or "-"), str(r.structures),
+                      _fmt(r.energy_rmse_mev), _fmt(r.force_rmse_mev, 1), _fmt(r.force_max_mev, 1))
+    console.print(table)
 
 
 def cmd_cancel(args: argparse.Namespace) -> int:
@@ -273,6 +291,66 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_select(args: argparse.Namespace) -> int:
+    from autopipec_hpc.active_learning import check_selection_args, select_candidates
+
+    check_selection_args(args.max, args.gamma_min, args.strategy, args.batch)
+    site, database = _site_and_db(args)
+    result = select_candidates(database, args.generation, args.max, args.gamma_min, args.strategy,
+                               args.batch, args.seed, args.out, notify=_say)
+    print_selection(result)
+    return 0
+
+
+def cmd_label(args: argparse.Namespace) -> int:
+    from autopipec_hpc.active_learning import label_requested, load_calculator_class
+
+    load_calculator_class(args.calculator, args.kwargs)  # a bad spec is named before the database opens
+    site, database = _site_and_db(args)
+    result = label_requested(database, args.calculator, args.kwargs, notify=_say)
+    console.print(f"{len(result.labelled)} structures labelled with {args.calculator}: now TRAINING_READY")
+    return 0
+
+
+def cmd_loop(args: argparse.Namespace) -> int:
+    from autopipec_hpc.active_learning import check_selection_args, load_calculator_class, run_loop
+    from autopipec_hpc.errors import ConfigError
+
+    if args.generations < 1:
+        raise ConfigError(f"--generations must be at least 1, got {args.generations}")
+    check_selection_args(args.select, args.gamma_min, args.strategy, 1)
+    load_calculator_class(args.calculator, args.kwargs)  # named before anything is written
+    site, database = _site_and_db(args)
+    config = TrainConfig.from_yaml(args.config)
+    steps = run_loop(site, database, config, args.generations, args.select, args.calculator, args.kwargs,
+                     args.gamma_min, args.strategy, warm=not args.cold, notify=_say)
+    console.print(f"loop: {len(steps)} steps taken")
+    print_records(DatabaseManager(database).records())
+    print_common_holdout(DatabaseManager(database))
+    return 0
+
+
+def print_selection(result) -> None:
+    table = Table(title=f"candidates scored by generation {result.generation} ({result.strategy}, "
+                        f"gamma > {result.gamma_min:g}, at most {result.max_select})")
+    for col in ("config_type", "scored", "median max gamma", "largest gamma", "gamma > min", "gamma > 5",
+                "selected"):
+        table.add_column(col, justify="right" if col != "config_type" else "left")
+    for ctype, c in result.by_config_type.items():
+        table.add_row(ctype, str(c["scored"]), _fmt(c["gamma_max_median"]), _fmt(c["gamma_max_max"]),
+                      str(c["above_gamma_min"]), str(c["above_5"]), str(c["selected"]))
+    table.add_row("[b]total", f"[b]{result.scored}", "", "", f"[b]{result.above}",
+                  f"[b]{sum(c['above_5'] for c in result.by_config_type.values())}",
+                  f"[b]{len(result.selected_ids)}")
+    console.print(table)
+    if result.skipped:
+        named = ", ".join(f"id={i} ({'/'.join(els)})" for i, els in sorted(result.skipped.items()))
+        console.print(f"skipped {len(result.skipped)} candidates with elements the potential does not know: {named}",
+                      highlight=False)
+    console.print(f"{len(result.selected_ids)} structures now DFT_REQUESTED; summary and gamma histograms in "
+                  f"{result.folder}", highlight=False)
+
+
 def _local_evaluator(site: SiteConfig):
     """The evaluator pacemaker's environment on this machine would get."""
     from autopipec_hpc.errors import TrainingFailedError
@@ -302,12 +380,12 @@ def _fmt(value, digits: int = 2) -> str:
 
 def print_records(records: list[TrainingRecord], detail: bool = False) -> None:
     table = Table(title="training results (holdout: ACE + ZBL + reference energies vs DFT)")
-    for col in ("gen", "status", "E RMSE meV/at", "E MAE meV/at", "F RMSE meV/A", "train E / F",
+    for col in ("gen", "parent", "status", "E RMSE meV/at", "E MAE meV/at", "F RMSE meV/A", "train E / F",
                 "iters", "wall s", "potential / reason"):
         table.add_column(col)
     for r in records:
         table.add_row(
-            str(r.generation), _coloured(r.status),
+            str(r.generation), str(r.values.get("parent_generation") or "-"), _coloured(r.status),
             _fmt(r.test_energy_rmse_mev), _fmt(r.test_energy_mae_mev), _fmt(r.test_force_rmse_mev, 1),
             f"{_fmt(r.train_energy_rmse_mev)} / {_fmt(r.train_force_rmse_mev, 1)}",
             str("-" if r.iterations is None else r.iterations), _fmt(r.wall_time_s, 0),
@@ -413,6 +491,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--generation", type=_generation, default=None, help="default: one more than the last")
     p.add_argument("--wait", action="store_true", help="wait for the result and show it")
     p.add_argument("--force", action="store_true", help="retrain a generation that succeeded")
+    p.add_argument("--from-generation", type=int, default=None,
+                   help="warm start: begin from this published generation's potential")
     p.set_defaults(func=cmd_submit)
 
     p = sub.add_parser("status", help="generations and their jobs")
@@ -423,6 +503,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("results", help="metrics of finished generations")
     site_args(p)
     p.add_argument("--generation", type=_generation, default=None)
+    p.add_argument("--common-holdout", action="store_true",
+                   help="also evaluate every published generation on the holdout rows they share")
     p.set_defaults(func=cmd_results)
 
     p = sub.add_parser("cancel", help="cancel a generation's jobs")
@@ -446,6 +528,35 @@ def build_parser() -> argparse.ArgumentParser:
                    help="labelled structures to train on (default: 30 EMT copper cells made on the spot)")
     p.add_argument("--config", type=Path, default=None, help="default: a small quick fit")
     p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("select", help="score candidates by extrapolation grade; request labels for the best")
+    site_args(p)
+    p.add_argument("--generation", type=int, required=True, help="the published generation that scores")
+    p.add_argument("--max", type=int, default=20, help="structures to choose at most (default 20)")
+    p.add_argument("--gamma-min", type=float, default=1.0, help="only candidates above this max gamma (default 1)")
+    p.add_argument("--strategy", default="d-optimal", help="d-optimal (default), top-gamma or random")
+    p.add_argument("--batch", type=int, default=200, help="candidates scored and offered to MaxVol at a time")
+    p.add_argument("--seed", type=int, default=0, help="for --strategy random")
+    p.add_argument("--out", type=Path, default=None, help="summary folder (default: <output>/selections/gen-N)")
+    p.set_defaults(func=cmd_select)
+
+    p = sub.add_parser("loop", help="train -> evaluate -> select -> label -> train warm-started, resumable")
+    site_args(p)
+    p.add_argument("--generations", type=int, required=True, help="stop when this generation is published")
+    p.add_argument("--select", type=int, required=True, help="structures to label per generation at most")
+    p.add_argument("--calculator", required=True, help="MODULE:CLASS that labels, e.g. ase.calculators.emt:EMT")
+    p.add_argument("--kwargs", default=None, help="the calculator's keyword arguments as a JSON object")
+    p.add_argument("--config", type=Path, default=None, help="TrainConfig YAML (warm_start is set by the loop)")
+    p.add_argument("--gamma-min", type=float, default=1.0)
+    p.add_argument("--strategy", default="d-optimal", help="d-optimal (default), top-gamma or random")
+    p.add_argument("--cold", action="store_true", help="train every generation from scratch")
+    p.set_defaults(func=cmd_loop)
+
+    p = sub.add_parser("label", help="label DFT_REQUESTED structures with an ASE calculator")
+    site_args(p)
+    p.add_argument("--calculator", required=True, help="MODULE:CLASS, e.g. ase.calculators.emt:EMT")
+    p.add_argument("--kwargs", default=None, help="the calculator's keyword arguments as a JSON object")
+    p.set_defaults(func=cmd_label)
 
     return parser
 

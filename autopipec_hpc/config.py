@@ -74,6 +74,9 @@ class TrainConfig(_Strict):
     max_energy_rmse_mev: float = Field(1000.0, gt=0, description="divergence threshold, meV/atom")
     max_force_rmse_mev: float = Field(10000.0, gt=0, description="divergence threshold, meV/A")
     timeout_hours: float = Field(24.0, gt=0)
+    warm_start: int | None = Field(
+        None, ge=1, description="start pacemaker from this published generation's potential (warm_start.py)"
+    )
 
     @field_validator("reference_energies")
     @classmethod

@@ -16,6 +16,7 @@ target forces = F_DFT - F_ZBL.
 from __future__ import annotations
 
 import gzip
+import hashlib
 import json
 import logging
 import sys
@@ -52,6 +53,9 @@ class DatasetSettings:
     shard_atoms: int = 50_000
     shard_rows: int = 1_000
     write_extxyz: bool = True
+    # Structures that carry a database unique_id are split by stable_split (the same
+    # row keeps its side in every generation); others by stratified_split.
+    stable_split: bool = True
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.test_fraction < 1.0:
@@ -130,6 +134,7 @@ class _Seen:
     energy_dft: float
     energy_zbl: float
     zbl_forces_at: int  # byte offset of this structure's ZBL forces in the spill file
+    unique_id: str | None = None  # the database row's unique_id, for stable_split
 
 
 # -- pacemaker's file format -------------------------------------------------
@@ -194,6 +199,47 @@ def stratified_split(
         order = rng.permutation(len(ids))
         test.extend(ids[k] for k in order[:n_test])
         train.extend(ids[k] for k in order[n_test:])
+    return sorted(train), sorted(test), singles
+
+
+def split_draw(unique_id: str, seed: int) -> float:
+    """A number in [0, 1) fixed by a structure's unique id and the seed alone."""
+    digest = hashlib.sha256(f"{seed}:{unique_id}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") / 2.0**64
+
+
+def stable_split(
+    keys: Mapping[int, tuple[str, str]], test_fraction: float, seed: int
+) -> tuple[list[int], list[int], list[str]]:
+    """Train ids, test ids and single-structure config_types, from ``{db_id: (config_type, unique_id)}``.
+
+    A structure is in the test set when its draw (``split_draw``: its unique id and
+    the seed, nothing else) is below ``test_fraction``, so it keeps its side whatever
+    rows are added later: generation N+1's holdout holds N's holdout rows plus new
+    ones. Still stratified: the share of each config_type is ``test_fraction`` in
+    expectation, and a config_type with n >= 2 structures keeps at least one on each
+    side (its lowest draw in test, its highest in train, when the draws alone would
+    not). Only those guard rows can change side as a small config_type grows.
+    """
+    groups: dict[str, list[tuple[float, int]]] = defaultdict(list)
+    for db_id, (ctype, uid) in keys.items():
+        groups[ctype].append((split_draw(uid, seed), db_id))
+    train: list[int] = []
+    test: list[int] = []
+    singles: list[str] = []
+    for ctype in sorted(groups):
+        draws = sorted(groups[ctype])
+        if len(draws) == 1:
+            singles.append(ctype)
+            train.append(draws[0][1])
+            continue
+        if test_fraction == 0:
+            train.extend(i for _, i in draws)
+            continue
+        n_test = sum(1 for u, _ in draws if u < test_fraction)
+        n_test = min(max(1, n_test), len(draws) - 1)
+        test.extend(i for _, i in draws[:n_test])
+        train.extend(i for _, i in draws[n_test:])
     return sorted(train), sorted(test), singles
 
 
@@ -287,7 +333,8 @@ class DatasetBuilder:
             spill.write(np.ascontiguousarray(f_zbl, dtype=np.float64).tobytes())
             seen.append(
                 _Seen(int(db_id), sys.intern(ctype), len(atoms),
-                      tuple(sorted(Counter(atoms.get_chemical_symbols()).items())), energy, e_zbl, offset)
+                      tuple(sorted(Counter(atoms.get_chemical_symbols()).items())), energy, e_zbl, offset,
+                      atoms.info.get("unique_id"))
             )
         return seen, skipped, has_mask, float(min_distance)
 
@@ -311,9 +358,14 @@ class DatasetBuilder:
         by_id = {s.db_id: s for s in seen}
         if len(by_id) != len(seen):
             raise InsufficientDataError("structure ids are not unique; cannot split reproducibly")
-        train_ids, test_ids, singles = stratified_split(
-            {s.db_id: s.config_type for s in seen}, settings.test_fraction, settings.seed
-        )
+        if settings.stable_split and all(s.unique_id for s in seen):
+            train_ids, test_ids, singles = stable_split(
+                {s.db_id: (s.config_type, str(s.unique_id)) for s in seen}, settings.test_fraction, settings.seed
+            )
+        else:
+            train_ids, test_ids, singles = stratified_split(
+                {s.db_id: s.config_type for s in seen}, settings.test_fraction, settings.seed
+            )
         if not train_ids:
             raise InsufficientDataError("no structures left for training after the split")
         if settings.reference_energies is not None:

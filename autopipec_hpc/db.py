@@ -38,12 +38,17 @@ from autopipec_hpc.errors import ClaimError, DatabaseBusyError, DatabaseError, I
 log = logging.getLogger(__name__)
 
 TRAINING_RECORD = "training"
+SELECTION_RECORD = "selection"  # one row per `select` run (active_learning.py)
 
 
 class StructureStatus(StrEnum):
     """The ``status`` of a structure row that the pipeline selects (import may set any word)."""
 
     TRAINING_READY = "TRAINING_READY"
+    # Active learning (active_learning.py): unlabelled frames waiting to be scored,
+    # and the ones chosen for labelling; `label` makes the latter TRAINING_READY.
+    CANDIDATE = "CANDIDATE"
+    DFT_REQUESTED = "DFT_REQUESTED"
 
 
 class RecordState(StrEnum):
@@ -243,10 +248,13 @@ class DatabaseManager:
 
         Every frame is checked before the first row is written, and the rows are
         written in one transaction, so a refused file leaves the database as it was.
+        CANDIDATE frames need no labels (``import_candidates``).
         """
         check_status_word(status)
         if config_type is not None:
             check_label(config_type, "--config-type")
+        if str(status) == StructureStatus.CANDIDATE:
+            return self.import_candidates(paths, config_type)
         for path in paths:
             frames = 0
             for index, atoms in read_frames(path):
@@ -304,6 +312,108 @@ class DatabaseManager:
         key, data = label_key(config_type, data)
         return self._db.write(row_atoms, status=str(status), config_type=key, data=data)
 
+    # -- active learning: candidates, scores, labels ----------------------------
+    def import_candidates(self, paths: Sequence[str | Path], config_type: str | None = None) -> int:
+        """Add every frame of ``paths`` as an unlabelled CANDIDATE row; all or nothing.
+
+        Labels in the file are not kept (a candidate is labelled by `label`); each
+        frame's ``config_type`` and its other scalar ``info`` entries (provenance:
+        the generator, MD step, temperature...) become key-value pairs.
+        """
+        frames = []
+        for path in paths:
+            for index, atoms in read_frames(path):
+                check_label(config_type or str(atoms.info.get("config_type", "default")), f"{path}: frame {index}")
+                frames.append((Path(path).name, index, atoms))
+            if not frames:
+                raise ImportDataError(f"{path}: holds no structures; nothing was imported")
+        with self._db as db:
+            for source, index, atoms in frames:
+                ctype = config_type or str(atoms.info.get("config_type", "default"))
+                self._write_candidate(db, atoms, ctype, provenance_of(atoms.info), source=source, frame=index)
+        return len(frames)
+
+    def add_candidate(self, atoms: Atoms, config_type: str, **provenance: Any) -> int:
+        """Write one unlabelled structure as a CANDIDATE row."""
+        return self._write_candidate(self._db, atoms, config_type, provenance_of(provenance))
+
+    @staticmethod
+    def _write_candidate(db, atoms: Atoms, config_type: str, provenance: dict[str, Any], **extra: Any) -> int:
+        row_atoms = Atoms(numbers=atoms.numbers, positions=atoms.positions, cell=atoms.cell, pbc=atoms.pbc)
+        key, data = label_key(config_type, {})
+        return db.write(
+            row_atoms, status=StructureStatus.CANDIDATE.value, config_type=key, data=data, **provenance, **extra
+        )
+
+    def iter_rows(self, page: int = 500, **selection: Any) -> Iterator[Any]:
+        """The rows matching ``selection`` (ase.db rows), in id order, a page at a time."""
+        sel = {k: str(v) if isinstance(v, StrEnum) else v for k, v in selection.items()}
+        return self._select_paged(page=page, **sel)
+
+    def get_row(self, row_id: int):
+        return self._db.get(id=int(row_id))
+
+    def update_rows(self, updates: Sequence[tuple[int, dict[str, Any]]]) -> None:
+        """Key-value updates of several rows in one transaction."""
+        with self._db as db:
+            for row_id, values in updates:
+                clean = {k: _clean_value(v) for k, v in values.items()}
+                db.update(int(row_id), **{k: v for k, v in clean.items() if v is not None})
+
+    def set_labels(self, row_id: int, energy: float, forces: np.ndarray, status: str, **values: Any) -> None:
+        """Store a row's labels and new status; the row keeps its id, unique_id,
+        key-value pairs and data (ase.db's ``update(atoms=...)`` would draw a new unique_id)."""
+        from ase.db.row import AtomsRow
+
+        old = self._db.get(id=int(row_id))
+        atoms = old.toatoms()
+        atoms.calc = SinglePointCalculator(atoms, energy=float(energy), forces=np.asarray(forces, dtype=float))
+        kvp = dict(old.key_value_pairs)
+        kvp.update({k: _clean_value(v) for k, v in values.items() if _clean_value(v) is not None})
+        kvp["status"] = str(status)
+        row = AtomsRow(atoms)
+        row._data = old._data
+        row.__dict__.update(kvp)
+        row._keys = list(kvp)
+        row.ctime = old.ctime
+        row.user = old.user
+        row.id = old.id
+        row.unique_id = old.unique_id
+        data = dict(old.data) if old.get("data") else None
+        with self._db as db:
+            db._write(row, kvp, data or None, old.id)
+
+    def add_marker(self, kind: str, generation: int, values: dict[str, Any] | None = None,
+                   data: dict[str, Any] | None = None) -> int:
+        """A row with no atoms that records a finished step (``record=kind``), e.g. a selection."""
+        clean = {k: _clean_value(v) for k, v in (values or {}).items()}
+        return self._db.write(Atoms(), record=kind, generation=int(generation), updated=time.time(),
+                              data=data or {}, **{k: v for k, v in clean.items() if v is not None})
+
+    def markers(self, kind: str, generation: int | None = None) -> list[Any]:
+        selection: dict[str, Any] = {"record": kind}
+        if generation is not None:
+            selection["generation"] = int(generation)
+        return list(self._db.select(sort="id", **selection))
+
+    def commit_selection(self, generation: int, row_ids: Sequence[int], values: dict[str, Any],
+                         data: dict[str, Any]) -> int:
+        """In one transaction: the chosen CANDIDATE rows become DFT_REQUESTED (any other
+        row is left alone) and a ``record=selection`` row records the step; returns how
+        many rows changed status."""
+        changed = 0
+        clean = {k: _clean_value(v) for k, v in values.items()}
+        with self._db as db:
+            for row_id in row_ids:
+                if db.get(id=int(row_id)).get("status") != StructureStatus.CANDIDATE:
+                    continue
+                db.update(int(row_id), status=StructureStatus.DFT_REQUESTED.value,
+                          selected_by_generation=int(generation))
+                changed += 1
+            db.write(Atoms(), record=SELECTION_RECORD, generation=int(generation), updated=time.time(),
+                     data=data, **{k: v for k, v in clean.items() if v is not None})
+        return changed
+
     @_guarded
     def count(self, **selection: Any) -> int:
         return self._db.count(**{k: str(v) if isinstance(v, StrEnum) else v for k, v in selection.items()})
@@ -324,6 +434,7 @@ class DatabaseManager:
             forces = row.get("forces")
             atoms.calc = SinglePointCalculator(atoms, energy=energy, forces=forces)
             atoms.info["db_id"] = row.id
+            atoms.info["unique_id"] = row.unique_id
             atoms.info["config_type"] = label_of(row)
             mask = row.data.get("force_mask") if row.data else None
             if mask is not None:
@@ -595,6 +706,29 @@ def _clean_value(value: Any) -> Any:
     if isinstance(value, np.integer):
         return int(value)
     return str(value)
+
+
+# Keys the pipeline writes on structure rows; provenance never overwrites them.
+PIPELINE_KEYS = frozenset({
+    "status", "config_type", "source", "frame", "generation", "split", "record",
+    "gamma_max", "gamma_mean", "scored_by_generation", "selected_by_generation", "labelled_by",
+})
+
+
+def provenance_of(info: dict[str, Any]) -> dict[str, Any]:
+    """The scalar entries of a frame's ``info`` that can be ase.db key-value pairs
+    (a valid, unreserved key that the pipeline does not own; bool/int/float/str)."""
+    from ase.db.core import reserved_keys, word
+
+    kept: dict[str, Any] = {}
+    for key, value in info.items():
+        if key in PIPELINE_KEYS or key in reserved_keys or not word.match(str(key)):
+            continue
+        if isinstance(value, (bool, int, float, str, np.integer, np.floating, np.bool_)):
+            clean = _clean_value(value.item() if isinstance(value, np.generic) else value)
+            if clean is not None:
+                kept[str(key)] = clean
+    return kept
 
 
 def _record_from_row(row) -> TrainingRecord:

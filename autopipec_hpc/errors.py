@@ -73,3 +73,11 @@ class PreflightError(AutopipecError):
 
 class SchedulerError(AutopipecError):
     """The scheduler refused a job or lost track of it."""
+
+
+class SelectionError(AutopipecError):
+    """Candidates cannot be scored or selected (no published potential or active set)."""
+
+
+class LabellingError(AutopipecError):
+    """A calculator spec or its arguments are unusable, or it failed on a structure."""

@@ -188,7 +188,7 @@ class TrainJob(submitit.helpers.Checkpointable):
                 config,
                 run_dir=attempt,
                 elements=manifest.elements,
-                initial_potential=resume_from,
+                initial_potential=resume_from or _warm_start(folder),
                 generation=spec.generation,
             )
         except TrainingDivergenceError as exc:
@@ -221,6 +221,11 @@ class TrainJob(submitit.helpers.Checkpointable):
             values={"restarts": restarts + 1},
         )
         return submitit.helpers.DelayedSubmission(self, run_dir)
+
+
+def _warm_start(folder: RunFolder) -> Path | None:
+    """The parent's potential a warm-started generation begins from (first attempt only)."""
+    return folder.warm_start_potential if folder.warm_start_potential.exists() else None
 
 
 def generation_learning_curve(run_dir: Path):
@@ -281,6 +286,7 @@ def evaluate_and_publish(spec: RunSpec, attempt: Path) -> dict[str, Any]:
             manifest.reference_energies,
             spec.generation,
             site.pacemaker.command,
+            parent_generation=config.warm_start,
         )
         report, total = evaluation.evaluate(
             manifest.test_paths,
@@ -341,6 +347,8 @@ def evaluate_and_publish(spec: RunSpec, attempt: Path) -> dict[str, Any]:
         "residual_force_rmse_mev": report.residual.force_rmse_mev,
     }
     values["potential_path"] = str(registry.potentials_root(spec.output_dir) / str(spec.generation))
+    if config.warm_start is not None:
+        values["parent_generation"] = config.warm_start
     publish_and_record(db, spec, staging, values, manifest)
     return values
 

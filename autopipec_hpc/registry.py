@@ -30,6 +30,10 @@ POTENTIAL_YAML = "potential.yaml"
 POTENTIAL_YACE = "potential.yace"
 ACTIVE_SET = "potential.asi"
 LAMMPS_SNIPPET = "lammps.in"
+LAMMPS_EXTRAPOLATION = "lammps_extrapolation.in"  # MD that harvests extrapolative frames (needs the active set)
+EXTRAPOLATION_DUMP = "extrapolative_structures.dump"
+GAMMA_WRITE = 5.0  # pacemaker's customary thresholds: frames above this are written,
+GAMMA_STOP = 25.0  # and the run stops above this
 MANIFEST = "potential.json"
 REFERENCE_ENERGIES = "reference_energies.json"
 # Written beside the potential by the evaluation job (and kept in the run folder's evaluation/).
@@ -52,6 +56,7 @@ class PotentialManifest:
     # Software that made it; None in manifests written before these were recorded.
     autopipec_hpc_version: str | None = None
     pacemaker_version: str | None = None  # the python-ace distribution; None if not installed
+    parent_generation: int | None = None  # the generation a warm start began from; None: a cold start
 
 
 def installed_version(distribution: str) -> str | None:
@@ -76,6 +81,36 @@ def lammps_snippet(elements: Sequence[str], inner: float, outer: float, generati
     ]
     for (i, a), (j, b) in combinations_with_replacement(enumerate(elements, start=1), 2):
         lines.append(f"pair_coeff {i} {j} zbl {atomic_numbers[a]} {atomic_numbers[b]}")
+    return "\n".join(lines) + "\n"
+
+
+def lammps_extrapolation_snippet(
+    elements: Sequence[str], inner: float, outer: float, generation: int,
+    gamma_write: float = GAMMA_WRITE, gamma_stop: float = GAMMA_STOP, every: int = 20,
+) -> str:
+    """LAMMPS lines for exploration with ``pair_style pace/extrapolation``: the same model as
+    lammps.in (ACE from the B-basis YAML + the exact ZBL), plus the extrapolation grade gamma
+    from the active set; frames whose largest gamma exceeds ``gamma_write`` are dumped as new
+    candidates, the run halts above ``gamma_stop``."""
+    lines = [
+        f"# autopipec-hpc generation {generation}: exploration with extrapolation grades (pacemaker's",
+        f"# pace/extrapolation reads the B-basis {POTENTIAL_YAML} and the active set {ACTIVE_SET}).",
+        f"# Atom types 1..{len(elements)} are {' '.join(elements)}. Frames with max gamma > {gamma_write:g} go to",
+        f"# {EXTRAPOLATION_DUMP} (import them: autopipec-hpc import --status CANDIDATE); the run stops above {gamma_stop:g}.",
+        f"pair_style hybrid/overlay pace/extrapolation zbl {inner} {outer}",
+        f"pair_coeff * * pace/extrapolation {POTENTIAL_YAML} {ACTIVE_SET} {' '.join(elements)}",
+    ]
+    for (i, a), (j, b) in combinations_with_replacement(enumerate(elements, start=1), 2):
+        lines.append(f"pair_coeff {i} {j} zbl {atomic_numbers[a]} {atomic_numbers[b]}")
+    lines += [
+        f"fix pace_gamma all pair {every} pace/extrapolation gamma 1",
+        "compute max_pace_gamma all reduce max f_pace_gamma",
+        f'variable dump_skip equal "c_max_pace_gamma < {gamma_write:g}"',
+        f"dump pace_dump all custom {every} {EXTRAPOLATION_DUMP} id type x y z f_pace_gamma",
+        "dump_modify pace_dump skip v_dump_skip",
+        "variable max_pace_gamma equal c_max_pace_gamma",
+        f"fix extreme_extrapolation all halt {every} v_max_pace_gamma > {gamma_stop:g}",
+    ]
     return "\n".join(lines) + "\n"
 
 
@@ -109,6 +144,7 @@ def stage_potential(
     reference_energies: Mapping[str, float],
     generation: int,
     pacemaker_command: str,
+    parent_generation: int | None = None,
 ) -> PotentialManifest:
     """Write the deployable files of one potential into ``staging``."""
     staging.mkdir(parents=True, exist_ok=True)
@@ -119,6 +155,9 @@ def stage_potential(
         _run_tool([_tool(pacemaker_command, "pace_activeset"), POTENTIAL_YAML, "-d", str(fitting_data)], staging)
         if (staging / ACTIVE_SET).exists():
             files.append(ACTIVE_SET)
+            (staging / LAMMPS_EXTRAPOLATION).write_text(
+                lammps_extrapolation_snippet(elements, zbl_inner, zbl_outer, generation))
+            files.append(LAMMPS_EXTRAPOLATION)
     (staging / LAMMPS_SNIPPET).write_text(lammps_snippet(elements, zbl_inner, zbl_outer, generation))
     (staging / REFERENCE_ENERGIES).write_text(json.dumps(dict(reference_energies), indent=2))
     files += [LAMMPS_SNIPPET, REFERENCE_ENERGIES]
@@ -132,6 +171,7 @@ def stage_potential(
         published_at=time.time(),
         autopipec_hpc_version=installed_version("autopipec-hpc"),
         pacemaker_version=installed_version("python-ace"),
+        parent_generation=parent_generation,
     )
     (staging / MANIFEST).write_text(json.dumps(asdict(manifest), indent=2))
     return manifest

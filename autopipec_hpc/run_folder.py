@@ -76,6 +76,11 @@ class RunFolder:
     def evaluation_dir(self) -> Path:
         return self.path / "evaluation"
 
+    @property
+    def warm_start_potential(self) -> Path:
+        """The parent generation's potential a warm-started fit begins from (warm_start.py)."""
+        return self.path / "warm_start.yaml"
+
     def job_script(self, role: str) -> Path:
         """The batch script a job ran (``train.sbatch``, ``evaluate.sbatch``)."""
         return self.path / f"{role}.sbatch"

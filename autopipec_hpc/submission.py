@@ -31,6 +31,7 @@ from autopipec_hpc.preflight import run_preflight
 from autopipec_hpc.run_folder import RunFolder, RunSpec, attempt_number, latest_generation_folder, new_run_folder
 from autopipec_hpc.scheduler import scheduler_for
 from autopipec_hpc.scheduler.base import FINISHED, JOB_ROLES, JobState, SubmittedJobs
+from autopipec_hpc.warm_start import check_warm_start, stage_parent_potential
 
 log = logging.getLogger(__name__)
 
@@ -163,9 +164,15 @@ def submit_generation(
 
     ``notify`` hears the training plan and its warnings before anything is queued."""
     say = notify or log.warning
+    parent = None
+    if config.warm_start is not None:
+        config, parent = check_warm_start(database, config)  # refused by name before anything is written
     spec, manifest = prepare_run(database, site, config, generation, force)
     scheduler = scheduler_for(site)
     try:
+        if parent is not None:
+            stage_parent_potential(parent, spec.folder.warm_start_potential)
+            say(f"warm start from generation {parent.generation} ({parent.folder})")
         evaluator = run_preflight(spec, manifest, scheduler, warn=say)
         plan = plan_training(config, manifest.elements, evaluator)
         say(plan.describe())

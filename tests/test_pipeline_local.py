@@ -68,7 +68,9 @@ def test_submit_trains_evaluates_and_registers_a_real_potential(tmp_path, exampl
     assert "per Cartesian component" in metrics["units"]["force"]
     # pacemaker's own holdout predictions (test_pred.pckl.gzip) agree with our residual view
     own = metrics["pacemaker_test_pred"]
-    assert own["energy_rmse_mev"] == pytest.approx(metrics["residual"]["energy_rmse_mev"], rel=1e-6)
+    # rel 1e-5: with the stable split's holdout the two agree to 3e-6 (pacemaker predicts with
+    # its coefficients in memory, we with the written potential.yaml)
+    assert own["energy_rmse_mev"] == pytest.approx(metrics["residual"]["energy_rmse_mev"], rel=1e-5)
     assert own["force_rmse_mev"] == pytest.approx(metrics["residual"]["force_rmse_mev"], rel=1e-6)
     # and the deployed total reproduces the residual: the ZBL published is the ZBL subtracted
     assert metrics["total"]["energy_rmse_mev"] == pytest.approx(metrics["residual"]["energy_rmse_mev"], rel=1e-6)

@@ -1,0 +1,219 @@
+"""Active learning, side by side: D-optimal vs random vs top-gamma selection; warm vs cold start.
+
+An imbalanced pool of EMT copper candidates (mostly near-equilibrium frames, a
+few percent hot MD, vacancies, surfaces and compressed cells), a fixed holdout
+balanced across those kinds, and a starting set of a few dozen labelled frames
+(mostly near equilibrium). Generation 1 is trained once on the starting set;
+then each strategy runs the real loop (`run_loop`: select -> label with EMT ->
+train warm-started) for four generations of M labels, same budgets, seeds and
+fits. After every generation: holdout energy and force RMSE of the deployed
+model (ACE + ZBL + reference energies vs EMT), the worst force error, and the
+share of the pool whose max extrapolation grade exceeds 5.
+
+Warm vs cold: on the D-optimal run's final data, a cold start (same settings)
+is trained as one more generation; the warm-started generation's time to reach
+the cold start's final training loss (pacemaker's metrics.txt, every iteration) is compared with the cold start's wall time.
+
+    .venv/bin/python bench/bench_active_learning.py [--select 8] [--pool 300] [--maxiter 20]
+
+About 10-15 minutes on 2 cores with the default tiny fits (pyace, 16 functions).
+Prints the figures and MET / NOT MET per target; never fails on a missed target.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+from ase.build import bulk, fcc100
+from ase.calculators.emt import EMT
+
+from autopipec_hpc.active_learning import GammaScorer, run_loop
+from autopipec_hpc.config import SiteConfig
+from autopipec_hpc.db import DatabaseManager
+from autopipec_hpc.example_data import tiny_train_config
+from autopipec_hpc.pacemaker_wrapper import read_metrics_table
+from autopipec_hpc.registry import load_calculator
+from autopipec_hpc.submission import train_generation
+
+KINDS = ("equilibrium", "hot_md", "vacancy", "surface", "compressed")
+POOL_SHARES = {"equilibrium": 0.80, "hot_md": 0.06, "vacancy": 0.05, "surface": 0.04, "compressed": 0.05}
+GENERATIONS = 4
+STRATEGIES = ("d-optimal", "random", "top-gamma")
+
+
+def make(kind: str, rng: np.random.Generator):
+    seed = int(rng.integers(1 << 30))
+    if kind == "equilibrium":
+        atoms = bulk("Cu", "fcc", a=3.61 * rng.uniform(0.99, 1.01), cubic=True).repeat(2)
+        atoms.rattle(0.03, seed=seed)
+    elif kind == "hot_md":
+        atoms = bulk("Cu", "fcc", a=3.61 * rng.uniform(1.0, 1.02), cubic=True).repeat(2)
+        atoms.rattle(rng.uniform(0.15, 0.25), seed=seed)
+    elif kind == "vacancy":
+        atoms = bulk("Cu", "fcc", a=3.61, cubic=True).repeat(2)
+        del atoms[int(rng.integers(len(atoms)))]
+        atoms.rattle(0.05, seed=seed)
+    elif kind == "surface":
+        atoms = fcc100("Cu", (2, 2, 4), a=3.61, vacuum=6.0, periodic=True)
+        atoms.rattle(0.05, seed=seed)
+    else:  # compressed
+        atoms = bulk("Cu", "fcc", a=3.61 * rng.uniform(0.88, 0.93), cubic=True).repeat(2)
+        atoms.rattle(0.05, seed=seed)
+    return atoms
+
+
+def labelled(atoms):
+    atoms = atoms.copy()
+    atoms.calc = EMT()
+    return atoms, float(atoms.get_potential_energy()), atoms.get_forces().copy()
+
+
+def holdout_metrics(folder: Path, holdout) -> tuple[float, float, float]:
+    calc = load_calculator(folder)
+    de, df = [], []
+    for atoms, energy, forces in holdout:
+        a = atoms.copy()
+        a.calc = calc
+        de.append((a.get_potential_energy() - energy) / len(a))
+        df.append((a.get_forces() - forces).ravel())
+    de_a, df_a = np.asarray(de), np.concatenate(df)
+    return 1000 * float(np.sqrt(np.mean(de_a**2))), 1000 * float(np.sqrt(np.mean(df_a**2))), 1000 * float(np.abs(df_a).max())
+
+
+def share_above(folder: Path, pool, threshold: float = 5.0) -> float:
+    scorer = GammaScorer(folder)
+    return float(np.mean([scorer.gamma(a).max() > threshold for a, _ in pool]))
+
+
+def site_for(root: Path, database: str) -> SiteConfig:
+    return SiteConfig(name="bench-al", scheduler="local", work_dir=root / "runs", output_dir=root / "output",
+                      database=database, pacemaker={"command": "pacemaker", "evaluator": "pyace"}, train={"cpus": 2})
+
+
+def time_to_reach(run_dir: Path, target_loss: float) -> tuple[float | None, float]:
+    """Seconds (wall / iterations x iterations needed) until pacemaker's training loss is at
+    or below ``target_loss``; None if never. Also the fit's wall time."""
+    import json
+
+    attempt = run_dir / "attempt-1"
+    wall = json.loads((attempt / "training.json").read_text())["wall_time_s"]
+    train = read_metrics_table(attempt / "metrics.txt")
+    per = wall / max(1, int(train["iter_num"].max()))
+    for _, row in train.iterrows():
+        if float(row["loss"]) <= target_loss * 1.0001:
+            return per * int(row["iter_num"]), wall
+    return None, wall
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--pool", type=int, default=300)
+    parser.add_argument("--start", type=int, default=30)
+    parser.add_argument("--select", type=int, default=8)
+    parser.add_argument("--maxiter", type=int, default=20)
+    parser.add_argument("--seed", type=int, default=2026)
+    parser.add_argument("--keep", action="store_true", help="keep the temporary folder")
+    args = parser.parse_args()
+    logging.disable(logging.WARNING)
+    t0 = time.monotonic()
+    rng = np.random.default_rng(args.seed)
+    root = Path(tempfile.mkdtemp(prefix="bench-al-"))
+    config = tiny_train_config().model_copy(update={"maxiter": args.maxiter, "seed": args.seed})
+
+    pool = []
+    for kind, share in POOL_SHARES.items():
+        pool += [(make(kind, rng), kind) for _ in range(max(1, round(share * args.pool)))]
+    holdout = [labelled(make(kind, rng)) for kind in KINDS for _ in range(10)]
+    start_kinds = ["equilibrium"] * (args.start - 4) + ["hot_md", "vacancy", "surface", "compressed"]
+    start = [(labelled(make(kind, rng)), kind) for kind in start_kinds]
+    print(f"pool {len(pool)} candidates ({', '.join(f'{k} {sum(1 for _, c in pool if c == k)}' for k in KINDS)}); "
+          f"holdout {len(holdout)} (10 per kind); start {len(start)} labelled; {GENERATIONS} generations x "
+          f"{args.select} labels; fits: pyace, {config.b_basis_size} functions, {config.maxiter} iterations")
+
+    base_db = str(root / "base" / "structures.db")
+    db = DatabaseManager(base_db)
+    for (atoms, energy, forces), kind in start:
+        db.add_structure(atoms, energy, forces, kind)
+    for atoms, kind in pool:
+        db.add_candidate(atoms, kind)
+    gen1 = train_generation(site_for(root / "base", base_db), config, generation=1, timeout_s=3600)
+    gen1_metrics = holdout_metrics(Path(gen1.potential_path), holdout)
+    gen1_share = share_above(Path(gen1.potential_path), pool)
+    print(f"generation 1 (shared start): holdout E {gen1_metrics[0]:.2f} meV/at, F {gen1_metrics[1]:.1f} meV/A, "
+          f"worst F {gen1_metrics[2]:.0f} meV/A; pool above gamma 5: {100 * gen1_share:.0f} %  [{time.monotonic() - t0:.0f} s]")
+
+    table: dict[str, list[tuple]] = {}
+    roots: dict[str, Path] = {}
+    for strategy in STRATEGIES:
+        sroot = root / strategy
+        sroot.mkdir()
+        database = str(sroot / "structures.db")
+        shutil.copy(base_db, database)
+        gamma_min = 0.0  # the same candidates for all three; D-optimal only takes what enlarges the active set
+        run_loop(site_for(sroot, database), database, config, GENERATIONS + 1, args.select,
+                 "ase.calculators.emt:EMT", gamma_min=gamma_min, strategy=strategy, timeout_s=3600)
+        sdb = DatabaseManager(database)
+        rows = [(1, len(start), *gen1_metrics, gen1_share)]
+        for g in range(2, GENERATIONS + 2):
+            record = sdb.get_record(g)
+            folder = Path(record.potential_path)
+            labels = record.values["n_train"] + record.values["n_test"]
+            rows.append((g, labels, *holdout_metrics(folder, holdout), share_above(folder, pool)))
+        table[strategy] = rows
+        roots[strategy] = sroot
+        print(f"{strategy}: done [{time.monotonic() - t0:.0f} s]")
+
+    print()
+    print(f"{'strategy':<10} {'gen':>3} {'labels':>6} {'E RMSE meV/at':>14} {'F RMSE meV/A':>13} "
+          f"{'worst F meV/A':>14} {'pool gamma>5':>13}")
+    for strategy, rows in table.items():
+        for g, labels, e, f, fmax, share in rows:
+            print(f"{strategy:<10} {g:>3} {labels:>6} {e:>14.2f} {f:>13.1f} {fmax:>14.0f} {100 * share:>12.0f}%")
+
+    last = {s: rows[-1] for s, rows in table.items()}
+    d, r = last["d-optimal"], last["random"]
+    gain = 1 - d[4] / r[4]
+    met = gain >= 0.20 and d[3] <= r[3] * 1.0001
+    print(f"\nafter {GENERATIONS} generations: D-optimal worst force error {d[4]:.0f} vs random {r[4]:.0f} meV/A "
+          f"({100 * gain:.0f} % lower), force RMSE {d[3]:.1f} vs {r[3]:.1f} meV/A, labels {d[1]} vs {r[1]}: "
+          f"target (>= 20 % lower worst case, RMSE no worse) {'MET' if met else 'NOT MET'}")
+
+    # Warm vs cold on the D-optimal run's final data.
+    sroot = roots["d-optimal"]
+    database = str(sroot / "structures.db")
+    final = GENERATIONS + 1
+    cold = train_generation(site_for(sroot, database), config.model_copy(update={"warm_start": None}),
+                            generation=final + 1, timeout_s=3600)
+    warm = DatabaseManager(database).get_record(final)
+    # pacemaker writes test_metrics.txt only at some display steps (it can be empty), so the
+    # time to reach is measured on the training loss (metrics.txt, every iteration); the
+    # holdout errors are the evaluation job's.
+    target = float(read_metrics_table(Path(cold.run_dir) / "attempt-1" / "metrics.txt")["loss"].iloc[-1])
+    reach, warm_wall = time_to_reach(Path(warm.run_dir), target)
+    _, cold_wall = time_to_reach(Path(cold.run_dir), target)
+    print(f"\nwarm vs cold on the same {warm.values['n_train']} + {warm.values['n_test']} structures "
+          f"(generation {final} warm from {final - 1}, generation {final + 1} cold):")
+    print(f"  cold start: {cold_wall:.1f} s fit wall time, final training loss {target:.4g}; holdout E "
+          f"{cold.test_energy_rmse_mev:.2f} meV/at, F {cold.test_force_rmse_mev:.1f} meV/A")
+    print(f"  warm start: holdout E {warm.test_energy_rmse_mev:.2f} meV/at, F {warm.test_force_rmse_mev:.1f} meV/A")
+    if reach is None:
+        print(f"  warm start: never reached it within {warm_wall:.1f} s: target NOT MET")
+    else:
+        print(f"  warm start: reached it after {reach:.1f} s of its {warm_wall:.1f} s fit "
+              f"({100 * reach / cold_wall:.0f} % of the cold start's wall time): target (<= 50 %) "
+              f"{'MET' if reach <= 0.5 * cold_wall else 'NOT MET'}")
+    print(f"\ntotal {time.monotonic() - t0:.0f} s; folder {root}{' (kept)' if args.keep else ' (removed)'}")
+    if not args.keep:
+        shutil.rmtree(root, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

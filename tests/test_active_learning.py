@@ -1,0 +1,449 @@
+"""Active learning: candidates, selection by extrapolation grade, labelling, warm starts, the loop."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import ase.io
+import numpy as np
+import pytest
+from ase.build import bulk
+from ase.calculators.emt import EMT
+
+from autopipec_hpc.cli import main
+from autopipec_hpc.db import DatabaseManager, StructureStatus
+
+
+def _bytes(path) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def _frames(n=3, seed=0, labelled=False):
+    rng = np.random.default_rng(seed)
+    out = []
+    for k in range(n):
+        atoms = bulk("Cu", "fcc", a=3.61, cubic=True)
+        atoms.rattle(0.05, seed=int(rng.integers(1 << 30)))
+        atoms.info.update(config_type="md_300K", temperature=300.0, md_step=10 * k, generator="lammps-md")
+        if labelled:
+            atoms.calc = EMT()
+            atoms.get_potential_energy()
+        out.append(atoms)
+    return out
+
+
+def test_import_candidate_accepts_unlabelled_frames_and_keeps_provenance(tmp_path):
+    path = tmp_path / "md.extxyz"
+    ase.io.write(path, _frames())
+    db_path = tmp_path / "s.db"
+    assert main(["import", str(path), "--db", str(db_path), "--status", "CANDIDATE"]) == 0
+    db = DatabaseManager(db_path)
+    rows = list(db.iter_rows(status=StructureStatus.CANDIDATE))
+    assert len(rows) == 3
+    assert [r.md_step for r in rows] == [0, 10, 20]
+    assert all(r.config_type == "md_300K" and r.temperature == 300.0 and r.generator == "lammps-md" for r in rows)
+    assert all(r.get("energy") is None for r in rows)
+
+
+def test_unlabelled_frames_are_still_refused_for_any_other_status(tmp_path):
+    path = tmp_path / "md.extxyz"
+    ase.io.write(path, _frames())
+    db_path = tmp_path / "s.db"
+    DatabaseManager(db_path).add_candidate(_frames(1)[0], "md_300K")
+    before = _bytes(db_path)
+    assert main(["import", str(path), "--db", str(db_path)]) == 2
+    assert _bytes(db_path) == before
+
+
+def test_set_labels_keeps_unique_id_and_key_value_pairs(tmp_path):
+    db = DatabaseManager(tmp_path / "s.db")
+    row_id = db.add_candidate(_frames(1)[0], "md_300K", temperature=300.0)
+    uid = db.get_row(row_id).unique_id
+    db.set_labels(row_id, -1.5, np.ones((4, 3)), StructureStatus.TRAINING_READY, labelled_by="x:Y")
+    row = db.get_row(row_id)
+    assert row.unique_id == uid and row.id == row_id
+    assert row.status == "TRAINING_READY" and row.temperature == 300.0 and row.config_type == "md_300K"
+    assert row.energy == -1.5 and np.allclose(row.forces, 1.0)
+
+
+# -- selection and labelling with a real (tiny) potential ---------------------------------
+import shutil
+import sys
+
+from autopipec_hpc.config import SiteConfig
+from autopipec_hpc.example_data import tiny_train_config, write_example_database
+
+PACEMAKER = Path(sys.executable).parent / "pacemaker"
+needs_pacemaker = pytest.mark.skipif(not PACEMAKER.exists(), reason="pip install -e .[pacemaker]")
+
+
+def _site(root: Path) -> SiteConfig:
+    return SiteConfig(name="al-test", scheduler="local", work_dir=root / "runs", output_dir=root / "output",
+                      database=str(root / "structures.db"), pacemaker={"command": "pacemaker", "evaluator": "pyace"},
+                      train={"cpus": 2})
+
+
+def near_candidates(n=8, seed=11):
+    rng = np.random.default_rng(seed)
+    out = []
+    for _ in range(n):
+        atoms = bulk("Cu", "fcc", a=3.61 * rng.uniform(0.98, 1.02), cubic=True).repeat(2)
+        atoms.rattle(0.05, seed=int(rng.integers(1 << 30)))
+        out.append(atoms)
+    return out
+
+
+def far_candidates():
+    from ase.build import fcc111
+
+    squeezed = bulk("Cu", "fcc", a=3.0, cubic=True).repeat(2)
+    squeezed.rattle(0.05, seed=1)
+    slab = fcc111("Cu", (2, 2, 3), a=3.61, vacuum=5.0, periodic=True)
+    hot = bulk("Cu", "fcc", a=3.61, cubic=True).repeat(2)
+    hot.rattle(0.35, seed=2)
+    return [squeezed, slab, hot]
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """Generation 1 trained on the 30 example structures (pyace, 16 functions, 20 iterations)."""
+    if not PACEMAKER.exists():
+        pytest.skip("pacemaker not installed")
+    from autopipec_hpc.submission import train_generation
+
+    root = tmp_path_factory.mktemp("al")
+    site = _site(root)
+    db = DatabaseManager(site.database)
+    write_example_database(db)
+    record = train_generation(site, tiny_train_config(), timeout_s=900)
+    return root, site, record
+
+
+def _copy_db(trained, tmp_path) -> str:
+    root, site, _ = trained
+    path = tmp_path / "structures.db"
+    shutil.copy(site.database, path)
+    return str(path)
+
+
+@pytest.mark.slow
+@needs_pacemaker
+def test_select_scores_like_pyace_and_chooses_the_far_structures(trained, tmp_path):
+    from pyace import PyACECalculator
+
+    database = _copy_db(trained, tmp_path)
+    db = DatabaseManager(database)
+    near_ids = [db.add_candidate(a, "near") for a in near_candidates()]
+    far_ids = [db.add_candidate(a, f"far{k}") for k, a in enumerate(far_candidates())]
+    au = bulk("Au", "fcc", a=4.08, cubic=True)
+    au_id = db.add_candidate(au, "gold")
+    code = main(["select", "--db", database, "--generation", "1", "--max", "3", "--gamma-min", "1",
+                 "--out", str(tmp_path / "sel")])
+    assert code == 0
+    rows = {r.id: r for r in db.iter_rows()}
+    chosen = sorted(i for i, r in rows.items() if r.get("status") == "DFT_REQUESTED")
+    print({i: round(rows[i].gamma_max, 2) for i in near_ids + far_ids})
+    assert chosen == sorted(far_ids)
+    assert all(rows[i].selected_by_generation == 1 for i in chosen)
+    assert all(rows[i].scored_by_generation == 1 for i in near_ids + far_ids)
+    assert "gamma_max" not in rows[au_id] and rows[au_id].status == "CANDIDATE"  # unknown element: skipped
+    # select's gamma is PyACECalculator's with the active set
+    pot = Path(trained[2].potential_path)
+    calc = PyACECalculator(str(pot / "potential.yaml"))
+    calc.set_active_set(str(pot / "potential.asi"))
+    for i in (near_ids[0], far_ids[0], far_ids[2]):
+        atoms = rows[i].toatoms()
+        atoms.calc = calc
+        atoms.get_potential_energy()
+        assert rows[i].gamma_max == pytest.approx(calc.results["gamma"].max(), rel=1e-12)
+        assert rows[i].gamma_mean == pytest.approx(calc.results["gamma"].mean(), rel=1e-12)
+    sel = tmp_path / "sel"
+    assert (sel / "selection.json").exists() and (sel / "gamma_near.png").exists()
+    marker = db.markers("selection", 1)
+    assert len(marker) == 1 and marker[0].n_selected == 3
+
+    # label: DFT_REQUESTED -> TRAINING_READY with EMT, nothing else changes
+    before = {i: r.get("status") for i, r in rows.items()}
+    assert main(["label", "--db", database, "--calculator", "ase.calculators.emt:EMT"]) == 0
+    after = {r.id: r.get("status") for r in db.iter_rows()}
+    changes = {(before[i], after[i]) for i in before if before[i] != after[i]}
+    assert changes == {("DFT_REQUESTED", "TRAINING_READY")}
+    for i in chosen:
+        row = db.get_row(i)
+        atoms = row.toatoms()
+        atoms.calc = EMT()
+        assert row.energy == pytest.approx(atoms.get_potential_energy())
+        assert row.labelled_by == "ase.calculators.emt:EMT"
+
+
+@pytest.mark.slow
+@needs_pacemaker
+def test_select_top_gamma_and_random_strategies_keep_the_budget(trained, tmp_path):
+    database = _copy_db(trained, tmp_path)
+    db = DatabaseManager(database)
+    for a in near_candidates() + far_candidates():
+        db.add_candidate(a, "mixed")
+    from autopipec_hpc.active_learning import select_candidates
+
+    top = select_candidates(database, 1, max_select=2, gamma_min=0.0, strategy="top-gamma", out_dir=tmp_path / "a")
+    gammas = sorted((r.gamma_max for r in db.iter_rows(status="CANDIDATE")), reverse=True)
+    chosen = [db.get_row(i).gamma_max for i in top.selected_ids]
+    assert len(chosen) == 2 and min(chosen) >= gammas[0]
+
+
+@pytest.mark.parametrize("argv, culprit", [
+    (["select", "--generation", "7"], "generation 7"),
+    (["select", "--generation", "1", "--max", "0"], "--max"),
+    (["select", "--generation", "1", "--gamma-min", "-1"], "--gamma-min"),
+    (["select", "--generation", "1", "--strategy", "best"], "--strategy"),
+    (["label", "--calculator", "no_such_module_xyz:Calc"], "no_such_module_xyz"),
+    (["label", "--calculator", "ase.calculators.emt"], "MODULE:CLASS"),
+    (["label", "--calculator", "ase.calculators.emt:Nope"], "Nope"),
+    (["label", "--calculator", "ase.calculators.emt:EMT", "--kwargs", "{bad"], "--kwargs"),
+    (["label", "--calculator", "ase.calculators.emt:EMT", "--kwargs", "[1]"], "--kwargs"),
+])
+def test_bad_select_and_label_inputs_are_one_line_exit_2_database_unchanged(tmp_path, capsys, argv, culprit):
+    database = tmp_path / "structures.db"
+    db = DatabaseManager(database)
+    write_example_database(db)
+    db.add_candidate(near_candidates(1)[0], "near")
+    before = _bytes(database)
+    assert main([*argv, "--db", str(database)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and culprit in err, err
+    assert _bytes(database) == before
+
+
+# -- warm start ------------------------------------------------------------------------------
+def _metrics(attempt: Path):
+    from autopipec_hpc.pacemaker_wrapper import read_metrics_table
+
+    return read_metrics_table(attempt / "metrics.txt")
+
+
+def _child_site(tmp_path, database) -> SiteConfig:
+    return _site(tmp_path).model_copy(update={"database": database})
+
+
+@pytest.mark.slow
+@needs_pacemaker
+def test_warm_start_loads_the_parent_and_trains_exactly_our_targets(trained, tmp_path):
+    import json
+
+    from autopipec_hpc.dataset_prep import read_pickle
+    from autopipec_hpc.submission import train_generation
+
+    root, _, parent = trained
+    database = _copy_db(trained, tmp_path)
+    site = _child_site(tmp_path, database)
+    config = tiny_train_config().model_copy(update={"warm_start": 1})
+    record = train_generation(site, config, generation=2, timeout_s=900)
+    assert record.values["parent_generation"] == 1
+    manifest = json.loads((Path(record.potential_path) / "potential.json").read_text())
+    assert manifest["parent_generation"] == 1
+    assert manifest["reference_energies"] == json.loads((Path(parent.potential_path) / "potential.json").read_text())["reference_energies"]
+
+    cold = _metrics(Path(parent.run_dir) / "attempt-1")
+    warm = _metrics(Path(record.run_dir) / "attempt-1")
+    cold_first, cold_last = float(cold["loss"].iloc[0]), float(cold["loss"].iloc[-1])
+    warm_first = float(warm["loss"].iloc[0])
+    print(f"cold start loss {cold_first:.4g} -> {cold_last:.4g}; warm start begins at {warm_first:.4g}")
+    assert warm_first == pytest.approx(cold_last, rel=1e-3)  # it really loaded the parent
+    assert warm_first < 0.2 * cold_first  # far below a cold start
+
+    # The targets trained on are exactly ours: our pickles, and pacemaker's own fitting data.
+    run = Path(record.run_dir)
+    ours = read_pickle(run / "dataset" / "train-000.pckl.gzip")
+    expected = ours["energy_dft"] - ours["energy_zbl"] - ours["energy_reference"]
+    assert (ours["energy"] == expected).all() and (ours["energy_corrected"] == expected).all()
+    fitted = read_pickle(run / "attempt-1" / "fitting_data_info.pckl.gzip")
+    assert len(fitted) == len(ours)
+    mine = dict(zip(ours["ase_atoms"].map(lambda a: a.positions.tobytes()), ours["energy_corrected"]))
+    theirs = dict(zip(fitted["ase_atoms"].map(lambda a: a.positions.tobytes()), fitted["energy_corrected"]))
+    assert theirs == mine
+    import yaml
+
+    assert (Path(record.potential_path) / "lammps_extrapolation.in").exists()
+    assert "lammps_extrapolation.in" in manifest["files"]
+    start = yaml.safe_load((run / "warm_start.yaml").read_text())
+    assert "reference_energy" not in start["metadata"]
+    assert main(["results", "--db", database, "--site", str(_write_site(site, tmp_path))]) == 0
+
+
+def _write_site(site: SiteConfig, tmp_path: Path) -> Path:
+    import yaml
+
+    path = tmp_path / "site.yaml"
+    path.write_text(yaml.safe_dump(site.model_dump(mode="json")))
+    return path
+
+
+@pytest.mark.slow
+@needs_pacemaker
+@pytest.mark.parametrize("change, culprit", [
+    ({"zbl_outer": 2.5}, "zbl_outer"),
+    ({"b_basis_size": 20}, "b_basis_size"),
+    ({"cutoff": 4.5}, "cutoff"),
+    ({"reference_energies": {"Cu": -1.0}}, "reference_energies"),
+    ({"warm_start": 9}, "generation 9"),
+])
+def test_incompatible_warm_start_is_refused_by_name_and_writes_nothing(trained, tmp_path, change, culprit):
+    from autopipec_hpc.errors import ConfigError
+    from autopipec_hpc.submission import submit_generation
+
+    database = _copy_db(trained, tmp_path)
+    before = _bytes(database)
+    config = tiny_train_config().model_copy(update={"warm_start": 1, **change})
+    with pytest.raises(ConfigError, match=culprit):
+        submit_generation(database, _child_site(tmp_path, database), config, generation=2)
+    assert _bytes(database) == before
+    assert not (tmp_path / "runs").exists()
+
+
+@pytest.mark.slow
+@needs_pacemaker
+def test_warm_start_with_a_new_element_is_refused_by_name(trained, tmp_path, capsys):
+    database = _copy_db(trained, tmp_path)
+    db = DatabaseManager(database)
+    au = bulk("Au", "fcc", a=4.08, cubic=True)
+    au.calc = EMT()
+    db.add_structure(au, au.get_potential_energy(), au.get_forces(), "gold")
+    before = _bytes(database)
+    site_file = _write_site(_child_site(tmp_path, database), tmp_path)
+    import yaml
+
+    config_file = tmp_path / "train.yaml"
+    config_file.write_text(yaml.safe_dump(tiny_train_config().model_dump(mode="json")))
+    assert main(["submit", "--site", str(site_file), "--config", str(config_file), "--from-generation", "1"]) == 2
+    err = capsys.readouterr().err
+    assert "elements Au,Cu" in err and len(err.strip().splitlines()) == 1
+    assert _bytes(database) == before
+
+
+# -- stable split ----------------------------------------------------------------------------
+def test_stable_split_keeps_every_holdout_row_when_rows_are_added():
+    import uuid
+
+    from autopipec_hpc.dataset_prep import stable_split
+
+    rng = np.random.default_rng(0)
+    keys = {i: (("bulk", "surface", "md")[i % 3], uuid.UUID(int=int(rng.integers(1 << 62))).hex) for i in range(300)}
+    train, test, _ = stable_split(keys, 0.1, 42)
+    assert 15 <= len(test) <= 45 and set(train) | set(test) == set(keys) and not set(train) & set(test)
+    grown = dict(keys)
+    grown.update({i: (("bulk", "surface", "md", "vacancy")[i % 4], uuid.uuid4().hex) for i in range(300, 500)})
+    train2, test2, _ = stable_split(grown, 0.1, 42)
+    assert set(test) <= set(test2) and set(train) <= set(train2)
+    assert any(i >= 300 for i in test2) and any(grown[i][0] == "vacancy" for i in test2)
+    # keyed on unique_id and the seed, not on the database id or the order
+    relabelled = {1000 + i: v for i, v in reversed(list(keys.items()))}
+    assert sorted(i - 1000 for i in stable_split(relabelled, 0.1, 42)[1]) == test
+    assert stable_split(keys, 0.1, 43)[1] != test
+
+
+# -- the loop ----------------------------------------------------------------------------------
+def test_label_interrupted_midway_keeps_what_it_labelled_and_resumes(tmp_path, monkeypatch):
+    from autopipec_hpc import active_learning
+    from autopipec_hpc.errors import LabellingError
+
+    database = str(tmp_path / "s.db")
+    db = DatabaseManager(database)
+    ids = [db.add_candidate(a, "near") for a in near_candidates(3)]
+    db.update_rows([(i, {"status": "DFT_REQUESTED"}) for i in ids])
+
+    calls = {"n": 0}
+
+    class Flaky(EMT):
+        def calculate(self, *a, **k):
+            calls["n"] += 1
+            if calls["n"] == 2:
+                raise RuntimeError("node lost")
+            super().calculate(*a, **k)
+
+    monkeypatch.setattr(active_learning, "load_calculator_class", lambda spec, kw=None: (Flaky, {}))
+    with pytest.raises(LabellingError, match=f"id={ids[1]}"):
+        active_learning.label_requested(database, "x:Flaky")
+    assert [db.get_row(i).status for i in ids] == ["TRAINING_READY", "DFT_REQUESTED", "DFT_REQUESTED"]
+    again = active_learning.label_requested(database, "x:Flaky")
+    assert again.labelled == ids[1:]
+    assert all(db.get_row(i).status == "TRAINING_READY" for i in ids)
+
+
+@pytest.mark.parametrize("argv, culprit", [
+    (["loop", "--generations", "0", "--select", "2", "--calculator", "ase.calculators.emt:EMT"], "--generations"),
+    (["loop", "--generations", "2", "--select", "0", "--calculator", "ase.calculators.emt:EMT"], "--max"),
+    (["loop", "--generations", "2", "--select", "2", "--calculator", "nope_mod:X"], "nope_mod"),
+    (["loop", "--generations", "2", "--select", "2", "--calculator", "ase.calculators.emt:EMT", "--kwargs", "x"],
+     "--kwargs"),
+])
+def test_bad_loop_inputs_are_one_line_exit_2_database_unchanged(tmp_path, capsys, argv, culprit):
+    database = tmp_path / "structures.db"
+    write_example_database(DatabaseManager(database))
+    before = _bytes(database)
+    assert main([*argv, "--db", str(database)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and culprit in err, err
+    assert _bytes(database) == before
+
+
+@pytest.mark.slow
+@needs_pacemaker
+def test_interrupted_loop_resumes_without_repeating_a_finished_step(tmp_path, monkeypatch):
+    from autopipec_hpc import active_learning
+    from autopipec_hpc.active_learning import LoopStep, common_holdout, run_loop
+    from autopipec_hpc.dataset_prep import DatasetManifest
+
+    site = _site(tmp_path)
+    database = site.database
+    db = DatabaseManager(database)
+    write_example_database(db)
+    for a in near_candidates(6):
+        db.add_candidate(a, "near")
+    for k, a in enumerate(far_candidates()):
+        db.add_candidate(a, f"far{k}")
+    config = tiny_train_config()
+    args = dict(generations=2, select_max=2, calculator="ase.calculators.emt:EMT", timeout_s=900)
+
+    def interrupted(*a, **k):
+        raise KeyboardInterrupt  # the loop process dies while labelling
+
+    monkeypatch.setattr(active_learning, "label_requested", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        run_loop(site, database, config, **args)
+    assert db.get_record(1).status == "SUCCEEDED" and len(db.markers("selection")) == 1
+    assert db.count(status="DFT_REQUESTED") == 2
+    folders = sorted(p.name for p in (tmp_path / "runs").iterdir())
+    monkeypatch.undo()
+
+    steps = run_loop(site, database, config, **args)  # a new start: state from the database only
+    assert steps == [LoopStep("label", 1), LoopStep("train", 2, parent=1)]
+    assert len(db.markers("selection")) == 1 and db.count(status="DFT_REQUESTED") == 0
+    assert sorted(p.name for p in (tmp_path / "runs").iterdir()) == folders + ["gen-0002"]
+    gen2 = db.get_record(2)
+    assert gen2.status == "SUCCEEDED" and gen2.values["parent_generation"] == 1
+    assert gen2.values["n_train"] + gen2.values["n_test"] == 32
+    assert run_loop(site, database, config, **args) == []  # finished: nothing repeats
+
+    holdout1 = set(DatasetManifest.load(db.get_record(1).potential_path).test_ids)
+    holdout2 = set(DatasetManifest.load(gen2.potential_path).test_ids)
+    assert holdout1 <= holdout2
+    common, rows = common_holdout(db)
+    assert set(common) == holdout1 and [r.generation for r in rows] == [1, 2]
+    assert all(r.structures == len(holdout1) and r.force_rmse_mev > 0 for r in rows)
+
+
+# -- exploration hooks -------------------------------------------------------------------------
+def test_lammps_extrapolation_lines_use_the_active_set_and_the_customary_thresholds():
+    from autopipec_hpc.registry import lammps_extrapolation_snippet
+
+    text = lammps_extrapolation_snippet(["Au", "Cu"], 1.0, 2.0, generation=3)
+    lines = [line for line in text.splitlines() if not line.startswith("#")]
+    assert lines[:5] == [
+        "pair_style hybrid/overlay pace/extrapolation zbl 1.0 2.0",
+        "pair_coeff * * pace/extrapolation potential.yaml potential.asi Au Cu",
+        "pair_coeff 1 1 zbl 79 79", "pair_coeff 1 2 zbl 79 29", "pair_coeff 2 2 zbl 29 29",
+    ]
+    assert "fix pace_gamma all pair 20 pace/extrapolation gamma 1" in lines
+    assert 'variable dump_skip equal "c_max_pace_gamma < 5"' in lines
+    assert "fix extreme_extrapolation all halt 20 v_max_pace_gamma > 25" in lines
