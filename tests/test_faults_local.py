@@ -59,7 +59,7 @@ def test_simultaneous_submits_of_one_generation_one_proceeds(tmp_path, example_d
         assert sorted(rc for rc, _, _ in outcomes) == [0, 2, 2, 2], outcomes
         for rc, _, err in outcomes:
             if rc == 2:
-                assert err.count("\n") == 1 and "generation 7 is SUBMITTED" in err or "RUNNING" in err
+                assert err.count("\n") == 1 and ("generation 7 is SUBMITTED" in err or "generation 7 is RUNNING" in err)
         runs = sorted((tmp_path / "runs").glob("gen-0007*"))
         assert len(runs) == 1  # the losers made no run folder
         record = DatabaseManager(example_db).get_record(7)
