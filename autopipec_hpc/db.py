@@ -230,6 +230,11 @@ class DatabaseManager:
                 path.parent.mkdir(parents=True, exist_ok=True)
             except OSError as exc:
                 raise DatabaseError(f"database {self.target}: cannot create its folder ({exc.strerror})") from None
+            network = network_filesystem(path.parent)
+            if network:
+                log.warning("database %s lies on a %s filesystem, where SQLite's locking is unsafe with several "
+                            "writers (jobs on other nodes): use PostgreSQL there (README: Databases)",
+                            self.target, network)
         self._lock_depth = 0
         try:
             self._db = ase.db.connect(self.target, append=True)
@@ -665,6 +670,25 @@ def _advisory_lock(url: str, timeout_s: float) -> Callable[[], None]:
             connection.close()
 
     return release
+
+
+NETWORK_FILESYSTEMS = ("nfs", "nfs4", "cifs", "smb3", "smbfs", "lustre", "gpfs", "beegfs", "fuse.sshfs",
+                       "glusterfs", "ceph", "9p")
+
+
+def network_filesystem(folder: Path) -> str | None:
+    """The type of the network filesystem ``folder`` lies on, or None (local, or unknown)."""
+    try:
+        mounts = [line.split()[1:3] for line in Path("/proc/mounts").read_text().splitlines()]
+    except OSError:
+        return None
+    where = str(folder.resolve())
+    best = ("", "")
+    for mount_point, fs_type in mounts:
+        inside = where == mount_point or where.startswith(mount_point.rstrip("/") + "/")
+        if inside and len(mount_point) > len(best[0]):
+            best = (mount_point, fs_type)
+    return best[1] if best[1] in NETWORK_FILESYSTEMS else None
 
 
 def redact(target: str) -> str:

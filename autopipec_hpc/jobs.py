@@ -140,6 +140,24 @@ def record_failure(spec: RunSpec, status: RecordState, reason: str, log_tail: st
     update_record(spec, status, reason=reason, data={"log_tail": log_tail} if log_tail else None)
 
 
+def _reclaim_for_rerun(spec: RunSpec) -> bool:
+    """A kept job script resubmitted by hand after its run failed: the run folder
+    claims its generation again (a new record, as any new claim), unless another
+    run holds it, it succeeded, or it was cancelled."""
+    db = DatabaseManager(spec.database)
+    record = patiently(lambda: db.get_record(spec.generation), f"generation {spec.generation}: reading its record")
+    if record is None or str(record.run_dir) != spec.run_dir:
+        return False
+    if record.status not in (RecordState.FAILED, RecordState.DIVERGED) or spec.folder.cancel_marker.exists():
+        return False
+    log.warning("generation %s: %s ran again after it %s; claiming the generation anew",
+                spec.generation, spec.run_dir, record.status)
+    spec.folder.train_verdict.unlink(missing_ok=True)
+    patiently(lambda: db.claim(spec.generation, lambda _: spec.path, data={"config": spec.config}),
+              f"generation {spec.generation}: claiming it again")
+    return True
+
+
 class TrainJob(submitit.helpers.Checkpointable):
     """Train one generation. Requeued on time limit or preemption; a requeued run
     resumes from the last attempt's interim potential, up to ``max_restarts`` times."""
@@ -167,13 +185,12 @@ class TrainJob(submitit.helpers.Checkpointable):
         except TrainingFailedError as exc:
             record_failure(spec, RecordState.FAILED, str(exc))
             raise
-        if not update_record(
-            spec, RecordState.RUNNING, reason="",
-            values={"attempt": attempt_number(attempt), "resumed_from": str(resume_from or ""), **environment},
-        ):
-            raise TrainingFailedError(
-                f"generation {spec.generation} is no longer this run's to train (cancelled, or claimed by another run)"
-            )
+        running = {"attempt": attempt_number(attempt), "resumed_from": str(resume_from or ""), **environment}
+        if not update_record(spec, RecordState.RUNNING, reason="", values=running):
+            if not _reclaim_for_rerun(spec) or not update_record(spec, RecordState.RUNNING, values=running):
+                raise TrainingFailedError(
+                    f"generation {spec.generation} is no longer this run's to train (cancelled, or claimed by another run)"
+                )
         manifest = DatasetManifest.load(spec.dataset_dir)
         cancelled = folder.cancel_marker.exists
         wrapper = PacemakerWrapper(
