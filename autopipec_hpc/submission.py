@@ -8,7 +8,6 @@ new process (or a later login) can re-attach to a generation submitted earlier.
 from __future__ import annotations
 
 import logging
-import os
 import socket
 import time
 from collections.abc import Callable
@@ -28,6 +27,7 @@ from autopipec_hpc.errors import (
 )
 from autopipec_hpc.pacemaker_wrapper import LiveProgress, count_parameters
 from autopipec_hpc.preflight import run_preflight
+from autopipec_hpc.processes import pid_alive
 from autopipec_hpc.run_folder import RunFolder, RunSpec, attempt_number, latest_generation_folder, new_run_folder
 from autopipec_hpc.scheduler import scheduler_for
 from autopipec_hpc.scheduler.base import FINISHED, JOB_ROLES, JobState, SubmittedJobs
@@ -371,7 +371,7 @@ def reconcile_generation(db: DatabaseManager, generation: int) -> TrainingRecord
     if not folder.jobs_file.exists():
         claimer = str(record.values.get("claimed_by", ""))
         host, _, pid = claimer.rpartition(":")
-        if host == socket.gethostname() and pid.isdigit() and not _process_alive(int(pid)):
+        if host == socket.gethostname() and pid.isdigit() and not pid_alive(int(pid)):
             db.update_record(generation, record.run_dir, RecordState.FAILED,
                              reason=f"the submitting process ({claimer}) ended before its jobs were submitted")
         return db.get_record(generation)
@@ -413,17 +413,3 @@ def describe_jobs(run_dir: Path) -> str:
         return " / ".join(parts)
     except (SchedulerError, OSError, ValueError) as exc:
         return f"unknown: {_one_line(exc)[:120]}"
-
-
-def _process_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    try:
-        with open(f"/proc/{pid}/stat") as handle:
-            return handle.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except (OSError, IndexError):
-        return True

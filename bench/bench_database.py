@@ -30,7 +30,6 @@ import subprocess
 import sys
 import tempfile
 import time
-import uuid
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -52,15 +51,9 @@ def new_postgres() -> str | None:
     url = os.environ.get("AUTOPIPEC_TEST_POSTGRES")
     if not url:
         return None
-    import psycopg2
+    from autopipec_hpc.testing.postgres import new_database
 
-    name = f"bench_{uuid.uuid4().hex[:10]}"
-    connection = psycopg2.connect(url)
-    connection.autocommit = True
-    with connection.cursor() as cursor:
-        cursor.execute(f"CREATE DATABASE {name}")
-    connection.close()
-    return url.rsplit("/", 1)[0] + "/" + name
+    return new_database(url, prefix="bench")
 
 
 def fill(target: str, xyz: Path) -> float:

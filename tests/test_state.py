@@ -8,7 +8,6 @@ import os
 import subprocess
 import sys
 import time
-import uuid
 from pathlib import Path
 
 import pytest
@@ -25,15 +24,9 @@ def _postgres_database() -> str:
         if os.environ.get("AUTOPIPEC_REQUIRE_POSTGRES") == "1":
             pytest.fail("AUTOPIPEC_REQUIRE_POSTGRES=1 but AUTOPIPEC_TEST_POSTGRES is not set")
         pytest.skip("no PostgreSQL: start one with `bash scripts/postgres/up.sh` and source its env.sh")
-    import psycopg2
+    from autopipec_hpc.testing.postgres import new_database
 
-    name = f"t_{uuid.uuid4().hex[:12]}"
-    connection = psycopg2.connect(PG_URL)
-    connection.autocommit = True
-    with connection.cursor() as cursor:
-        cursor.execute(f"CREATE DATABASE {name}")
-    connection.close()
-    return PG_URL.rsplit("/", 1)[0] + "/" + name
+    return new_database(PG_URL)
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])

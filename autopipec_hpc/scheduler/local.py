@@ -23,25 +23,11 @@ import submitit
 from submitit.core.utils import JobPaths
 
 from autopipec_hpc.config import SiteConfig
+from autopipec_hpc.processes import pid_alive  # noqa: F401  (tests import it from here)
 from autopipec_hpc.errors import SchedulerError, TrainingFailedError
 from autopipec_hpc.jobs import EvaluateJob, TrainJob, record_failure, training_verdict
 from autopipec_hpc.run_folder import RunSpec
 from autopipec_hpc.scheduler.base import JobState, SubmittedJobs
-
-
-def pid_alive(pid: int) -> bool:
-    """True while ``pid`` runs; a zombie (finished, not yet reaped) counts as gone."""
-    try:
-        with open(f"/proc/{pid}/stat") as handle:
-            return handle.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except (FileNotFoundError, ProcessLookupError, IndexError):
-        return False
-    except OSError:
-        try:
-            os.kill(pid, 0)
-            return True
-        except OSError:
-            return False
 
 
 def wait_for_training(run_dir: str, train_alive: Callable[[], bool], poll_s: float = 1.0) -> dict[str, Any]:
