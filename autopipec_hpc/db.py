@@ -452,13 +452,22 @@ class DatabaseManager:
         last = 0
         while True:
             try:
-                rows = list(self._db.select(f"id>{last}", sort="id", limit=page, **selection))
+                rows = self._page(f"id>{last}", page, selection)
             except (sqlite3.Error, OSError) as exc:
                 raise DatabaseError(describe_database_error(self.target, exc)) from exc
             yield from rows
             if len(rows) < page:
                 return
             last = rows[-1].id
+
+    def _page(self, after: str, page: int, selection: dict[str, Any]) -> list[Any]:
+        # One connection per page: outside a `with`, ase.db opens a connection for each
+        # row it converts (to look up its external tables), which costs ~4 ms a row on
+        # PostgreSQL and made streaming 40x slower than SQLite.
+        if self._db.connection is not None:  # already inside a transaction of ours
+            return list(self._db.select(after, sort="id", limit=page, **selection))
+        with self._db as db:
+            return list(db.select(after, sort="id", limit=page, **selection))
 
     @_guarded
     def mark_used(self, generation: int, train_ids: Sequence[int], test_ids: Sequence[int]) -> None:
