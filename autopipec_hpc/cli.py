@@ -272,6 +272,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from autopipec_hpc.example_data import demo_train_config, write_example_database
 
     site = SiteConfig.from_yaml(args.site)
+    if args.loop is not None:
+        return _demo_loop(args, site)
     database = args.db or site.database
     db = DatabaseManager(database)
     if db.count(status=StructureStatus.TRAINING_READY) == 0:
@@ -288,6 +290,43 @@ def cmd_demo(args: argparse.Namespace) -> int:
                   f"{sub.jobs.evaluate} on the {site.scheduler} executor; run folder {sub.spec.run_dir}")
     record = wait_for_generation(Path(sub.spec.run_dir), site.result_timeout_s, on_progress=ProgressPrinter())
     print_records([record], detail=True)
+    return 0
+
+
+DEMO_LOOP_DIR = "loop-demo"
+DEMO_LABELLER = "ase.calculators.emt:EMT"
+
+
+def _demo_loop(args: argparse.Namespace, site: SiteConfig) -> int:
+    """The active-learning loop on the example data: EMT labels the 30 starting cells and
+    whatever the loop requests from an imbalanced pool of candidates. Its own folders
+    (``<work_dir>/loop-demo``, ``<output_dir>/loop-demo``), so its generations never mix
+    with the plain demo's; run again, it resumes (or shows what is done)."""
+    from autopipec_hpc.active_learning import run_loop
+    from autopipec_hpc.example_data import demo_train_config, write_example_candidates, write_example_database
+
+    if args.loop < 1:
+        raise ConfigError(f"--loop must be at least 1 generation, got {args.loop}")
+    if args.pool < 1:
+        raise ConfigError(f"--pool must be at least 1 candidate, got {args.pool}")
+    if args.data:
+        raise ConfigError("--data cannot go with --loop: the loop labels its picks with EMT, "
+                          "which must also have labelled the starting data")
+    site = site.model_copy(update={"work_dir": site.work_dir / DEMO_LOOP_DIR,
+                                   "output_dir": site.output_dir / DEMO_LOOP_DIR})
+    database = args.db or str(site.output_dir / "structures.db")
+    site.output_dir.mkdir(parents=True, exist_ok=True)
+    db = DatabaseManager(database)
+    if db.count() == 0:
+        n = write_example_database(db)
+        m = write_example_candidates(db, args.pool)
+        console.print(f"wrote {n} example copper structures (EMT labels) and {m} unlabelled candidates "
+                      f"into {database}")
+    config = TrainConfig.from_yaml(args.config) if args.config else demo_train_config(_local_evaluator(site))
+    steps = run_loop(site, database, config, args.loop, args.select, DEMO_LABELLER, notify=_say)
+    console.print(f"loop: {len(steps)} steps taken; run it again to resume or to see it done")
+    print_records(db.records())
+    print_common_holdout(db)
     return 0
 
 
@@ -527,6 +566,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", type=Path, nargs="+", default=None,
                    help="labelled structures to train on (default: 30 EMT copper cells made on the spot)")
     p.add_argument("--config", type=Path, default=None, help="default: a small quick fit")
+    p.add_argument("--loop", type=int, default=None, metavar="K",
+                   help="run the active-learning loop for K generations on EMT copper instead "
+                        "(own folders: <work_dir>/loop-demo, <output_dir>/loop-demo)")
+    p.add_argument("--select", type=int, default=10, help="with --loop: structures to label per generation")
+    p.add_argument("--pool", type=int, default=200, help="with --loop: unlabelled candidates to start with")
     p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser("select", help="score candidates by extrapolation grade; request labels for the best")

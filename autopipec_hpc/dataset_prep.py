@@ -19,8 +19,8 @@ import gzip
 import hashlib
 import json
 import logging
-import sys
 import tempfile
+from array import array
 from collections import Counter, defaultdict
 from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
@@ -35,7 +35,7 @@ from ase.io.extxyz import write_xyz
 
 from autopipec_hpc.errors import ConfigError, InsufficientDataError, StructureError
 from autopipec_hpc.files import atomic_output, atomic_write_text
-from autopipec_hpc.physics import ZBLCalculator, fit_reference_energies, per_atom_reference
+from autopipec_hpc.physics import ZBLCalculator, fit_reference_energies_from_counts, per_atom_reference
 
 log = logging.getLogger(__name__)
 
@@ -134,7 +134,76 @@ class _Seen:
     energy_dft: float
     energy_zbl: float
     zbl_forces_at: int  # byte offset of this structure's ZBL forces in the spill file
-    unique_id: str | None = None  # the database row's unique_id, for stable_split
+    draw: float = float("nan")  # split_draw of the row's unique_id (nan without one)
+
+
+class _SeenTable:
+    """What pass 1 keeps, as typed columns: about 60 bytes per structure where a list
+    of objects took about 500, so `prepare`'s memory stays flat as rows grow (100,000
+    rows are 6 MB here). Config types and compositions are stored once each."""
+
+    def __init__(self, seed: int) -> None:
+        self.seed = seed
+        self.db_ids, self.natoms, self.offsets = array("q"), array("l"), array("q")
+        self.kinds, self.compositions = array("l"), array("l")
+        self.energy_dft, self.energy_zbl, self.draws = array("d"), array("d"), array("d")
+        self.config_types: list[str] = []
+        self.composition_table: list[tuple[tuple[str, int], ...]] = []
+        self._kind_of: dict[str, int] = {}
+        self._composition_of: dict[tuple[tuple[str, int], ...], int] = {}
+        self.all_have_unique_ids = True
+        self._sorted_ids: np.ndarray | None = None
+        self._order: np.ndarray | None = None
+
+    def __len__(self) -> int:
+        return len(self.db_ids)
+
+    def add(self, db_id: int, config_type: str, natoms: int, composition: tuple[tuple[str, int], ...],
+            energy_dft: float, energy_zbl: float, offset: int, unique_id: str | None) -> None:
+        self.db_ids.append(db_id)
+        self.kinds.append(self._kind_of.setdefault(config_type, len(self._kind_of)))
+        if len(self._kind_of) > len(self.config_types):
+            self.config_types.append(config_type)
+        self.compositions.append(self._composition_of.setdefault(composition, len(self._composition_of)))
+        if len(self._composition_of) > len(self.composition_table):
+            self.composition_table.append(composition)
+        self.natoms.append(natoms)
+        self.energy_dft.append(energy_dft)
+        self.energy_zbl.append(energy_zbl)
+        self.offsets.append(offset)
+        if unique_id:
+            self.draws.append(split_draw(str(unique_id), self.seed))
+        else:
+            self.draws.append(float("nan"))
+            self.all_have_unique_ids = False
+
+    def column(self, name: str) -> np.ndarray:
+        """A column as a numpy view (no copy)."""
+        values = getattr(self, name)
+        return np.frombuffer(values, dtype=values.typecode) if len(values) else np.zeros(0, values.typecode)
+
+    def ids_are_unique(self) -> bool:
+        ids = np.sort(self.column("db_ids"))
+        return not bool(np.any(ids[1:] == ids[:-1]))
+
+    def position(self, db_id: int) -> int | None:
+        """Where ``db_id`` sits in the columns (None if pass 1 did not keep it)."""
+        if self._order is None:
+            ids = self.column("db_ids")
+            self._order = np.argsort(ids, kind="stable")
+            self._sorted_ids = ids[self._order]
+        k = int(np.searchsorted(self._sorted_ids, db_id))
+        if k < len(self._sorted_ids) and int(self._sorted_ids[k]) == db_id:
+            return int(self._order[k])
+        return None
+
+    def row(self, position: int) -> _Seen:
+        return _Seen(self.db_ids[position], self.config_types[self.kinds[position]], self.natoms[position],
+                     self.composition_table[self.compositions[position]], self.energy_dft[position],
+                     self.energy_zbl[position], self.offsets[position], self.draws[position])
+
+    def positions_of(self, ids: list[int]) -> np.ndarray:
+        return np.fromiter((self.position(i) for i in ids), dtype=np.int64, count=len(ids))
 
 
 # -- pacemaker's file format -------------------------------------------------
@@ -221,26 +290,42 @@ def stable_split(
     side (its lowest draw in test, its highest in train, when the draws alone would
     not). Only those guard rows can change side as a small config_type grows.
     """
-    groups: dict[str, list[tuple[float, int]]] = defaultdict(list)
-    for db_id, (ctype, uid) in keys.items():
-        groups[ctype].append((split_draw(uid, seed), db_id))
-    train: list[int] = []
-    test: list[int] = []
+    names = sorted({ctype for ctype, _ in keys.values()})
+    index = {name: k for k, name in enumerate(names)}
+    ids = np.fromiter(keys, dtype=np.int64, count=len(keys))
+    kinds = np.fromiter((index[ctype] for ctype, _ in keys.values()), dtype=np.int64, count=len(keys))
+    draws = np.fromiter((split_draw(uid, seed) for _, uid in keys.values()), dtype=float, count=len(keys))
+    return split_by_draws(ids, kinds, names, draws, test_fraction)
+
+
+def split_by_draws(
+    ids: np.ndarray, kinds: np.ndarray, config_types: list[str], draws: np.ndarray, test_fraction: float
+) -> tuple[list[int], list[int], list[str]]:
+    """``stable_split`` on columns: ``kinds[i]`` indexes ``config_types``, ``draws[i]`` is
+    row i's ``split_draw``. Within a config_type the rows are taken in (draw, id) order."""
+    train: list[np.ndarray] = []
+    test: list[np.ndarray] = []
     singles: list[str] = []
-    for ctype in sorted(groups):
-        draws = sorted(groups[ctype])
-        if len(draws) == 1:
-            singles.append(ctype)
-            train.append(draws[0][1])
+    for kind in sorted(range(len(config_types)), key=config_types.__getitem__):
+        members = np.flatnonzero(kinds == kind)
+        if len(members) == 0:
+            continue
+        order = members[np.lexsort((ids[members], draws[members]))]
+        if len(order) == 1:
+            singles.append(config_types[kind])
+            train.append(ids[order])
             continue
         if test_fraction == 0:
-            train.extend(i for _, i in draws)
+            train.append(ids[order])
             continue
-        n_test = sum(1 for u, _ in draws if u < test_fraction)
-        n_test = min(max(1, n_test), len(draws) - 1)
-        test.extend(i for _, i in draws[:n_test])
-        train.extend(i for _, i in draws[n_test:])
-    return sorted(train), sorted(test), singles
+        n_test = min(max(1, int(np.count_nonzero(draws[order] < test_fraction))), len(order) - 1)
+        test.append(ids[order[:n_test]])
+        train.append(ids[order[n_test:]])
+
+    def ordered(parts: list[np.ndarray]) -> list[int]:
+        return np.sort(np.concatenate(parts)).tolist() if parts else []
+
+    return ordered(train), ordered(test), singles
 
 
 # -- writers -------------------------------------------------------------------
@@ -297,6 +382,19 @@ def extxyz_frame(atoms: Atoms, energy: float, forces: np.ndarray, config_type: s
 
 
 # -- the builder ----------------------------------------------------------------
+_TRAIN, _TEST = 1, 2  # a structure's side, by its position in _SeenTable
+
+
+def composition_matrix(
+    table: list[tuple[tuple[str, int], ...]], rows: np.ndarray
+) -> tuple[np.ndarray, list[str]]:
+    """Atom counts per element (columns: the elements present) of the rows whose
+    composition indices (into ``table``) are ``rows``."""
+    elements = sorted({el for comp in (table[k] for k in np.unique(rows)) for el, _ in comp})
+    per_composition = np.array([[dict(comp).get(el, 0) for el in elements] for comp in table], dtype=float)
+    return per_composition[rows].reshape(len(rows), len(elements)), elements
+
+
 class DatasetBuilder:
     """Builds the train and test datasets of one training run."""
 
@@ -306,10 +404,10 @@ class DatasetBuilder:
 
     def _scan(
         self, structures: Iterable[Atoms], spill: IO[bytes]
-    ) -> tuple[list[_Seen], list[SkippedStructure], bool, float]:
+    ) -> tuple[_SeenTable, list[SkippedStructure], bool, float]:
         """Pass 1. ZBL forces go to ``spill`` (a temporary file), so pass 2 reuses
         them without holding every structure's forces in memory."""
-        seen: list[_Seen] = []
+        seen = _SeenTable(self.settings.seed)
         skipped: list[SkippedStructure] = []
         has_mask = False
         min_distance = np.inf
@@ -331,11 +429,8 @@ class DatasetBuilder:
                 min_distance = min(min_distance, float(pairs[2].min()))
             offset = spill.tell()
             spill.write(np.ascontiguousarray(f_zbl, dtype=np.float64).tobytes())
-            seen.append(
-                _Seen(int(db_id), sys.intern(ctype), len(atoms),
-                      tuple(sorted(Counter(atoms.get_chemical_symbols()).items())), energy, e_zbl, offset,
-                      atoms.info.get("unique_id"))
-            )
+            seen.add(int(db_id), ctype, len(atoms), tuple(sorted(Counter(atoms.get_chemical_symbols()).items())),
+                     energy, e_zbl, offset, atoms.info.get("unique_id"))
         return seen, skipped, has_mask, float(min_distance)
 
     def prepare_dataset(self, structures: Iterable[Atoms], output_path: str | Path) -> DatasetManifest:
@@ -352,56 +447,62 @@ class DatasetBuilder:
     def _prepare(self, structures: Iterable[Atoms], out: Path, spill: IO[bytes]) -> DatasetManifest:
         settings = self.settings
         seen, skipped, has_mask, min_distance = self._scan(structures, spill)
-        if not seen:
+        if not len(seen):
             detail = f" ({len(skipped)} skipped: {skipped[0].reason} ...)" if skipped else ""
             raise InsufficientDataError(f"no usable structures to build a dataset from{detail}")
-        by_id = {s.db_id: s for s in seen}
-        if len(by_id) != len(seen):
+        if not seen.ids_are_unique():
             raise InsufficientDataError("structure ids are not unique; cannot split reproducibly")
-        if settings.stable_split and all(s.unique_id for s in seen):
-            train_ids, test_ids, singles = stable_split(
-                {s.db_id: (s.config_type, str(s.unique_id)) for s in seen}, settings.test_fraction, settings.seed
+        ids, kinds = seen.column("db_ids"), seen.column("kinds")
+        if settings.stable_split and seen.all_have_unique_ids:
+            train_ids, test_ids, singles = split_by_draws(
+                ids, kinds, seen.config_types, seen.column("draws"), settings.test_fraction
             )
         else:
             train_ids, test_ids, singles = stratified_split(
-                {s.db_id: s.config_type for s in seen}, settings.test_fraction, settings.seed
+                {int(i): seen.config_types[k] for i, k in zip(ids, kinds)}, settings.test_fraction, settings.seed
             )
         if not train_ids:
             raise InsufficientDataError("no structures left for training after the split")
+        side = np.zeros(len(seen), dtype=np.int8)  # by position: 1 train, 2 test, 0 neither
+        side[seen.positions_of(train_ids)] = _TRAIN
+        side[seen.positions_of(test_ids)] = _TEST
+        energy_dft, energy_zbl = seen.column("energy_dft"), seen.column("energy_zbl")
         if settings.reference_energies is not None:
             references = {k: float(v) for k, v in settings.reference_energies.items()}
             source = "given"
         else:
-            train = [by_id[i] for i in train_ids]
-            references = fit_reference_energies(
-                [dict(s.composition) for s in train], [s.energy_dft - s.energy_zbl for s in train]
+            train = side == _TRAIN
+            references = fit_reference_energies_from_counts(
+                *composition_matrix(seen.composition_table, seen.column("compositions")[train]),
+                energy_dft[train] - energy_zbl[train],
             )
             source = "least squares on the training set"
-        elements = sorted({el for s in seen for el, _ in s.composition})
+        elements = sorted({el for comp in seen.composition_table for el, _ in comp})
         missing = sorted(set(elements) - set(references))
         if missing:
             raise ConfigError(f"reference_energies has no value for element(s) {', '.join(missing)}")
 
         out.mkdir(parents=True, exist_ok=True)
-        split_of = {i: "train" for i in train_ids} | {i: "test" for i in test_ids}
         writers = {
             name: _ShardedPickleWriter(out, name, settings.shard_atoms, settings.shard_rows) for name in ("train", "test")
         }
         xyz_paths = {name: out / f"{name}.extxyz" for name in ("train", "test")}
-        target_epa: list[float] = []
+        target_lo, target_hi = np.inf, -np.inf  # energy per atom
         with _maybe_xyz(xyz_paths["train"], settings.write_extxyz) as xyz_train, _maybe_xyz(
             xyz_paths["test"], settings.write_extxyz and bool(test_ids)
         ) as xyz_test:
-            xyz = {"train": xyz_train, "test": xyz_test}
+            xyz = {_TRAIN: xyz_train, _TEST: xyz_test}
             for index, atoms in enumerate(structures):
                 db_id = int(atoms.info.get("db_id", index))
-                split = split_of.get(db_id)
-                if split is None:
+                position = seen.position(db_id)
+                if position is None or side[position] == 0:
                     continue  # skipped in pass 1
+                split = int(side[position])
                 atoms.info.setdefault("db_id", db_id)
-                row, frame = self._delta_row(atoms, by_id[db_id], references, has_mask, spill)
-                target_epa.append(row["energy_corrected"] / len(atoms))
-                writers[split].add(row)
+                row, frame = self._delta_row(atoms, seen.row(position), references, has_mask, spill)
+                per_atom = row["energy_corrected"] / len(atoms)
+                target_lo, target_hi = min(target_lo, per_atom), max(target_hi, per_atom)
+                writers["train" if split == _TRAIN else "test"].add(row)
                 if xyz[split] is not None:
                     # ASE's own writer, called directly: ase.io.write's dispatch costs
                     # as much again per small frame.
@@ -409,11 +510,13 @@ class DatasetBuilder:
         train_files = writers["train"].close()
         test_files = writers["test"].close()
         counts = {
-            name: dict(sorted(Counter(by_id[i].config_type for i in ids).items()))
-            for name, ids in (("train", train_ids), ("test", test_ids))
+            name: {seen.config_types[k]: int(n) for k, n in sorted(
+                enumerate(np.bincount(kinds[side == code], minlength=len(seen.config_types))),
+                key=lambda kn: seen.config_types[kn[0]]) if n}
+            for name, code in (("train", _TRAIN), ("test", _TEST))
         }
-        e_zbl = np.array([s.energy_zbl for s in seen])
-        e_zbl_pa = np.array([s.energy_zbl / s.natoms for s in seen])
+        e_zbl = energy_zbl
+        e_zbl_pa = energy_zbl / seen.column("natoms")
         manifest = DatasetManifest(
             directory=str(out),
             train_files=train_files,
@@ -433,7 +536,7 @@ class DatasetBuilder:
             zbl_outer=settings.zbl_outer,
             zbl_energy_range=(float(e_zbl.min()), float(e_zbl.max())),
             zbl_energy_per_atom_range=(float(e_zbl_pa.min()), float(e_zbl_pa.max())),
-            target_energy_per_atom_range=(float(min(target_epa)), float(max(target_epa))),
+            target_energy_per_atom_range=(float(target_lo), float(target_hi)),
             min_distance=min_distance,
             has_force_weights=has_mask,
             test_fraction=settings.test_fraction,

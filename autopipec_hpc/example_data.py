@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import numpy as np
 from ase import Atoms
-from ase.build import bulk
+from ase.build import bulk, fcc100
 from ase.calculators.emt import EMT
 from ase.calculators.singlepoint import SinglePointCalculator
 
@@ -16,6 +16,9 @@ from autopipec_hpc.config import Evaluator, TrainConfig
 from autopipec_hpc.db import DatabaseManager, StructureStatus
 
 FCC_A = 3.61
+# The demo loop's and the benchmark's candidate pool: imbalanced as MD harvests are,
+# mostly near-equilibrium frames and a few of the kinds a first potential has not seen.
+CANDIDATE_SHARES = {"equilibrium": 0.80, "hot_md": 0.06, "vacancy": 0.05, "surface": 0.04, "compressed": 0.05}
 
 
 def example_structures(seed: int = 7) -> list[tuple[Atoms, str]]:
@@ -56,6 +59,45 @@ def write_example_database(db: DatabaseManager, seed: int = 7) -> int:
         )
         count += 1
     return count
+
+
+def candidate_structure(kind: str, rng: np.random.Generator) -> Atoms:
+    """One unlabelled copper cell of ``kind`` (a key of CANDIDATE_SHARES)."""
+    seed = int(rng.integers(1 << 30))
+    if kind == "equilibrium":
+        atoms = bulk("Cu", "fcc", a=FCC_A * rng.uniform(0.99, 1.01), cubic=True).repeat(2)
+        atoms.rattle(0.03, seed=seed)
+    elif kind == "hot_md":
+        atoms = bulk("Cu", "fcc", a=FCC_A * rng.uniform(1.0, 1.02), cubic=True).repeat(2)
+        atoms.rattle(rng.uniform(0.15, 0.25), seed=seed)
+    elif kind == "vacancy":
+        atoms = bulk("Cu", "fcc", a=FCC_A, cubic=True).repeat(2)
+        del atoms[int(rng.integers(len(atoms)))]
+        atoms.rattle(0.05, seed=seed)
+    elif kind == "surface":
+        atoms = fcc100("Cu", (2, 2, 4), a=FCC_A, vacuum=6.0, periodic=True)
+        atoms.rattle(0.05, seed=seed)
+    elif kind == "compressed":
+        atoms = bulk("Cu", "fcc", a=FCC_A * rng.uniform(0.88, 0.93), cubic=True).repeat(2)
+        atoms.rattle(0.05, seed=seed)
+    else:
+        raise ValueError(f"unknown candidate kind {kind!r} (known: {', '.join(CANDIDATE_SHARES)})")
+    return atoms
+
+
+def candidate_pool(size: int, seed: int = 11) -> list[tuple[Atoms, str]]:
+    """About ``size`` unlabelled (atoms, kind) pairs in CANDIDATE_SHARES proportions."""
+    rng = np.random.default_rng(seed)
+    return [(candidate_structure(kind, rng), kind) for kind, share in CANDIDATE_SHARES.items()
+            for _ in range(max(1, round(share * size)))]
+
+
+def write_example_candidates(db: DatabaseManager, size: int = 200, seed: int = 11) -> int:
+    """Add the candidate pool to ``db`` as CANDIDATE rows (config_type = kind); returns how many."""
+    pool = candidate_pool(size, seed)
+    for atoms, kind in pool:
+        db.add_candidate(atoms, kind, generator="example_data")
+    return len(pool)
 
 
 def demo_train_config(evaluator: Evaluator | str = Evaluator.TENSORPOT) -> TrainConfig:

@@ -272,10 +272,17 @@ def fit_reference_energies(
     value (the minimum-norm solution), which is what deployment needs.
     """
     comps = list(compositions)
-    e = np.asarray(list(energies), dtype=float)
     elements = sorted({el for c in comps for el in c})
-    if not comps or not elements:
-        raise ConfigError("cannot fit reference energies on an empty training set")
     matrix = np.array([[c.get(el, 0) for el in elements] for c in comps], dtype=float)
-    solution, *_ = np.linalg.lstsq(matrix, e, rcond=None)
+    return fit_reference_energies_from_counts(matrix.reshape(len(comps), len(elements)), elements, energies)
+
+
+def fit_reference_energies_from_counts(
+    counts: np.ndarray, elements: list[str], energies: Iterable[float]
+) -> dict[str, float]:
+    """``fit_reference_energies`` on a (structures x elements) matrix of atom counts."""
+    e = np.asarray(list(energies), dtype=float)
+    if counts.shape[0] == 0 or not elements:
+        raise ConfigError("cannot fit reference energies on an empty training set")
+    solution, *_ = np.linalg.lstsq(counts, e, rcond=None)
     return {el: float(v) for el, v in zip(elements, solution)}

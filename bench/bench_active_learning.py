@@ -31,42 +31,20 @@ import time
 from pathlib import Path
 
 import numpy as np
-from ase.build import bulk, fcc100
 from ase.calculators.emt import EMT
 
 from autopipec_hpc.active_learning import GammaScorer, run_loop
 from autopipec_hpc.config import SiteConfig
 from autopipec_hpc.db import DatabaseManager
-from autopipec_hpc.example_data import tiny_train_config
+from autopipec_hpc.example_data import CANDIDATE_SHARES, candidate_structure, tiny_train_config
 from autopipec_hpc.pacemaker_wrapper import read_metrics_table
 from autopipec_hpc.registry import load_calculator
 from autopipec_hpc.submission import train_generation
 
-KINDS = ("equilibrium", "hot_md", "vacancy", "surface", "compressed")
-POOL_SHARES = {"equilibrium": 0.80, "hot_md": 0.06, "vacancy": 0.05, "surface": 0.04, "compressed": 0.05}
+KINDS = tuple(CANDIDATE_SHARES)
 GENERATIONS = 4
 STRATEGIES = ("d-optimal", "random", "top-gamma")
-
-
-def make(kind: str, rng: np.random.Generator):
-    seed = int(rng.integers(1 << 30))
-    if kind == "equilibrium":
-        atoms = bulk("Cu", "fcc", a=3.61 * rng.uniform(0.99, 1.01), cubic=True).repeat(2)
-        atoms.rattle(0.03, seed=seed)
-    elif kind == "hot_md":
-        atoms = bulk("Cu", "fcc", a=3.61 * rng.uniform(1.0, 1.02), cubic=True).repeat(2)
-        atoms.rattle(rng.uniform(0.15, 0.25), seed=seed)
-    elif kind == "vacancy":
-        atoms = bulk("Cu", "fcc", a=3.61, cubic=True).repeat(2)
-        del atoms[int(rng.integers(len(atoms)))]
-        atoms.rattle(0.05, seed=seed)
-    elif kind == "surface":
-        atoms = fcc100("Cu", (2, 2, 4), a=3.61, vacuum=6.0, periodic=True)
-        atoms.rattle(0.05, seed=seed)
-    else:  # compressed
-        atoms = bulk("Cu", "fcc", a=3.61 * rng.uniform(0.88, 0.93), cubic=True).repeat(2)
-        atoms.rattle(0.05, seed=seed)
-    return atoms
+make = candidate_structure  # the demo loop's pool: same kinds, same shares
 
 
 def labelled(atoms):
@@ -128,7 +106,7 @@ def main() -> int:
     config = tiny_train_config().model_copy(update={"maxiter": args.maxiter, "seed": args.seed})
 
     pool = []
-    for kind, share in POOL_SHARES.items():
+    for kind, share in CANDIDATE_SHARES.items():
         pool += [(make(kind, rng), kind) for _ in range(max(1, round(share * args.pool)))]
     holdout = [labelled(make(kind, rng)) for kind in KINDS for _ in range(10)]
     start_kinds = ["equilibrium"] * (args.start - 4) + ["hot_md", "vacancy", "surface", "compressed"]

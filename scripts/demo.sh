@@ -7,7 +7,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/bootstrap.sh
 data=()
-if [ -f ../shared/data/cu_fhiaims_105.extxyz ]; then
+# `demo.sh --loop 3`: the active-learning loop labels with EMT, so it starts from EMT data too.
+if [ -f ../shared/data/cu_fhiaims_105.extxyz ] && [[ " $* " != *" --loop"* ]]; then
   data=(--data ../shared/data/cu_fhiaims_105.extxyz)
 fi
 .venv/bin/autopipec-hpc demo "${data[@]}" "$@"

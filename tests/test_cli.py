@@ -6,6 +6,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from autopipec_hpc.cli import main
 
 CLI = [sys.executable, "-m", "autopipec_hpc.cli"]
@@ -54,3 +56,51 @@ def test_prepare_refuses_unknown_config_key_by_name(tmp_path, capsys):
     code = main(["prepare", "--db", str(tmp_path / "x.db"), "--out", str(tmp_path / "o"), "--config", str(cfg)])
     assert code == 2
     assert "unknown key 'kappa_typo'" in capsys.readouterr().err
+
+
+def _pyace_site(tmp_path: Path) -> Path:
+    site = tmp_path / "site.yaml"
+    site.write_text("name: loop-demo-test\nscheduler: local\nwork_dir: runs\noutput_dir: output\n"
+                    "database: output/structures.db\npacemaker:\n  command: pacemaker\n  evaluator: pyace\n"
+                    "train:\n  cpus: 2\n")
+    return site
+
+
+@pytest.mark.slow
+def test_demo_loop_runs_two_generations_and_a_rerun_resumes_as_done(tmp_path):
+    import yaml
+
+    from autopipec_hpc.db import DatabaseManager
+    from autopipec_hpc.example_data import tiny_train_config
+
+    config = tmp_path / "tiny.yaml"
+    config.write_text(yaml.safe_dump(tiny_train_config().model_dump(mode="json", exclude_none=True)))
+    argv = ["demo", "--site", str(_pyace_site(tmp_path)), "--loop", "2", "--select", "3", "--pool", "20",
+            "--config", str(config)]
+    done = subprocess.run([*CLI, *argv], capture_output=True, text=True, cwd=tmp_path, timeout=900)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "train generation 2 (warm start from generation 1)" in done.stdout
+    db = DatabaseManager(str(tmp_path / "output" / "loop-demo" / "structures.db"))
+    assert [(r.generation, str(r.status), r.values.get("parent_generation")) for r in db.records()] == [
+        (1, "SUCCEEDED", None), (2, "SUCCEEDED", 1)]
+    assert db.count(status="TRAINING_READY") == 30 + 3  # the example cells and the 3 the loop labelled
+    assert db.count(status="CANDIDATE") == 20 - 3 and db.count(status="DFT_REQUESTED") == 0
+    assert (tmp_path / "output" / "loop-demo" / "potentials" / "2" / "potential.yaml").exists()
+    assert not (tmp_path / "output" / "potentials").exists()  # the plain demo's registry is untouched
+
+    again = subprocess.run([*CLI, *argv], capture_output=True, text=True, cwd=tmp_path, timeout=300)
+    assert again.returncode == 0, again.stderr
+    assert "done: generation 2 is published" in again.stdout and "0 steps taken" in again.stdout
+
+
+@pytest.mark.parametrize("extra, culprit", [
+    (["--loop", "0"], "--loop"),
+    (["--loop", "2", "--pool", "0"], "--pool"),
+    (["--loop", "2", "--data", "x.extxyz"], "--data"),
+])
+def test_bad_demo_loop_options_are_one_line_exit_2_nothing_written(tmp_path, capsys, monkeypatch, extra, culprit):
+    monkeypatch.chdir(tmp_path)  # the site's folders are relative
+    code = main(["demo", "--site", str(_pyace_site(tmp_path)), *extra])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1 and culprit in err, err
+    assert not (tmp_path / "output").exists() and not (tmp_path / "runs").exists()
