@@ -15,6 +15,7 @@ import hashlib
 import logging
 import math
 import os
+import random
 import socket
 import re
 import sqlite3
@@ -598,7 +599,9 @@ class DatabaseManager:
                         f"database {self.target}: its record lock {path} stayed held by another process "
                         f"for {timeout_s:.0f} s"
                     ) from None
-                time.sleep(0.05)
+                # Short, jittered polls: a holder that takes the lock again at once (a busy
+                # writer) would otherwise starve waiters that all wake on the same beat.
+                time.sleep(random.uniform(0.002, 0.02))
 
         def release() -> None:
             fcntl.flock(handle, fcntl.LOCK_UN)

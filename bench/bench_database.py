@@ -36,6 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import banner, cu_structures, machine_line, rattled_copies, verdict  # noqa: E402
 
 from autopipec_hpc.db import DatabaseManager, RecordState  # noqa: E402
+from autopipec_hpc.jobs import patiently  # noqa: E402
 
 WRITERS = 8
 UPDATES = 200
@@ -86,7 +87,9 @@ def _writer(args: tuple[str, str, int]) -> int:
     db = DatabaseManager(target)
     number, run_dir = db.claim(None, lambda g: _folder(Path(root), g, k))
     for i in range(UPDATES):
-        db.update_record(number, run_dir, RecordState.RUNNING, values={"attempt": i})
+        # As a job writes: retried while the database is busy (a writer can wait out the lock's timeout).
+        patiently(lambda: db.update_record(number, run_dir, RecordState.RUNNING, values={"attempt": i}),
+                  f"writer {k}")
     return UPDATES
 
 
