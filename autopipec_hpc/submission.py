@@ -25,6 +25,7 @@ from autopipec_hpc.errors import (
     TrainingDivergenceError,
     TrainingFailedError,
 )
+from autopipec_hpc.jobs import patiently
 from autopipec_hpc.pacemaker_wrapper import LiveProgress, count_parameters
 from autopipec_hpc.preflight import run_preflight
 from autopipec_hpc.processes import pid_alive
@@ -186,11 +187,14 @@ def submit_generation(
             spec.generation, spec.run_dir, RecordState.FAILED, reason=f"not submitted: {_one_line(exc)}"
         )
         raise
-    DatabaseManager(spec.database).update_record(
-        spec.generation, spec.run_dir, RecordState.SUBMITTED,
-        values={"scheduler": jobs.scheduler, "train_job": jobs.train, "evaluate_job": jobs.evaluate,
-                "evaluator": str(plan.evaluator), "parameters": plan.parameters},
-    )
+    # The jobs run already: the training job may have written RUNNING (or more) by now,
+    # so the job ids are added without a state, and a busy database is waited out
+    # (bounded) instead of failing a submission whose jobs are queued.
+    db = DatabaseManager(spec.database)
+    job_values = {"scheduler": jobs.scheduler, "train_job": jobs.train, "evaluate_job": jobs.evaluate,
+                  "evaluator": str(plan.evaluator), "parameters": plan.parameters}
+    patiently(lambda: db.add_values(spec.generation, spec.run_dir, job_values),
+              f"generation {spec.generation}: recording its job ids")
     return Submission(spec, manifest, jobs, plan)
 
 
