@@ -387,6 +387,8 @@ def reconcile_generation(db: DatabaseManager, generation: int) -> TrainingRecord
     except (SchedulerError, OSError, ValueError) as exc:
         log.info("generation %s: cannot ask the scheduler (%s); record left as it is", generation, exc)
         return record
+    if record.status == RecordState.RUNNING and states["train"] == JobState.PENDING:
+        return _requeued(db, record, jobs)
     if any(state not in FINISHED for state in states.values()):
         return record
     verdict = "training finished" if folder.train_verdict.exists() else "training left no verdict"
@@ -394,6 +396,31 @@ def reconcile_generation(db: DatabaseManager, generation: int) -> TrainingRecord
               f"evaluation job {jobs.evaluate} {states['evaluate']} ({verdict})")
     db.update_record(generation, record.run_dir, RecordState.FAILED, reason=reason)
     return db.get_record(generation)
+
+
+# A RUNNING record this old whose training job waits in the queue again was requeued
+# by the scheduler; a younger one may be a job that just started while accounting
+# still says PENDING.
+REQUEUE_EVIDENCE_S = 30.0
+
+
+def _requeued(db: DatabaseManager, record: TrainingRecord, jobs: SubmittedJobs) -> TrainingRecord | None:
+    """A RUNNING record whose training job is PENDING again: the scheduler requeued it
+    (a node lost or set down, preemption, `scontrol requeue`): SUBMITTED with that
+    reason, never FAILED, so the record says what the job does. Written under the
+    records' lock only if the record is still the one read (the same attempt, RUNNING),
+    so a requeued attempt that starts meanwhile and writes RUNNING is not overwritten."""
+    if time.time() - float(record.values.get("updated", 0.0)) < REQUEUE_EVIDENCE_S:
+        return record
+    assert record.run_dir is not None
+    with db.locked():
+        now = db.get_record(record.generation)
+        if now is None or now.status != RecordState.RUNNING or now.values.get("attempt") != record.values.get("attempt"):
+            return now
+        db.update_record(record.generation, record.run_dir, RecordState.SUBMITTED,
+                         reason=f"requeued by the scheduler: training job {jobs.train} waits in the queue again "
+                                f"(attempt {record.values.get('attempt', '?')} was interrupted)")
+        return db.get_record(record.generation)
 
 
 def describe_jobs(run_dir: Path) -> str:
