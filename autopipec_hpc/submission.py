@@ -7,6 +7,7 @@ new process (or a later login) can re-attach to a generation submitted earlier.
 
 from __future__ import annotations
 
+import json
 import logging
 import socket
 import time
@@ -14,6 +15,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+from autopipec_hpc import registry
 from autopipec_hpc.config import Evaluator, SiteConfig, TrainConfig
 from autopipec_hpc.dataset_prep import DatasetBuilder, DatasetManifest, DatasetSettings
 from autopipec_hpc.db import DatabaseManager, RecordState, StructureStatus, TrainingRecord, is_url
@@ -394,8 +396,26 @@ def reconcile_generation(db: DatabaseManager, generation: int) -> TrainingRecord
     verdict = "training finished" if folder.train_verdict.exists() else "training left no verdict"
     reason = (f"its jobs ended without a final record: training job {jobs.train} {states['train']}, "
               f"evaluation job {jobs.evaluate} {states['evaluate']} ({verdict})")
+    orphan = _publication_of(spec)
+    if orphan is not None:
+        # Published, then killed before SUCCEEDED was written (publish_and_record's
+        # last milliseconds): the record is about to say FAILED, so the potential
+        # must not stay published.
+        registry.discard(orphan)
+        reason += "; its publication, which never got its SUCCEEDED record, was taken back"
     db.update_record(generation, record.run_dir, RecordState.FAILED, reason=reason)
     return db.get_record(generation)
+
+
+def _publication_of(spec: RunSpec) -> Path | None:
+    """The published folder of ``spec``'s generation if this very run published it
+    (its metrics name one of the run's attempts); None otherwise."""
+    final = registry.potentials_root(spec.output_dir) / str(spec.generation)
+    try:
+        attempt = str(json.loads((final / registry.METRICS).read_text()).get("attempt", ""))
+    except (OSError, ValueError):
+        return None
+    return final if Path(attempt).parent == spec.path else None
 
 
 # A RUNNING record this old whose training job waits in the queue again was requeued

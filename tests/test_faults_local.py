@@ -234,3 +234,37 @@ def test_a_database_locked_at_a_step_where_a_job_writes_is_waited_out(tmp_path, 
     if backend == "sqlite":
         logs = "".join(p.read_text(errors="replace") for p in Path(sub.spec.run_dir).glob("submitit/*.err"))
         assert "database busy" in logs, logs[-2000:]
+
+
+def test_a_publication_that_never_got_its_succeeded_record_is_taken_back(tmp_path, example_db, local_site):
+    """The evaluation job killed between publishing and writing SUCCEEDED (a window of
+    milliseconds in publish_and_record, so the folder it had published is made here by
+    hand): the reconciliation that records FAILED takes the publication back, so the
+    record and the published folders never disagree."""
+    site = local_site(str(make_fault_pacemaker(tmp_path, "hang")))
+    sub = submit_generation(example_db, site, tiny_train_config())
+    folder = RunFolder(sub.spec.run_dir)
+    deadline = time.monotonic() + 60
+    while not (folder.path / "attempt-1" / "grandchild.pid").exists() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    published = potentials_root(site.output_dir) / "1"
+    published.mkdir(parents=True)
+    (published / "metrics.json").write_text(json.dumps({"attempt": str(folder.path / "attempt-1")}))
+    jobs = SubmittedJobs.load(folder.path)
+    for job in (jobs.evaluate, jobs.train):  # each job's controller and the job body under it
+        for pid in [int(job), *_children(int(job))]:
+            os.kill(pid, signal.SIGKILL)
+    done, record = _status_until(tmp_path, _site_file(tmp_path, site), 1, {"FAILED"})
+    assert record.status == RecordState.FAILED and "taken back" in record.reason, (record, done.stdout)
+    assert not published.exists()
+
+
+def _children(pid: int) -> list[int]:
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            if int(stat.read_text().rsplit(")", 1)[1].split()[1]) == pid:
+                found.append(int(stat.parent.name))
+        except (OSError, ValueError, IndexError):
+            continue
+    return found
