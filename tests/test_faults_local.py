@@ -273,3 +273,29 @@ def _children(pid: int) -> list[int]:
         except (OSError, ValueError, IndexError):
             continue
     return found
+
+
+@pytest.mark.slow
+def test_a_database_locked_when_a_failing_training_ends_is_waited_out(tmp_path, example_db, local_site):
+    """The training end's write (here FAILED: a successful training writes only its
+    verdict file) meets a SQLite database locked for 30 s: it waits, and the record
+    ends FAILED with pacemaker's reason, nothing published."""
+    site = local_site(str(make_fault_pacemaker(tmp_path, "crash")))
+    locker = subprocess.Popen([sys.executable, "-c", _LOCKER, example_db, str(tmp_path / "runs/gen-0001*/attempt-1"),
+                               "30"], stdout=subprocess.PIPE, text=True)
+    start = time.monotonic()
+    try:
+        sub = submit_generation(example_db, site, tiny_train_config())
+        assert locker.stdout.readline().strip() == "locked"
+        done, record = _status_until(tmp_path, _site_file(tmp_path, site), 1, {"FAILED"}, timeout_s=180)
+    finally:
+        try:
+            locker.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            locker.kill()
+            locker.wait()
+    print(f"training end locked: {record.status} after {time.monotonic() - start:.0f} s")
+    assert record.status == RecordState.FAILED and "exited with code 1" in record.reason, (record, done.stdout)
+    logs = "".join(p.read_text(errors="replace") for p in Path(sub.spec.run_dir).glob("submitit/*.err"))
+    assert "writing FAILED: database busy" in logs, logs[-2000:]
+    assert not (potentials_root(site.output_dir) / "1").exists()
