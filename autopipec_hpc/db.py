@@ -673,6 +673,27 @@ class DatabaseManager:
             self.write_record(generation, status, reason=reason, values=values, data=data)
             return True
 
+    @_guarded
+    def add_values(
+        self,
+        generation: int,
+        owner: str | Path,
+        values: dict[str, Any],
+        data: dict[str, Any] | None = None,
+    ) -> bool:
+        """Add ``values`` (and ``data``) to the record of ``generation`` and keep its state
+        and reason: for facts learned after a state was written, such as the job ids that
+        `submit` learns only after the training job may already have written RUNNING
+        (writing SUBMITTED then would move the record back). Only for the run folder
+        ``owner`` that holds the claim; returns False (and writes nothing) otherwise."""
+        with self.locked():
+            record = self.get_record(generation)
+            if record is None or record.run_dir is None or str(record.run_dir) != str(owner):
+                log.warning("generation %s: %s does not hold the record; its values not written", generation, owner)
+                return False
+            self.write_record(generation, record.status, reason=record.reason, values=values, data=data)
+            return True
+
 
 def _advisory_lock(url: str, timeout_s: float) -> Callable[[], None]:
     """A PostgreSQL session advisory lock on its own connection (released with it)."""

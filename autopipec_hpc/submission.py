@@ -7,6 +7,7 @@ new process (or a later login) can re-attach to a generation submitted earlier.
 
 from __future__ import annotations
 
+import json
 import logging
 import socket
 import time
@@ -14,6 +15,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+from autopipec_hpc import registry
 from autopipec_hpc.config import Evaluator, SiteConfig, TrainConfig
 from autopipec_hpc.dataset_prep import DatasetBuilder, DatasetManifest, DatasetSettings
 from autopipec_hpc.db import DatabaseManager, RecordState, StructureStatus, TrainingRecord, is_url
@@ -25,6 +27,7 @@ from autopipec_hpc.errors import (
     TrainingDivergenceError,
     TrainingFailedError,
 )
+from autopipec_hpc.jobs import patiently
 from autopipec_hpc.pacemaker_wrapper import LiveProgress, count_parameters
 from autopipec_hpc.preflight import run_preflight
 from autopipec_hpc.processes import pid_alive
@@ -186,11 +189,14 @@ def submit_generation(
             spec.generation, spec.run_dir, RecordState.FAILED, reason=f"not submitted: {_one_line(exc)}"
         )
         raise
-    DatabaseManager(spec.database).update_record(
-        spec.generation, spec.run_dir, RecordState.SUBMITTED,
-        values={"scheduler": jobs.scheduler, "train_job": jobs.train, "evaluate_job": jobs.evaluate,
-                "evaluator": str(plan.evaluator), "parameters": plan.parameters},
-    )
+    # The jobs run already: the training job may have written RUNNING (or more) by now,
+    # so the job ids are added without a state, and a busy database is waited out
+    # (bounded) instead of failing a submission whose jobs are queued.
+    db = DatabaseManager(spec.database)
+    job_values = {"scheduler": jobs.scheduler, "train_job": jobs.train, "evaluate_job": jobs.evaluate,
+                  "evaluator": str(plan.evaluator), "parameters": plan.parameters}
+    patiently(lambda: db.add_values(spec.generation, spec.run_dir, job_values),
+              f"generation {spec.generation}: recording its job ids")
     return Submission(spec, manifest, jobs, plan)
 
 
@@ -383,13 +389,58 @@ def reconcile_generation(db: DatabaseManager, generation: int) -> TrainingRecord
     except (SchedulerError, OSError, ValueError) as exc:
         log.info("generation %s: cannot ask the scheduler (%s); record left as it is", generation, exc)
         return record
+    if record.status == RecordState.RUNNING and states["train"] == JobState.PENDING:
+        return _requeued(db, record, jobs)
     if any(state not in FINISHED for state in states.values()):
         return record
     verdict = "training finished" if folder.train_verdict.exists() else "training left no verdict"
     reason = (f"its jobs ended without a final record: training job {jobs.train} {states['train']}, "
               f"evaluation job {jobs.evaluate} {states['evaluate']} ({verdict})")
+    orphan = _publication_of(spec)
+    if orphan is not None:
+        # Published, then killed before SUCCEEDED was written (publish_and_record's
+        # last milliseconds): the record is about to say FAILED, so the potential
+        # must not stay published.
+        registry.discard(orphan)
+        reason += "; its publication, which never got its SUCCEEDED record, was taken back"
     db.update_record(generation, record.run_dir, RecordState.FAILED, reason=reason)
     return db.get_record(generation)
+
+
+def _publication_of(spec: RunSpec) -> Path | None:
+    """The published folder of ``spec``'s generation if this very run published it
+    (its metrics name one of the run's attempts); None otherwise."""
+    final = registry.potentials_root(spec.output_dir) / str(spec.generation)
+    try:
+        attempt = str(json.loads((final / registry.METRICS).read_text()).get("attempt", ""))
+    except (OSError, ValueError):
+        return None
+    return final if Path(attempt).parent == spec.path else None
+
+
+# A RUNNING record this old whose training job waits in the queue again was requeued
+# by the scheduler; a younger one may be a job that just started while accounting
+# still says PENDING.
+REQUEUE_EVIDENCE_S = 30.0
+
+
+def _requeued(db: DatabaseManager, record: TrainingRecord, jobs: SubmittedJobs) -> TrainingRecord | None:
+    """A RUNNING record whose training job is PENDING again: the scheduler requeued it
+    (a node lost or set down, preemption, `scontrol requeue`): SUBMITTED with that
+    reason, never FAILED, so the record says what the job does. Written under the
+    records' lock only if the record is still the one read (the same attempt, RUNNING),
+    so a requeued attempt that starts meanwhile and writes RUNNING is not overwritten."""
+    if time.time() - float(record.values.get("updated", 0.0)) < REQUEUE_EVIDENCE_S:
+        return record
+    assert record.run_dir is not None
+    with db.locked():
+        now = db.get_record(record.generation)
+        if now is None or now.status != RecordState.RUNNING or now.values.get("attempt") != record.values.get("attempt"):
+            return now
+        db.update_record(record.generation, record.run_dir, RecordState.SUBMITTED,
+                         reason=f"requeued by the scheduler: training job {jobs.train} waits in the queue again "
+                                f"(attempt {record.values.get('attempt', '?')} was interrupted)")
+        return db.get_record(record.generation)
 
 
 def describe_jobs(run_dir: Path) -> str:

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from autopipec_hpc.db import DatabaseManager, RecordState
-from autopipec_hpc.errors import PreflightError
+from autopipec_hpc.errors import DatabaseError, PreflightError
 from autopipec_hpc.example_data import tiny_train_config
 from autopipec_hpc.registry import potentials_root
 from autopipec_hpc.run_folder import RunFolder
@@ -154,3 +154,148 @@ def test_an_output_folder_that_cannot_be_written_is_refused_before_submitting(tm
         assert not RunFolder(record.run_dir).jobs_file.exists()  # nothing was queued
     finally:
         subprocess.run(["umount", str(out)], capture_output=True)
+
+
+# Waits until ``pattern`` (a glob) exists, then locks the whole database for ``hold`` s:
+# SQLite with an exclusive transaction (readers too are shut out), PostgreSQL with an
+# ACCESS EXCLUSIVE lock on ase's ``systems`` table (every read and write needs it).
+_LOCKER = """
+import glob, sys, time
+target, pattern, hold = sys.argv[1], sys.argv[2], float(sys.argv[3])
+deadline = time.monotonic() + 600
+while not glob.glob(pattern):
+    if time.monotonic() > deadline:
+        sys.exit(f'{pattern} never appeared')
+    time.sleep(0.02)
+if '://' in target:
+    import psycopg2
+    connection = psycopg2.connect(target)
+    connection.cursor().execute('LOCK TABLE systems IN ACCESS EXCLUSIVE MODE')
+else:
+    import sqlite3
+    connection = sqlite3.connect(target, timeout=60, isolation_level=None)
+    connection.execute('BEGIN EXCLUSIVE')
+print('locked', flush=True)
+time.sleep(hold)
+connection.commit() if '://' in target else connection.execute('COMMIT')
+print('released', flush=True)
+"""
+# Where each step a job writes begins: the lock lands just before that write.
+_LOCK_WHEN = {
+    # jobs.json is written when both jobs were started, before the training job's
+    # RUNNING (and before `submit` adds the job ids to the record: it waits too)
+    "training start": "runs/gen-0001*/jobs.json",
+    # the evaluation's staging folder: evaluation, then publication and SUCCEEDED
+    "publication": "output/potentials/.staging-1-*",
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
+@pytest.mark.parametrize("step", sorted(_LOCK_WHEN))
+def test_a_database_locked_at_a_step_where_a_job_writes_is_waited_out(tmp_path, local_site, step, backend):
+    """Another process locks the database for 30 s (SQLite: longer than one ASE write
+    waits, 20 s) just before a job writes: the job waits it out (bounded retry), and the
+    generation ends SUCCEEDED with its potential published exactly once."""
+    from autopipec_hpc.example_data import write_example_database
+    from tests.test_state import _postgres_database
+
+    database = str(tmp_path / "structures.db") if backend == "sqlite" else _postgres_database()
+    write_example_database(DatabaseManager(database))
+    site = local_site().model_copy(update={"database": database})
+    locker = subprocess.Popen([sys.executable, "-c", _LOCKER, database, str(tmp_path / _LOCK_WHEN[step]), "30"],
+                              stdout=subprocess.PIPE, text=True)
+    start = time.monotonic()
+    try:
+        sub = submit_generation(database, site, tiny_train_config())
+        assert locker.stdout.readline().strip() == "locked"
+        seen = set()
+        while time.monotonic() - start < 300:
+            try:
+                record = DatabaseManager(database).get_record(1)
+            except DatabaseError:  # the reader too finds it locked
+                continue
+            seen.add(str(record.status))
+            if record.status.is_final:
+                break
+            time.sleep(0.5)
+    finally:
+        try:
+            locker.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            locker.kill()
+            locker.wait()
+    print(f"{step} locked ({backend}): {record.status} after {time.monotonic() - start:.0f} s, seen {sorted(seen)}")
+    assert record.status == RecordState.SUCCEEDED, record
+    assert "FAILED" not in seen
+    assert record.train_job == sub.jobs.train  # `submit` recorded the job ids despite the lock
+    published = sorted(p.name for p in potentials_root(site.output_dir).iterdir())
+    assert published == ["1"], published  # once, and no staging folder left behind
+    if backend == "sqlite":
+        logs = "".join(p.read_text(errors="replace") for p in Path(sub.spec.run_dir).glob("submitit/*.err"))
+        assert "database busy" in logs, logs[-2000:]
+
+
+def test_a_publication_that_never_got_its_succeeded_record_is_taken_back(tmp_path, example_db, local_site):
+    """The evaluation job killed between publishing and writing SUCCEEDED (a window of
+    milliseconds in publish_and_record, so the folder it had published is made here by
+    hand): the reconciliation that records FAILED takes the publication back, so the
+    record and the published folders never disagree."""
+    site = local_site(str(make_fault_pacemaker(tmp_path, "hang")))
+    sub = submit_generation(example_db, site, tiny_train_config())
+    folder = RunFolder(sub.spec.run_dir)
+    deadline = time.monotonic() + 60
+    while not (folder.path / "attempt-1" / "grandchild.pid").exists() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    published = potentials_root(site.output_dir) / "1"
+    published.mkdir(parents=True)
+    (published / "metrics.json").write_text(json.dumps({"attempt": str(folder.path / "attempt-1")}))
+    jobs = SubmittedJobs.load(folder.path)
+    for job in (jobs.evaluate, jobs.train):  # each job's controller and the job body under it
+        for pid in [int(job), *_children(int(job))]:
+            os.kill(pid, signal.SIGKILL)
+    for name in ("pacemaker.pid", "grandchild.pid"):  # what the killed job body leaves running
+        try:
+            os.kill(int((folder.path / "attempt-1" / name).read_text()), signal.SIGKILL)
+        except (OSError, ValueError):
+            pass
+    done, record = _status_until(tmp_path, _site_file(tmp_path, site), 1, {"FAILED"})
+    assert record.status == RecordState.FAILED and "taken back" in record.reason, (record, done.stdout)
+    assert not published.exists()
+
+
+def _children(pid: int) -> list[int]:
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            if int(stat.read_text().rsplit(")", 1)[1].split()[1]) == pid:
+                found.append(int(stat.parent.name))
+        except (OSError, ValueError, IndexError):
+            continue
+    return found
+
+
+@pytest.mark.slow
+def test_a_database_locked_when_a_failing_training_ends_is_waited_out(tmp_path, example_db, local_site):
+    """The training end's write (here FAILED: a successful training writes only its
+    verdict file) meets a SQLite database locked for 30 s: it waits, and the record
+    ends FAILED with pacemaker's reason, nothing published."""
+    site = local_site(str(make_fault_pacemaker(tmp_path, "crash")))
+    locker = subprocess.Popen([sys.executable, "-c", _LOCKER, example_db, str(tmp_path / "runs/gen-0001*/attempt-1"),
+                               "30"], stdout=subprocess.PIPE, text=True)
+    start = time.monotonic()
+    try:
+        sub = submit_generation(example_db, site, tiny_train_config())
+        assert locker.stdout.readline().strip() == "locked"
+        done, record = _status_until(tmp_path, _site_file(tmp_path, site), 1, {"FAILED"}, timeout_s=180)
+    finally:
+        try:
+            locker.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            locker.kill()
+            locker.wait()
+    print(f"training end locked: {record.status} after {time.monotonic() - start:.0f} s")
+    assert record.status == RecordState.FAILED and "exited with code 1" in record.reason, (record, done.stdout)
+    logs = "".join(p.read_text(errors="replace") for p in Path(sub.spec.run_dir).glob("submitit/*.err"))
+    assert "writing FAILED: database busy" in logs, logs[-2000:]
+    assert not (potentials_root(site.output_dir) / "1").exists()

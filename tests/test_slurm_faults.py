@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -131,3 +133,167 @@ def test_a_whole_slurm_run_through_postgresql(tmp_path):
     assert "PGPASSWORD" not in script and "password" not in script.lower()
     used = DatabaseManager(url).count(generation=1)
     assert used > 0  # the evaluation job marked the structures it trained on, in PostgreSQL
+
+
+NODE = "ci-node"
+SLURM_STATE = Path(os.environ.get("AUTOPIPEC_SLURM_DIR", "/tmp/autopipec-slurm"))
+
+
+def _alone_on_the_cluster(*ours: str) -> None:
+    """Only this test's jobs are queued: a node set down must not take anyone else's."""
+    queued = set(subprocess.run(["squeue", "-h", "-o", "%i"], capture_output=True, text=True, timeout=30).stdout.split())
+    if queued - set(ours):
+        pytest.skip(f"other jobs on the cluster ({sorted(queued - set(ours))}); not setting its node down")
+
+
+def _until_final(tmp_path: Path, site, generation: int = 1, timeout_s: float = 600) -> tuple:
+    """`status` from new processes (what a user runs; each reconciles) until the record is
+    final: (the record, every state seen, seconds taken, the last status output)."""
+    db = DatabaseManager(site.database)
+    start = time.monotonic()
+    seen: list[str] = []
+    while True:
+        done = _status(tmp_path, site, generation)
+        record = db.get_record(generation)
+        seen.append(str(record.status))
+        if record.status.is_final or time.monotonic() - start > timeout_s:
+            return record, seen, time.monotonic() - start, done.stdout
+        time.sleep(2)
+
+
+@pytest.mark.slow
+def test_a_node_set_down_while_training_runs_is_a_requeue_and_ends_succeeded(tmp_path, example_db):
+    """SLURM requeues the batch job of a node set DOWN (NODE_FAIL, then PENDING). This
+    cluster's ReturnToService=2 brings the node back at once, so the requeued job is
+    held a while (as if the node stayed down): meanwhile the record says SUBMITTED
+    (requeued), never FAILED, and once released the requeued attempt resumes and the
+    generation ends SUCCEEDED."""
+    site = ci_site(tmp_path, pacemaker={"evaluator": "pyace"})
+    sub = submit_generation(example_db, site, tiny_train_config())
+    run = Path(sub.spec.run_dir)
+    _first_iteration(run)
+    _alone_on_the_cluster(sub.jobs.train, sub.jobs.evaluate)
+    try:
+        subprocess.run(["scontrol", "update", f"nodename={NODE}", "state=down", "reason=autopipec-test"],
+                       check=True, timeout=30)
+        subprocess.run(["scontrol", "hold", sub.jobs.train], check=True, timeout=30)
+        assert _wait_state(sub.jobs.train, {"PENDING"}) == "PENDING"  # requeued, not failed
+        runs = subprocess.run(["sacct", "-n", "-X", "-P", "-D", "-j", sub.jobs.train, "-o", "State"],
+                              capture_output=True, text=True, timeout=30).stdout.split()
+        assert "NODE_FAIL" in runs, runs
+        time.sleep(31)  # REQUEUE_EVIDENCE_S: from then on a RUNNING record is known to be stale
+        out = _status(tmp_path, site, 1).stdout
+        record = DatabaseManager(example_db).get_record(1)
+        assert record.status == RecordState.SUBMITTED and "requeued" in record.reason, (record, out)
+    finally:
+        # ReturnToService=2 may have resumed it already ("Invalid node state"): fine
+        subprocess.run(["scontrol", "update", f"nodename={NODE}", "state=resume"], capture_output=True, timeout=30)
+        subprocess.run(["scontrol", "release", sub.jobs.train], timeout=30)
+    record, seen, took, out = _until_final(tmp_path, site, timeout_s=900)
+    print(f"node down and back: {record.status} {took:.0f} s after the job was released; seen {sorted(set(seen))}")
+    assert record.status == RecordState.SUCCEEDED, (record, seen, out)
+    assert "FAILED" not in seen
+    assert len(list(run.glob("attempt-*"))) >= 2  # the requeued job ran again
+    assert (potentials_root(site.output_dir) / "1" / "potential.yaml").exists()
+
+
+def _slurmdbd_pid() -> int | None:
+    try:
+        pid = int((SLURM_STATE / "run" / "slurmdbd.pid").read_text().strip())
+    except (OSError, ValueError):
+        return None
+    return pid if Path(f"/proc/{pid}/comm").exists() and Path(f"/proc/{pid}/comm").read_text().strip() == "slurmdbd" else None
+
+
+def _stop_slurmdbd() -> None:
+    pid = _slurmdbd_pid()
+    assert pid is not None, "no slurmdbd started by scripts/slurm/up.sh"
+    os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + 30
+    while Path(f"/proc/{pid}").exists() and time.monotonic() < deadline:
+        time.sleep(0.2)
+
+
+def _start_slurmdbd() -> None:
+    """As up.sh starts it (it daemonizes); no file of ours stays open in it (close_fds),
+    so it never holds the tests' flock."""
+    if _slurmdbd_pid() is None:
+        slurmdbd = shutil.which("slurmdbd") or "/usr/sbin/slurmdbd"
+        subprocess.run([slurmdbd], env={**os.environ, "SLURM_CONF": str(SLURM_STATE / "etc" / "slurm.conf")},
+                       stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                       close_fds=True, timeout=60)
+    deadline = time.monotonic() + 60
+    while subprocess.run(["sacct", "-n", "-X", "-j", "1"], capture_output=True, timeout=30).returncode != 0:
+        assert time.monotonic() < deadline, "slurmdbd did not answer again within 60 s"
+        time.sleep(0.5)
+
+
+def _job_process(job_id: str, comm_prefix: str, timeout_s: float = 300) -> int:
+    """The pid of the process of SLURM job ``job_id`` whose name starts with ``comm_prefix``
+    (the job's python, pacemaker), found through its SLURM_JOB_ID."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        for proc in Path("/proc").iterdir():
+            try:
+                if not proc.name.isdigit() or not (proc / "comm").read_text().startswith(comm_prefix):
+                    continue
+                if f"SLURM_JOB_ID={job_id}".encode() in (proc / "environ").read_bytes().split(b"\0"):
+                    return int(proc.name)
+            except OSError:
+                continue
+        time.sleep(0.05)
+    raise AssertionError(f"no {comm_prefix} process of job {job_id} within {timeout_s:.0f} s")
+
+
+@pytest.mark.slow
+def test_status_while_slurmdbd_is_stopped_then_the_record_ends_true(tmp_path, example_db):
+    """slurmdbd really stopped while the training job runs, and the job's python killed
+    meanwhile: `status` still lists the record, its jobs 'unknown' (accounting cannot
+    answer) and judges nothing; once slurmdbd is back the record ends FAILED, naming the
+    jobs' real states."""
+    site = ci_site(tmp_path, pacemaker={"evaluator": "pyace"})
+    sub = submit_generation(example_db, site, tiny_train_config().model_copy(update={"maxiter": 200}))
+    _first_iteration(Path(sub.spec.run_dir))
+    _stop_slurmdbd()
+    try:
+        os.kill(_job_process(sub.jobs.train, "python"), signal.SIGKILL)
+        time.sleep(5)  # the training job has failed by now, and SLURM cancelled the evaluation
+        start = time.monotonic()
+        done = _status(tmp_path, site, 1)
+        print(f"status without slurmdbd answered in {time.monotonic() - start:.1f} s")
+        assert done.returncode == 0, done.stderr
+        assert "unknown" in done.stdout and "RUNNING" in done.stdout, done.stdout
+        assert DatabaseManager(example_db).get_record(1).status == RecordState.RUNNING  # not judged blind
+    finally:
+        _start_slurmdbd()
+    record, seen, took, out = _until_final(tmp_path, site, timeout_s=300)
+    print(f"slurmdbd back: {record.status} after {took:.0f} s: {record.reason}")
+    assert record.status == RecordState.FAILED, (record, out)
+    assert f"training job {sub.jobs.train} FAILED" in record.reason, record.reason
+    assert not (potentials_root(site.output_dir) / "1").exists()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("victim", ["training python", "pacemaker", "evaluation python"])
+def test_a_job_process_killed_with_sigkill_ends_failed_with_the_reason(tmp_path, example_db, victim):
+    """kill -9 of one process of a generation on SLURM; nobody runs --wait: `status`
+    (which reconciles) brings the record to FAILED, with the reason, nothing published."""
+    site = ci_site(tmp_path, pacemaker={"evaluator": "pyace"})
+    maxiter = 20 if victim == "evaluation python" else 200
+    sub = submit_generation(example_db, site, tiny_train_config().model_copy(update={"maxiter": maxiter}))
+    if victim == "evaluation python":
+        pid = _job_process(sub.jobs.evaluate, "python")
+    else:
+        _first_iteration(Path(sub.spec.run_dir))
+        pid = _job_process(sub.jobs.train, "pacemaker" if victim == "pacemaker" else "python")
+    os.kill(pid, signal.SIGKILL)
+    record, seen, took, out = _until_final(tmp_path, site, timeout_s=180)
+    print(f"kill -9 of the {victim}: {record.status} after {took:.0f} s: {record.reason}")
+    assert record.status == RecordState.FAILED, (record, out)
+    expected = {
+        "training python": f"training job {sub.jobs.train} FAILED",
+        "pacemaker": "pacemaker exited with code -9",
+        "evaluation python": f"evaluation job {sub.jobs.evaluate} FAILED",
+    }[victim]
+    assert expected in record.reason, record.reason
+    assert not (potentials_root(site.output_dir) / "1").exists()
