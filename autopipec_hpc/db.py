@@ -686,7 +686,7 @@ class DatabaseManager:
         `submit` learns only after the training job may already have written RUNNING
         (writing SUBMITTED then would move the record back). Only for the run folder
         ``owner`` that holds the claim; returns False (and writes nothing) otherwise."""
-        with self.locked():
+        with self.locked(), self._transaction():
             record = self.get_record(generation)
             if record is None or record.run_dir is None or str(record.run_dir) != str(owner):
                 log.warning("generation %s: %s does not hold the record; its values not written", generation, owner)
