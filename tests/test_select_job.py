@@ -142,3 +142,27 @@ def test_a_cancelled_select_job_ends_the_command_with_one_line_and_requests_noth
     assert line.startswith(f"error: select job {job_id} ended CANCELLED without a selection")
     assert "CANCELLED" in _sacct(job_id)
     _no_false_state(database, near + far)
+
+
+def test_the_loop_on_a_slurm_site_selects_with_the_same_job(trained, tmp_path, monkeypatch):
+    from autopipec_hpc import active_learning
+    from autopipec_hpc.example_data import tiny_train_config
+
+    database = _copy_db(trained, tmp_path)
+    near, far = _candidates(database)
+    site = ci_site(tmp_path, database=database).model_copy(update={"select": JobResources(**SELECT_RESOURCES)})
+
+    def interrupted(*a, **k):
+        raise KeyboardInterrupt  # stop the loop after its select step
+
+    monkeypatch.setattr(active_learning, "label_requested", interrupted)
+    said: list[str] = []
+    with pytest.raises(KeyboardInterrupt):
+        active_learning.run_loop(site, database, tiny_train_config(), generations=2, select_max=3,
+                                 calculator="ase.calculators.emt:EMT", timeout_s=300, notify=said.append)
+    db = DatabaseManager(database)
+    [marker] = db.markers("selection", 1)
+    job = json.loads(SelectionFolder(marker.folder).job_file.read_text())
+    assert _sacct(job["job_id"]) == "autopipec-g1-select|cpu|COMPLETED"
+    assert any(f"select job {job['job_id']} submitted (slurm)" in line for line in said), said
+    assert sorted(r.id for r in db.iter_rows(status="DFT_REQUESTED")) == sorted(far)

@@ -10,10 +10,10 @@ a selection) into a folder that keeps its script and log (``TaskFolder``).
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from enum import StrEnum
 from pathlib import Path
-from collections.abc import Callable
 from typing import Any, Protocol
 
 from submitit.core.utils import JobPaths
