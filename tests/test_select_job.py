@@ -43,9 +43,13 @@ def _site_file(tmp_path: Path, **changes) -> Path:
     return path
 
 
-def _sacct(job_id: str) -> str:
+def _sacct(job_id: str) -> list[str]:
+    """sacct's lines for ``job_id``: name|partition|state (ids restart with the shared cluster,
+    so another job of the same id may be listed too)."""
+    # The command returns once the selection is committed; the job may still be ending.
+    _wait_state(job_id, {"COMPLETED", "FAILED", "CANCELLED"})
     return subprocess.run(["sacct", "-n", "-X", "-P", "-j", job_id, "-o", "JobName,Partition,State"],
-                          capture_output=True, text=True, timeout=30).stdout.strip()
+                          capture_output=True, text=True, timeout=30).stdout.split()
 
 
 def test_select_on_a_slurm_site_runs_as_one_job_and_writes_pyaces_gamma(trained, tmp_path, capsys):
@@ -64,7 +68,7 @@ def test_select_on_a_slurm_site_runs_as_one_job_and_writes_pyaces_gamma(trained,
     assert folder.path == Path(trained[2].potential_path).parent.parent / "selections" / "gen-1"
     job = json.loads(folder.job_file.read_text())
     assert job["scheduler"] == "slurm" and f"select job {job['job_id']} submitted" in out
-    assert _sacct(job["job_id"]) == "autopipec-g1-select|cpu|COMPLETED"
+    assert "autopipec-g1-select|cpu|COMPLETED" in _sacct(job["job_id"])
     script = folder.job_script().read_text()
     assert "#SBATCH --job-name=autopipec-g1-select" in script and "#SBATCH --partition=cpu" in script
     assert "#SBATCH --time=7" in script and "compute-node preamble (select job of" in script
@@ -140,7 +144,7 @@ def test_a_cancelled_select_job_ends_the_command_with_one_line_and_requests_noth
     assert command.returncode == 2, stdout + stderr
     [line] = stderr.strip().splitlines()
     assert line.startswith(f"error: select job {job_id} ended CANCELLED without a selection")
-    assert "CANCELLED" in _sacct(job_id)
+    assert any(line.startswith("autopipec-g1-select|cpu|CANCELLED") for line in _sacct(job_id))
     _no_false_state(database, near + far)
 
 
@@ -163,6 +167,6 @@ def test_the_loop_on_a_slurm_site_selects_with_the_same_job(trained, tmp_path, m
     db = DatabaseManager(database)
     [marker] = db.markers("selection", 1)
     job = json.loads(SelectionFolder(marker.folder).job_file.read_text())
-    assert _sacct(job["job_id"]) == "autopipec-g1-select|cpu|COMPLETED"
+    assert "autopipec-g1-select|cpu|COMPLETED" in _sacct(job["job_id"])
     assert any(f"select job {job['job_id']} submitted (slurm)" in line for line in said), said
     assert sorted(r.id for r in db.iter_rows(status="DFT_REQUESTED")) == sorted(far)
