@@ -21,10 +21,12 @@ from autopipec_hpc.config import JobResources
 from autopipec_hpc.db import DatabaseManager
 from autopipec_hpc.selection_folder import SelectionFolder
 from tests.test_active_learning import _copy_db, far_candidates, near_candidates, needs_pacemaker, trained  # noqa: F401
-from tests.test_slurm import _wait_state, ci_site, slurm_cluster  # noqa: F401  (the cluster fixture)
+from autopipec_hpc.scheduler.slurm import sacct_state
+from tests.test_slurm import ci_site, slurm_cluster  # noqa: F401  (the cluster fixture)
 
 pytestmark = [pytest.mark.slurm, pytest.mark.slow, needs_pacemaker]
 CLI = [sys.executable, "-m", "autopipec_hpc.cli"]
+JOB_NAME = "autopipec-g1-select"
 # The select job's own resources (the site's `select:` section), told apart from evaluate's.
 SELECT_RESOURCES = {"partition": "cpu", "cpus": 1, "mem_gb": 1, "time_minutes": 7}
 
@@ -43,13 +45,27 @@ def _site_file(tmp_path: Path, **changes) -> Path:
     return path
 
 
-def _sacct(job_id: str) -> list[str]:
-    """sacct's lines for ``job_id``: name|partition|state (ids restart with the shared cluster,
-    so another job of the same id may be listed too)."""
-    # The command returns once the selection is committed; the job may still be ending.
-    _wait_state(job_id, {"COMPLETED", "FAILED", "CANCELLED"})
-    return subprocess.run(["sacct", "-n", "-X", "-P", "-j", job_id, "-o", "JobName,Partition,State"],
-                          capture_output=True, text=True, timeout=30).stdout.split()
+def _wait_state(job_id: str, wanted: set[str], timeout_s: float = 60) -> str:
+    deadline = time.monotonic() + timeout_s
+    state = sacct_state(job_id, JOB_NAME)
+    while state not in wanted and time.monotonic() < deadline:
+        time.sleep(1)
+        state = sacct_state(job_id, JOB_NAME)
+    return state
+
+
+def _sacct(job_id: str, name: str = JOB_NAME) -> list[str]:
+    """sacct's name|partition|state of job ``job_id`` named ``name``, once it has ended (job ids
+    restart with the shared cluster: accounting may list an older job of the same id too)."""
+    deadline = time.monotonic() + 60
+    while True:
+        lines = subprocess.run(["sacct", "-n", "-X", "-P", "-j", job_id, "--name", name,
+                                "-o", "JobName,Partition,State"], capture_output=True, text=True, timeout=30).stdout
+        lines = [line.strip() for line in lines.splitlines() if line.strip()]
+        ended = any(word in line for line in lines for word in ("COMPLETED", "FAILED", "CANCELLED"))
+        if ended or time.monotonic() > deadline:
+            return lines
+        time.sleep(1)
 
 
 def test_select_on_a_slurm_site_runs_as_one_job_and_writes_pyaces_gamma(trained, tmp_path, capsys):
@@ -170,3 +186,21 @@ def test_the_loop_on_a_slurm_site_selects_with_the_same_job(trained, tmp_path, m
     assert "autopipec-g1-select|cpu|COMPLETED" in _sacct(job["job_id"])
     assert any(f"select job {job['job_id']} submitted (slurm)" in line for line in said), said
     assert sorted(r.id for r in db.iter_rows(status="DFT_REQUESTED")) == sorted(far)
+
+
+def test_select_no_wait_prints_the_job_and_where_its_summary_will_be(trained, tmp_path, capsys):
+    database = _copy_db(trained, tmp_path)
+    _candidates(database)
+    gate = tmp_path / "go"
+    site_file = _site_file(tmp_path, setup=[f"while [ ! -e {gate} ]; do sleep 0.2; done"])
+    out = tmp_path / "selection"
+    assert main(["select", "--site", str(site_file), "--db", database, "--generation", "1", "--max", "3",
+                 "--out", str(out), "--no-wait"]) == 0
+    printed = " ".join(capsys.readouterr().out.split())
+    job_id = json.loads(SelectionFolder(out).job_file.read_text())["job_id"]
+    assert f"select job {job_id} submitted (slurm)" in printed
+    assert f"its summary will be {out / 'selection.json'}" in printed
+    gate.touch()
+    assert "autopipec-g1-select|cpu|COMPLETED" in _sacct(job_id)
+    assert sorted(json.loads((out / "selection.json").read_text())["selected_ids"]) == \
+        sorted(r.id for r in DatabaseManager(database).iter_rows(status="DFT_REQUESTED"))

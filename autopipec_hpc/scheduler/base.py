@@ -81,6 +81,7 @@ class SubmittedTask:
     folder: str  # submitit's folder: logs and pickles
     job_id: str
     role: str
+    name: str  # the job's name, as the scheduler lists it
 
     def save(self, path: Path) -> None:
         atomic_write_text(path, json.dumps(asdict(self), indent=2))

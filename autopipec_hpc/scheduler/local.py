@@ -148,7 +148,7 @@ class LocalScheduler:
         """One job process on this machine (``name`` and partitions mean nothing here)."""
         with _stdio_to_devnull():
             job = self._executor(folder.submitit_dir, resources.time_minutes).submit(task, str(folder.path))
-        return SubmittedTask(self.name, str(folder.submitit_dir), str(job.job_id), role)
+        return SubmittedTask(self.name, str(folder.submitit_dir), str(job.job_id), role, name)
 
     def task_state(self, task: SubmittedTask) -> JobState:
         return job_state(Path(task.folder), task.job_id)

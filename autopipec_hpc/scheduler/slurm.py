@@ -53,8 +53,11 @@ def run_command(args: list[str], what: str) -> str:
     return done.stdout
 
 
-def sacct_state(job_id: str) -> JobState:
-    out = run_command(["sacct", "-n", "-X", "-P", "-j", job_id, "-o", "State"], "reading job state")
+def sacct_state(job_id: str, name: str | None = None) -> JobState:
+    """The state of ``job_id`` (of the job named ``name``: accounting may also list an older
+    job of the same id, from before the cluster was restarted)."""
+    by_name = ["--name", name] if name else []
+    out = run_command(["sacct", "-n", "-X", "-P", "-j", job_id, *by_name, "-o", "State"], "reading job state")
     lines = [line.split()[0] for line in out.splitlines() if line.strip()]
     if not lines:
         return JobState.UNKNOWN  # accounting has not seen it yet
@@ -176,10 +179,10 @@ class SlurmScheduler:
         executor = self._executor(folder.submitit_dir, name, role, folder.path, resources, {})
         job = executor.submit(task, str(folder.path))
         keep_job_files(job, folder, role)
-        return SubmittedTask(self.name, str(folder.submitit_dir), str(job.job_id), role)
+        return SubmittedTask(self.name, str(folder.submitit_dir), str(job.job_id), role, name)
 
     def task_state(self, task: SubmittedTask) -> JobState:
-        return sacct_state(task.job_id)
+        return sacct_state(task.job_id, task.name)
 
     def state(self, jobs: SubmittedJobs, which: str) -> JobState:
         return sacct_state(getattr(jobs, which))
