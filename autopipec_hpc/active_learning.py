@@ -309,6 +309,8 @@ def selects_in_a_job(site: SiteConfig) -> bool:
 
 @dataclass(frozen=True)
 class SelectionSubmission:
+    """A submitted select job: what it was asked and where it runs."""
+
     request: SelectionRequest
     task: SubmittedTask
 
