@@ -12,6 +12,10 @@ candidates plus the ones chosen so far), so memory follows the chunk and M,
 never the pool. Chosen rows become DFT_REQUESTED; ``label_requested`` labels them
 with any ASE calculator and makes them TRAINING_READY. These are the only status
 changes either makes: CANDIDATE -> DFT_REQUESTED -> TRAINING_READY.
+
+On a SLURM site ``run_selection`` submits the selection as one job (``SelectJob``,
+``submit_selection``) and waits for its summary (``wait_for_selection``); its folder
+is named in ``selection_folder.py``.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ import json
 import logging
 import math
 import re
+import time
 from collections import defaultdict
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
@@ -31,15 +36,23 @@ from typing import Any
 import numpy as np
 
 from autopipec_hpc import registry
-from autopipec_hpc.db import SELECTION_RECORD, DatabaseManager, RecordState, StructureStatus, label_of
-from autopipec_hpc.errors import ConfigError, LabellingError, SelectionError
+from autopipec_hpc.config import SiteConfig
+from autopipec_hpc.db import (
+    SELECTION_RECORD,
+    DatabaseManager,
+    RecordState,
+    StructureStatus,
+    absolute_target,
+    label_of,
+)
+from autopipec_hpc.errors import AutopipecError, ConfigError, LabellingError, SchedulerError, SelectionError
 from autopipec_hpc.files import atomic_write_text, fresh_dir
+from autopipec_hpc.scheduler.base import FINISHED, JobState, SubmittedTask
+from autopipec_hpc.selection_folder import SELECT_ROLE, SelectionFolder, SelectionRequest, default_selection_dir
 
 log = logging.getLogger(__name__)
 
 STRATEGIES = ("d-optimal", "top-gamma", "random")
-SELECTIONS_DIR = "selections"
-SUMMARY_FILE = "selection.json"
 # pacemaker's customary thresholds: above 5 a structure is extrapolative, above 25 unreliable.
 GAMMA_WRITE = registry.GAMMA_WRITE
 GAMMA_STOP = registry.GAMMA_STOP
@@ -176,11 +189,13 @@ def select_candidates(
     seed: int = 0,
     out_dir: str | Path | None = None,
     notify: Callable[[str], None] | None = None,
+    folder_made: SelectionFolder | None = None,
 ) -> SelectionResult:
     """Score every CANDIDATE row with generation ``generation``'s potential and choose at most
     ``max_select`` for labelling (module docstring). Writes gamma on every scored row, the
     chosen rows' DFT_REQUESTED and a ``record=selection`` row; a summary and histograms
-    per config_type go to ``out_dir`` (default: ``<output>/selections/gen-N``)."""
+    per config_type go to a new folder ``out_dir`` (default: ``<output>/selections/gen-N``),
+    or into ``folder_made``, the folder a submitted select job was given."""
     check_selection_args(max_select, gamma_min, strategy, batch)
     db = DatabaseManager(database)
     folder = published_potential(db, generation)
@@ -232,14 +247,14 @@ def select_candidates(
         ctype = str(db.get_row(row_id).get("config_type", "default"))
         ctype_of[row_id] = ctype
         summary[ctype].selected += 1
-    out = fresh_dir(Path(out_dir) if out_dir else folder.parent.parent / SELECTIONS_DIR / f"gen-{generation}")
+    out = folder_made.path if folder_made else fresh_dir(Path(out_dir) if out_dir else
+                                                         default_selection_dir(folder.parent.parent, generation))
     histograms = _histograms(summary, out, generation, gamma_min)
     result = SelectionResult(
         generation=generation, strategy=strategy, max_select=max_select, gamma_min=gamma_min, folder=str(out),
         scored=scored, above=above, selected_ids=sorted(chosen), skipped=skipped,
         by_config_type={ct: s.row() for ct, s in sorted(summary.items())}, histograms=histograms,
     )
-    atomic_write_text(out / SUMMARY_FILE, json.dumps(asdict(result), indent=2))
     db.commit_selection(
         generation, chosen,
         values={"strategy": strategy, "n_scored": scored, "n_above": above, "n_selected": len(chosen),
@@ -247,6 +262,8 @@ def select_candidates(
         data={"selected_ids": sorted(chosen), "skipped": {str(k): v for k, v in skipped.items()},
               "by_config_type": result.by_config_type},
     )
+    # Written after the commit, so that a summary always tells of a selection that happened.
+    atomic_write_text(SelectionFolder(out).summary_file, json.dumps(asdict(result), indent=2))
     return result
 
 
@@ -276,6 +293,179 @@ def _histograms(summary: dict[str, ConfigTypeSummary], out: Path, generation: in
         plt.close(fig)
         names.append(name)
     return names
+
+
+# -- select as a job of the site's scheduler ----------------------------------------------
+# The job's files may trail the scheduler's word that it ended (a shared filesystem).
+RESULT_GRACE_S = 15.0
+
+
+def selects_in_a_job(site: SiteConfig) -> bool:
+    """Whether ``select`` runs as a job of the site's scheduler. On a cluster it does: scoring
+    100,000 candidates belongs on a compute node. The local site selects in the calling
+    process: a local job would run on the same machine, only later and without live progress."""
+    return site.scheduler != "local"
+
+
+@dataclass(frozen=True)
+class SelectionSubmission:
+    """A submitted select job: what it was asked and where it runs."""
+
+    request: SelectionRequest
+    task: SubmittedTask
+
+    @property
+    def folder(self) -> SelectionFolder:
+        return SelectionFolder(self.request.folder)
+
+
+class SelectJob:
+    """The select job's body: the request saved in its folder. The folder gets the summary
+    once the selection is committed, or the job's error (``select.failed``)."""
+
+    def __call__(self, folder: str) -> dict[str, Any]:
+        selection = SelectionFolder(folder)
+        if selection.summary_file.exists():
+            raise SelectionError(f"{selection.path} holds a finished selection; select again for a new one")
+        selection.failure_file.unlink(missing_ok=True)  # a resubmission by hand starts clean
+        try:
+            request = SelectionRequest.load(folder)
+            result = select_candidates(
+                request.database, request.generation, request.max_select, request.gamma_min, request.strategy,
+                request.batch, request.seed, notify=lambda message: print(message, flush=True),
+                folder_made=selection,
+            )
+        except Exception as exc:
+            selection.record_failure(_one_line(exc))
+            raise
+        return asdict(result)
+
+
+def _one_line(exc: BaseException) -> str:
+    """An error as the user reads it: our own errors as they are, others with their type."""
+    text = " ".join(str(exc).split())
+    return text if isinstance(exc, AutopipecError) and text else f"{type(exc).__name__}: {text}"
+
+
+def submit_selection(
+    site: SiteConfig,
+    database: str,
+    generation: int,
+    max_select: int = 20,
+    gamma_min: float = 1.0,
+    strategy: str = "d-optimal",
+    batch: int = 200,
+    seed: int = 0,
+    out_dir: str | Path | None = None,
+    notify: Callable[[str], None] | None = None,
+) -> SelectionSubmission:
+    """Check the arguments, the published potential and the scheduler here, then submit one
+    select job (``SelectJob``) with the site's ``select`` resources. Its folder, the
+    summary folder (``selection_folder.py``), keeps the request, the job script and log."""
+    from autopipec_hpc.scheduler import scheduler_for
+
+    check_selection_args(max_select, gamma_min, strategy, batch)
+    say = notify or (lambda message: None)
+    database = absolute_target(database)
+    potential = published_potential(DatabaseManager(database), generation)
+    scheduler = scheduler_for(site)
+    for warning in scheduler.check():
+        say(f"warning: {warning}")
+    target = Path(out_dir).resolve() if out_dir else default_selection_dir(potential.parent.parent, generation)
+    folder = SelectionFolder(fresh_dir(target))
+    request = SelectionRequest(database=database, generation=generation, max_select=max_select,
+                               gamma_min=gamma_min, strategy=strategy, batch=batch, seed=seed,
+                               folder=str(folder.path))
+    request.save()
+    try:
+        task = scheduler.submit_task(SelectJob(), folder, SELECT_ROLE, f"autopipec-g{generation}-{SELECT_ROLE}",
+                                     site.select_resources)
+    except BaseException as exc:
+        folder.record_failure(f"not submitted: {_one_line(exc)}")
+        raise
+    task.save(folder.job_file)
+    return SelectionSubmission(request, task)
+
+
+def read_selection(folder: SelectionFolder) -> SelectionResult:
+    data = json.loads(folder.summary_file.read_text())
+    data["skipped"] = {int(k): v for k, v in data["skipped"].items()}  # JSON keys are strings
+    return SelectionResult(**data)
+
+
+def wait_for_selection(
+    site: SiteConfig,
+    folder: str | Path,
+    timeout_s: float,
+    poll_s: float = 2.0,
+    notify: Callable[[str], None] | None = None,
+) -> SelectionResult:
+    """Block until the select job in ``folder`` has committed its selection and return it;
+    SelectionError (one line: the job's error, or how it ended) if it ended without one,
+    SchedulerError if it is still going after ``timeout_s``."""
+    from autopipec_hpc.scheduler import scheduler_for
+
+    say = notify or (lambda message: None)
+    selection = SelectionFolder(folder)
+    task = SubmittedTask.load(selection.job_file)
+    scheduler = scheduler_for(site)
+    deadline = time.monotonic() + timeout_s
+    ended_at: float | None = None
+    last_state: JobState | None = None
+    while True:
+        if selection.summary_file.exists():
+            return read_selection(selection)
+        error = selection.failure()
+        if error is not None:
+            raise SelectionError(f"select job {task.job_id} failed: {error} (log {task.stderr})")
+        state = scheduler.task_state(task)
+        if state != last_state:
+            say(f"select job {task.job_id}: {state}")
+            last_state = state
+        if state in FINISHED:
+            ended_at = ended_at or time.monotonic()
+            if time.monotonic() - ended_at > RESULT_GRACE_S:
+                raise SelectionError(f"select job {task.job_id} ended {state} without a selection"
+                                     f"{_log_end(task.stderr)} (log {task.stderr})")
+        if time.monotonic() > deadline:
+            raise SchedulerError(f"select job {task.job_id} not finished after {timeout_s:.0f} s ({state}); "
+                                 f"it keeps running: its summary will be {selection.summary_file}")
+        time.sleep(poll_s)
+
+
+def _log_end(path: Path) -> str:
+    """The last line of a job's log of errors, as '': <line>' (a kill names itself there)."""
+    try:
+        lines = [line.strip() for line in path.read_text(errors="replace").splitlines() if line.strip()]
+    except OSError:
+        return ""
+    return f": {lines[-1][:300]}" if lines else ""
+
+
+def run_selection(
+    site: SiteConfig,
+    database: str,
+    generation: int,
+    max_select: int = 20,
+    gamma_min: float = 1.0,
+    strategy: str = "d-optimal",
+    batch: int = 200,
+    seed: int = 0,
+    out_dir: str | Path | None = None,
+    timeout_s: float | None = None,
+    notify: Callable[[str], None] | None = None,
+) -> SelectionResult:
+    """``select`` where the site runs it (``selects_in_a_job``): in this process, or as a job
+    that this call submits and waits for."""
+    if not selects_in_a_job(site):
+        return select_candidates(database, generation, max_select, gamma_min, strategy, batch, seed, out_dir,
+                                 notify=notify)
+    say = notify or (lambda message: None)
+    sub = submit_selection(site, database, generation, max_select, gamma_min, strategy, batch, seed, out_dir,
+                           notify=say)
+    say(f"select job {sub.task.job_id} submitted ({sub.task.scheduler}); folder {sub.folder.path}")
+    timeout = site.result_timeout_s if timeout_s is None else timeout_s
+    return wait_for_selection(site, sub.folder.path, timeout, notify=say)
 
 
 # -- labelling -------------------------------------------------------------------------
@@ -477,7 +667,8 @@ def run_loop(
             sub = submit_generation(database, site, cfg, step.generation, notify=say)
             wait_for_generation(sub.spec.path, timeout)
         elif step.action == "select":
-            result = select_candidates(database, step.generation, select_max, gamma_min, strategy, notify=say)
+            result = run_selection(site, database, step.generation, select_max, gamma_min, strategy,
+                                   timeout_s=timeout, notify=say)
             say(f"loop: {len(result.selected_ids)} of {result.scored} candidates requested "
                 f"({result.above} with gamma > {gamma_min:g}); {result.folder}")
         elif step.action == "label":

@@ -212,7 +212,7 @@ def cmd_check_site(args: argparse.Namespace) -> int:
     table = Table(title=f"site {site.name}: {site.scheduler}")
     for col in ("job", "partition", "account", "qos", "GPUs", "CPUs", "memory", "time limit"):
         table.add_column(col)
-    for role, res in (("train", site.train), ("evaluate", site.evaluate)):
+    for role, res in site.job_resources().items():
         table.add_row(role, res.partition or "-", res.account or "-", res.qos or "-", str(res.gpus),
                       str(res.cpus), f"{res.mem_gb:g} GB", f"{res.time_minutes} min")
     console.print(table)
@@ -331,12 +331,21 @@ def _demo_loop(args: argparse.Namespace, site: SiteConfig) -> int:
 
 
 def cmd_select(args: argparse.Namespace) -> int:
-    from autopipec_hpc.active_learning import check_selection_args, select_candidates
+    from autopipec_hpc.active_learning import check_selection_args, run_selection, selects_in_a_job, submit_selection
 
     check_selection_args(args.max, args.gamma_min, args.strategy, args.batch)
     site, database = _site_and_db(args)
-    result = select_candidates(database, args.generation, args.max, args.gamma_min, args.strategy,
+    if args.no_wait and not selects_in_a_job(site):
+        raise ConfigError(f"--no-wait: site {site.name} ({site.scheduler}) selects in this process; "
+                          "there is no job to leave running")
+    if args.no_wait:
+        sub = submit_selection(site, database, args.generation, args.max, args.gamma_min, args.strategy,
                                args.batch, args.seed, args.out, notify=_say)
+        console.print(f"select job {sub.task.job_id} submitted ({sub.task.scheduler}); its summary will be "
+                      f"{sub.folder.summary_file}, its log {sub.task.stderr}", highlight=False)
+        return 0
+    result = run_selection(site, database, args.generation, args.max, args.gamma_min, args.strategy,
+                           args.batch, args.seed, args.out, notify=_say)
     print_selection(result)
     return 0
 
@@ -582,6 +591,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch", type=int, default=200, help="candidates scored and offered to MaxVol at a time")
     p.add_argument("--seed", type=int, default=0, help="for --strategy random")
     p.add_argument("--out", type=Path, default=None, help="summary folder (default: <output>/selections/gen-N)")
+    p.add_argument("--no-wait", action="store_true",
+                   help="on a SLURM site: print the select job's id and where its summary will be, and return")
     p.set_defaults(func=cmd_select)
 
     p = sub.add_parser("loop", help="train -> evaluate -> select -> label -> train warm-started, resumable")

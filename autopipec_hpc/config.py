@@ -185,6 +185,9 @@ class SiteConfig(_Strict):
     pacemaker: PacemakerSetup = PacemakerSetup()
     train: JobResources = JobResources()
     evaluate: JobResources = JobResources()
+    select: JobResources | None = Field(
+        None, description="the `select` job (scoring candidates); default: the evaluate job's resources"
+    )
     max_restarts: int = Field(2, ge=0, description="requeues after a time limit or preemption")
     signal_delay_s: int = Field(60, ge=5, description="SIGUSR2 this long before the time limit")
     result_timeout_s: float = Field(
@@ -225,6 +228,16 @@ class SiteConfig(_Strict):
     @property
     def python_executable(self) -> str:
         return self.python or sys.executable
+
+    @property
+    def select_resources(self) -> JobResources:
+        """What a `select` job asks for: its own section, else the evaluation's (both read a
+        potential and score structures on CPUs)."""
+        return self.select or self.evaluate
+
+    def job_resources(self) -> dict[str, JobResources]:
+        """Every job this site submits, by role, with the resources it asks for."""
+        return {"train": self.train, "evaluate": self.evaluate, "select": self.select_resources}
 
     @classmethod
     def from_yaml(cls, path: str | Path | None) -> "SiteConfig":

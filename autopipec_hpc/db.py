@@ -94,6 +94,11 @@ def is_url(target: str) -> bool:
     return "://" in target
 
 
+def absolute_target(database: str) -> str:
+    """A database path as every node sees it (absolute); a URL as it is."""
+    return database if is_url(database) else str(Path(database).resolve())
+
+
 @dataclass(frozen=True, kw_only=True)
 class TrainingRecord:
     """One generation's training record: a row with ``record=training``.

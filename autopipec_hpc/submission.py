@@ -18,7 +18,7 @@ from pathlib import Path
 from autopipec_hpc import registry
 from autopipec_hpc.config import Evaluator, SiteConfig, TrainConfig
 from autopipec_hpc.dataset_prep import DatasetBuilder, DatasetManifest, DatasetSettings
-from autopipec_hpc.db import DatabaseManager, RecordState, StructureStatus, TrainingRecord, is_url
+from autopipec_hpc.db import DatabaseManager, RecordState, StructureStatus, TrainingRecord, absolute_target
 from autopipec_hpc.errors import (
     AutopipecError,
     DatabaseBusyError,
@@ -126,7 +126,7 @@ def prepare_run(
     spec = RunSpec(
         generation=generation,
         run_dir=str(run_dir),
-        database=_absolute_db(database),
+        database=absolute_target(database),
         output_dir=str(Path(site.output_dir).resolve()),
         site=site.model_dump(mode="json"),
         config=config.model_dump(mode="json"),
@@ -148,11 +148,6 @@ def prepare_run(
 
 def _one_line(exc: BaseException) -> str:
     return " ".join(str(exc).split()) or type(exc).__name__
-
-
-def _absolute_db(database: str) -> str:
-    """A database path as every node sees it (absolute); a URL as it is."""
-    return database if is_url(database) else str(Path(database).resolve())
 
 
 def submit_generation(

@@ -192,11 +192,40 @@ def test_select_top_gamma_and_random_strategies_keep_the_budget(trained, tmp_pat
     assert len(chosen) == 2 and min(chosen) >= gammas[0]
 
 
+@pytest.mark.slow
+@needs_pacemaker
+def test_a_select_job_on_the_local_executor_selects_what_select_in_process_does(trained, tmp_path):
+    """The scheduler's standalone job (submit_task) on the local executor: the same choice
+    and gammas as in-process, in a folder that keeps the request and the job's log."""
+    from autopipec_hpc.active_learning import select_candidates, submit_selection, wait_for_selection
+
+    databases = []
+    for name in ("job", "here"):
+        (tmp_path / name).mkdir()
+        database = _copy_db(trained, tmp_path / name)
+        db = DatabaseManager(database)
+        for k, a in enumerate(near_candidates() + far_candidates()):
+            db.add_candidate(a, "near" if k < 8 else f"far{k}")
+        databases.append(database)
+    site = _site(tmp_path)
+    sub = submit_selection(site, databases[0], 1, max_select=3, gamma_min=1.0, out_dir=tmp_path / "sel")
+    assert sub.task.scheduler == "local" and sub.folder.request_file.exists()
+    result = wait_for_selection(site, sub.folder.path, timeout_s=300, poll_s=0.5)
+    here = select_candidates(databases[1], 1, max_select=3, gamma_min=1.0, out_dir=tmp_path / "sel-here")
+    assert result.selected_ids == here.selected_ids and len(here.selected_ids) == 3
+    assert result.by_config_type == here.by_config_type and result.folder == str(tmp_path / "sel")
+    job_rows, here_rows = (list(DatabaseManager(d).iter_rows(status=s)) for d, s in
+                           ((databases[0], "CANDIDATE"), (databases[1], "CANDIDATE")))
+    assert [(r.id, r.gamma_max) for r in job_rows] == [(r.id, r.gamma_max) for r in here_rows]
+    assert sub.task.stderr.exists()
+
+
 @pytest.mark.parametrize("argv, culprit", [
     (["select", "--generation", "7"], "generation 7"),
     (["select", "--generation", "1", "--max", "0"], "--max"),
     (["select", "--generation", "1", "--gamma-min", "-1"], "--gamma-min"),
     (["select", "--generation", "1", "--strategy", "best"], "--strategy"),
+    (["select", "--generation", "1", "--no-wait"], "--no-wait"),
     (["label", "--calculator", "no_such_module_xyz:Calc"], "no_such_module_xyz"),
     (["label", "--calculator", "ase.calculators.emt"], "MODULE:CLASS"),
     (["label", "--calculator", "ase.calculators.emt:Nope"], "Nope"),

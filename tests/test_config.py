@@ -117,3 +117,13 @@ def test_shipped_site_configs_are_valid():
     assert "local.yaml" in names
     for path in folder.glob("*.yaml"):
         SiteConfig.from_yaml(path)
+
+
+def test_the_select_job_asks_for_the_evaluation_resources_unless_the_site_says(tmp_path):
+    site = SiteConfig.from_yaml(write(tmp_path, "evaluate:\n  partition: cpu\n  cpus: 3\n"))
+    assert site.select is None and site.select_resources == site.evaluate
+    site = SiteConfig.from_yaml(write(tmp_path, "evaluate:\n  partition: cpu\nselect:\n  partition: big\n  cpus: 8\n"))
+    assert (site.select_resources.partition, site.select_resources.cpus) == ("big", 8)
+    assert list(site.job_resources()) == ["train", "evaluate", "select"]
+    with pytest.raises(ConfigError, match="select.cpus"):
+        SiteConfig.from_yaml(write(tmp_path, "select:\n  cpus: 0\n"))

@@ -3,17 +3,22 @@
 A scheduler takes a prepared ``RunSpec`` and submits two jobs, training and
 an evaluation that runs only after training succeeded. It records the job
 ids in the run folder (``RunFolder.jobs_file``) so that status and cancel work
-from any later process.
+from any later process. It also submits one standalone job (``submit_task``:
+a selection) into a folder that keeps its script and log (``TaskFolder``).
 """
 
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from enum import StrEnum
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
+from submitit.core.utils import JobPaths
+
+from autopipec_hpc.config import JobResources
 from autopipec_hpc.errors import SchedulerError
 from autopipec_hpc.files import atomic_write_text
 from autopipec_hpc.run_folder import RunFolder, RunSpec
@@ -54,6 +59,49 @@ class SubmittedJobs:
         return cls(**json.loads(path.read_text()))
 
 
+class TaskFolder(Protocol):
+    """Where a standalone job keeps its scheduler files (``SelectionFolder`` is one)."""
+
+    @property
+    def path(self) -> Path: ...
+
+    @property
+    def submitit_dir(self) -> Path: ...
+
+    def job_script(self, role: str) -> Path: ...
+
+    def submitted_pickle(self, role: str) -> Path: ...
+
+
+@dataclass(frozen=True)
+class SubmittedTask:
+    """The scheduler and job id of one standalone job, saved in its folder."""
+
+    scheduler: str
+    folder: str  # submitit's folder: logs and pickles
+    job_id: str
+    role: str
+    name: str  # the job's name, as the scheduler lists it
+
+    def save(self, path: Path) -> None:
+        atomic_write_text(path, json.dumps(asdict(self), indent=2))
+
+    @classmethod
+    def load(cls, path: Path) -> "SubmittedTask":
+        if not path.exists():
+            raise SchedulerError(f"{path.parent} has no {path.name}: no job was submitted from it")
+        return cls(**json.loads(path.read_text()))
+
+    @property
+    def stderr(self) -> Path:
+        """The job's log of errors (submitit names it after the job id)."""
+        return JobPaths(self.folder, self.job_id).stderr
+
+
+# A standalone job's body (picklable): called with its folder's path on the compute node.
+Task = Callable[[str], Any]
+
+
 class Scheduler(Protocol):
     """Where the job bodies run. A new scheduler is one new module implementing this."""
 
@@ -79,3 +127,10 @@ class Scheduler(Protocol):
     def state(self, jobs: SubmittedJobs, which: str) -> JobState: ...
 
     def cancel(self, jobs: SubmittedJobs) -> None: ...
+
+    def submit_task(self, task: Task, folder: TaskFolder, role: str, name: str,
+                    resources: JobResources) -> SubmittedTask:
+        """Submit ``task(str(folder.path))`` as one job named ``name``, with ``resources``."""
+        ...
+
+    def task_state(self, task: SubmittedTask) -> JobState: ...

@@ -22,12 +22,12 @@ from typing import Any
 import submitit
 from submitit.core.utils import JobPaths
 
-from autopipec_hpc.config import SiteConfig
+from autopipec_hpc.config import JobResources, SiteConfig
 from autopipec_hpc.processes import pid_alive  # noqa: F401  (tests import it from here)
 from autopipec_hpc.errors import SchedulerError, TrainingFailedError
 from autopipec_hpc.jobs import EvaluateJob, TrainJob, record_failure, training_verdict
 from autopipec_hpc.run_folder import RunSpec
-from autopipec_hpc.scheduler.base import JobState, SubmittedJobs
+from autopipec_hpc.scheduler.base import JobState, SubmittedJobs, SubmittedTask, Task, TaskFolder
 
 
 def wait_for_training(run_dir: str, train_alive: Callable[[], bool], poll_s: float = 1.0) -> dict[str, Any]:
@@ -75,6 +75,17 @@ def result_state(folder: Path, job_id: str) -> JobState | None:
     except Exception:  # a pickle mid-write or from another version: not decisive yet
         return None
     return JobState.COMPLETED if outcome == "success" else JobState.FAILED
+
+
+def job_state(folder: Path, job_id: str) -> JobState:
+    """A local job's state: its result pickle, else whether its process lives (and was cancelled)."""
+    cancelled = (folder / f"{job_id}.cancelled").exists()
+    done = result_state(folder, job_id)
+    if done is not None:
+        return JobState.CANCELLED if cancelled and done == JobState.FAILED else done
+    if pid_alive(int(job_id)):
+        return JobState.RUNNING
+    return JobState.CANCELLED if cancelled else JobState.FAILED  # gone without a result
 
 
 @contextmanager
@@ -132,15 +143,18 @@ class LocalScheduler:
         jobs.save(spec.path)
         return jobs
 
+    def submit_task(self, task: Task, folder: TaskFolder, role: str, name: str,
+                    resources: JobResources) -> SubmittedTask:
+        """One job process on this machine (``name`` and partitions mean nothing here)."""
+        with _stdio_to_devnull():
+            job = self._executor(folder.submitit_dir, resources.time_minutes).submit(task, str(folder.path))
+        return SubmittedTask(self.name, str(folder.submitit_dir), str(job.job_id), role, name)
+
+    def task_state(self, task: SubmittedTask) -> JobState:
+        return job_state(Path(task.folder), task.job_id)
+
     def state(self, jobs: SubmittedJobs, which: str) -> JobState:
-        job_id = getattr(jobs, which)
-        cancelled = (Path(jobs.folder) / f"{job_id}.cancelled").exists()
-        done = result_state(Path(jobs.folder), job_id)
-        if done is not None:
-            return JobState.CANCELLED if cancelled and done == JobState.FAILED else done
-        if pid_alive(int(job_id)):
-            return JobState.RUNNING
-        return JobState.CANCELLED if cancelled else JobState.FAILED  # gone without a result
+        return job_state(Path(jobs.folder), getattr(jobs, which))
 
     def cancel(self, jobs: SubmittedJobs) -> None:
         for job_id in (jobs.evaluate, jobs.train):

@@ -22,7 +22,7 @@ from autopipec_hpc.errors import SchedulerError
 from autopipec_hpc.jobs import EvaluateJob, TrainJob
 from autopipec_hpc.pacemaker_wrapper import template_environment
 from autopipec_hpc.run_folder import RunSpec, submitted_pickle_name
-from autopipec_hpc.scheduler.base import JobState, SubmittedJobs
+from autopipec_hpc.scheduler.base import JobState, SubmittedJobs, SubmittedTask, Task, TaskFolder
 
 COMMAND_TIMEOUT_S = 30
 # sacct's states -> ours. A requeued job reads PENDING/REQUEUED until it runs again.
@@ -53,8 +53,11 @@ def run_command(args: list[str], what: str) -> str:
     return done.stdout
 
 
-def sacct_state(job_id: str) -> JobState:
-    out = run_command(["sacct", "-n", "-X", "-P", "-j", job_id, "-o", "State"], "reading job state")
+def sacct_state(job_id: str, name: str | None = None) -> JobState:
+    """The state of ``job_id`` (of the job named ``name``: accounting may also list an older
+    job of the same id, from before the cluster was restarted)."""
+    by_name = ["--name", name] if name else []
+    out = run_command(["sacct", "-n", "-X", "-P", "-j", job_id, *by_name, "-o", "State"], "reading job state")
     lines = [line.split()[0] for line in out.splitlines() if line.strip()]
     if not lines:
         return JobState.UNKNOWN  # accounting has not seen it yet
@@ -67,6 +70,13 @@ def setup_lines(site: SiteConfig, run_dir: Path, role: str, folder: Path) -> lis
     text = template.render(site=site, role=role, run_dir=str(run_dir), folder=str(folder),
                            submitted_pickle=str(Path(folder) / submitted_pickle_name(role)), quote=shlex.quote)
     return [line for line in text.splitlines() if line.strip()]
+
+
+def keep_job_files(job: submitit.Job, folder: TaskFolder, role: str) -> None:
+    """Keep a job's script and pickle beside its story: readable, and `sbatch <role>.sbatch`
+    reruns the same job (the preamble gives a hand-submitted job id its pickle)."""
+    shutil.copy2(job.paths.submitted_pickle, folder.submitted_pickle(role))
+    shutil.copy2(job.paths.submission_file, folder.job_script(role))
 
 
 class SlurmScheduler:
@@ -90,21 +100,24 @@ class SlurmScheduler:
         for line in out.splitlines():
             name, avail, _nodes, node_state = (line.split("|") + ["", "", "", ""])[:4]
             partitions.setdefault(name.strip(), []).append((avail.strip(), node_state.strip()))
+        roles_of: dict[str, list[str]] = {}
+        for role, res in self.site.job_resources().items():
+            if res.partition:
+                roles_of.setdefault(res.partition, []).append(role)
         warnings = []
-        for role, res in (("train", self.site.train), ("evaluate", self.site.evaluate)):
-            if not res.partition:
-                continue
-            if res.partition not in partitions:
+        for partition, roles in roles_of.items():
+            role = "/".join(roles)
+            if partition not in partitions:
                 raise SchedulerError(
-                    f"the {role} partition {res.partition!r} does not exist (sinfo lists: "
+                    f"the {role} partition {partition!r} does not exist (sinfo lists: "
                     f"{', '.join(sorted(partitions)) or 'none'})"
                 )
-            states = partitions[res.partition]
+            states = partitions[partition]
             if all(avail != "up" for avail, _ in states):
-                warnings.append(f"the {role} partition {res.partition!r} is {states[0][0]}: "
+                warnings.append(f"the {role} partition {partition!r} is {states[0][0]}: "
                                 "its jobs will wait (PENDING) until it is up")
             elif all(node.rstrip("*~#!%$@^-") in ("down", "drain", "drained", "fail", "inval") for _, node in states):
-                warnings.append(f"every node of the {role} partition {res.partition!r} is "
+                warnings.append(f"every node of the {role} partition {partition!r} is "
                                 f"{'/'.join(sorted({n for _, n in states}))}: its jobs will wait until one is back")
         return warnings
 
@@ -119,18 +132,19 @@ class SlurmScheduler:
     def job_preamble(self, run_dir: Path, role: str, folder: Path) -> list[str]:
         return setup_lines(self.site, run_dir, role, folder)
 
-    def _executor(self, spec: RunSpec, role: str, res: JobResources, extra: dict[str, str]) -> submitit.SlurmExecutor:
-        folder = spec.folder.submitit_dir
+    def _executor(self, folder: Path, name: str, role: str, job_dir: Path, res: JobResources,
+                  extra: dict[str, str]) -> submitit.SlurmExecutor:
+        """An executor for one job: logs in ``folder`` (submitit's), the preamble for ``job_dir``."""
         executor = submitit.SlurmExecutor(
             folder=folder, python=self.site.python_executable, max_num_timeout=self.site.max_restarts
         )
         params: dict = dict(
-            job_name=f"autopipec-g{spec.generation}-{role}",
+            job_name=name,
             time=res.time_minutes,
             cpus_per_task=res.cpus,
             mem=f"{int(res.mem_gb * 1024)}M",
             signal_delay_s=self.site.signal_delay_s,
-            setup=setup_lines(self.site, spec.path, role, folder),
+            setup=setup_lines(self.site, job_dir, role, folder),
             additional_parameters=extra,
         )
         if res.partition:
@@ -144,21 +158,31 @@ class SlurmScheduler:
         executor.update_parameters(**params)
         return executor
 
+    def _run_executor(self, spec: RunSpec, role: str, res: JobResources, extra: dict[str, str]) -> submitit.SlurmExecutor:
+        return self._executor(spec.folder.submitit_dir, f"autopipec-g{spec.generation}-{role}", role, spec.path,
+                              res, extra)
+
     def submit(self, spec: RunSpec) -> SubmittedJobs:
-        train = self._executor(spec, "train", self.site.train, {}).submit(TrainJob(), spec.run_dir)
-        evaluate = self._executor(
+        train = self._run_executor(spec, "train", self.site.train, {}).submit(TrainJob(), spec.run_dir)
+        evaluate = self._run_executor(
             spec, "evaluate", self.site.evaluate,
             {"dependency": f"afterok:{train.job_id}", "kill-on-invalid-dep": "yes"},
         ).submit(EvaluateJob(), spec.run_dir)
-        folder = spec.folder
         for role, job in (("train", train), ("evaluate", evaluate)):
-            # Kept beside the run: readable, and `sbatch train.sbatch` reruns the same job
-            # (the preamble gives a hand-submitted job id its pickle).
-            shutil.copy2(job.paths.submitted_pickle, folder.submitted_pickle(role))
-            shutil.copy2(job.paths.submission_file, folder.job_script(role))
-        jobs = SubmittedJobs(self.name, str(folder.submitit_dir), str(train.job_id), str(evaluate.job_id))
+            keep_job_files(job, spec.folder, role)
+        jobs = SubmittedJobs(self.name, str(spec.folder.submitit_dir), str(train.job_id), str(evaluate.job_id))
         jobs.save(spec.path)
         return jobs
+
+    def submit_task(self, task: Task, folder: TaskFolder, role: str, name: str,
+                    resources: JobResources) -> SubmittedTask:
+        executor = self._executor(folder.submitit_dir, name, role, folder.path, resources, {})
+        job = executor.submit(task, str(folder.path))
+        keep_job_files(job, folder, role)
+        return SubmittedTask(self.name, str(folder.submitit_dir), str(job.job_id), role, name)
+
+    def task_state(self, task: SubmittedTask) -> JobState:
+        return sacct_state(task.job_id, task.name)
 
     def state(self, jobs: SubmittedJobs, which: str) -> JobState:
         return sacct_state(getattr(jobs, which))
