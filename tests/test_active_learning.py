@@ -431,7 +431,9 @@ def test_interrupted_loop_resumes_without_repeating_a_finished_step(tmp_path, mo
         db.add_candidate(a, "near")
     for k, a in enumerate(far_candidates()):
         db.add_candidate(a, f"far{k}")
-    config = tiny_train_config()
+    # A 20-iteration toy fit on far structures can cross the divergence guard (seen: 1070
+    # meV/atom against 1000); this test is about resuming, not accuracy.
+    config = tiny_train_config().model_copy(update={"max_energy_rmse_mev": 1e5, "max_force_rmse_mev": 1e6})
     args = dict(generations=2, select_max=2, calculator="ase.calculators.emt:EMT", timeout_s=900)
 
     def interrupted(*a, **k):
