@@ -362,8 +362,9 @@ def cancel_generation(run_dir: Path, settle_s: float = 60.0) -> dict[str, JobSta
 
 def reconcile_generation(db: DatabaseManager, generation: int) -> TrainingRecord | None:
     """Bring the record of ``generation`` in line with its jobs: a record SUBMITTED or
-    RUNNING whose jobs have all ended (killed, cancelled by hand, node lost) becomes
-    FAILED with the reason, so nobody sees, or is blocked by, a state that is not true.
+    RUNNING whose jobs have all ended (killed, node lost) becomes FAILED with the reason,
+    or CANCELLED where its training job was cancelled (by hand too), so nobody sees, or
+    is blocked by, a state that is not true.
     A record whose scheduler cannot answer is left as it is."""
     record = db.get_record(generation)
     if record is None or not record.status.is_active or record.run_dir is None:
@@ -391,6 +392,10 @@ def reconcile_generation(db: DatabaseManager, generation: int) -> TrainingRecord
     verdict = "training finished" if folder.train_verdict.exists() else "training left no verdict"
     reason = (f"its jobs ended without a final record: training job {jobs.train} {states['train']}, "
               f"evaluation job {jobs.evaluate} {states['evaluate']} ({verdict})")
+    # Training cancelled outside autopipec-hpc (`scancel` by hand, a deadline): a cancel
+    # is CANCELLED whenever and however it lands. Its job wrote nothing on the signal,
+    # since only the scheduler knows a cancel from a requeue.
+    outcome = RecordState.CANCELLED if states["train"] == JobState.CANCELLED else RecordState.FAILED
     orphan = _publication_of(spec)
     if orphan is not None:
         # Published, then killed before SUCCEEDED was written (publish_and_record's
@@ -398,7 +403,7 @@ def reconcile_generation(db: DatabaseManager, generation: int) -> TrainingRecord
         # must not stay published.
         registry.discard(orphan)
         reason += "; its publication, which never got its SUCCEEDED record, was taken back"
-    db.update_record(generation, record.run_dir, RecordState.FAILED, reason=reason)
+    db.update_record(generation, record.run_dir, outcome, reason=reason)
     return db.get_record(generation)
 
 

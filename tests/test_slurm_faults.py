@@ -59,6 +59,26 @@ def test_scancel_of_the_evaluation_while_training_runs_ends_failed(tmp_path, exa
 
 
 @pytest.mark.slow
+def test_scancel_of_the_training_by_hand_ends_cancelled(tmp_path, example_db):
+    site = ci_site(tmp_path, pacemaker={"evaluator": "pyace"})
+    sub = submit_generation(example_db, site, tiny_train_config().model_copy(update={"maxiter": 200}))
+    _first_iteration(Path(sub.spec.run_dir))
+    subprocess.run(["scancel", sub.jobs.train], check=True, timeout=30)
+    assert _wait_state(sub.jobs.train, {"CANCELLED", "COMPLETED", "FAILED"}, timeout_s=120) == "CANCELLED"
+    started = time.monotonic()
+    while True:
+        done = _status(tmp_path, site, 1)
+        record = DatabaseManager(example_db).get_record(1)
+        if record.status.is_final or time.monotonic() - started > 120:
+            break
+        time.sleep(1)
+    assert record.status == RecordState.CANCELLED, (record, done.stdout)
+    assert f"training job {sub.jobs.train} CANCELLED" in record.reason
+    assert _wait_state(sub.jobs.evaluate, {"CANCELLED", "COMPLETED", "FAILED"}, timeout_s=60) == "CANCELLED"
+    assert not (potentials_root(site.output_dir) / "1").exists()
+
+
+@pytest.mark.slow
 def test_a_requeue_started_by_slurm_is_never_a_failure(tmp_path, example_db):
     site = ci_site(tmp_path, pacemaker={"evaluator": "pyace"})
     sub = submit_generation(example_db, site, tiny_train_config().model_copy(update={"maxiter": 60}))
