@@ -47,6 +47,7 @@ from autopipec_hpc.db import (
 )
 from autopipec_hpc.errors import AutopipecError, ConfigError, LabellingError, SchedulerError, SelectionError
 from autopipec_hpc.files import atomic_write_text, fresh_dir
+from autopipec_hpc.processes import die_with_local_controller
 from autopipec_hpc.scheduler.base import FINISHED, JobState, SubmittedTask
 from autopipec_hpc.selection_folder import SELECT_ROLE, SelectionFolder, SelectionRequest, default_selection_dir
 
@@ -324,6 +325,7 @@ class SelectJob:
     once the selection is committed, or the job's error (``select.failed``)."""
 
     def __call__(self, folder: str) -> dict[str, Any]:
+        die_with_local_controller()
         selection = SelectionFolder(folder)
         if selection.summary_file.exists():
             raise SelectionError(f"{selection.path} holds a finished selection; select again for a new one")

@@ -35,6 +35,7 @@ from autopipec_hpc.errors import (
     TrainingInterrupted,
 )
 from autopipec_hpc.files import atomic_write_text
+from autopipec_hpc.processes import die_with_local_controller
 from autopipec_hpc.pacemaker_wrapper import (
     FITTING_DATA_INFO,
     INTERIM_POTENTIAL,
@@ -163,6 +164,7 @@ class TrainJob(submitit.helpers.Checkpointable):
     resumes from the last attempt's interim potential, up to ``max_restarts`` times."""
 
     def __call__(self, run_dir: str) -> dict[str, Any]:
+        die_with_local_controller()
         spec = RunSpec.load(run_dir)
         config = spec.train_config
         site = spec.site_config
@@ -274,6 +276,7 @@ class EvaluateJob:
     """Evaluate the trained potential on the holdout set; publish it only if it holds."""
 
     def __call__(self, run_dir: str) -> dict[str, Any]:
+        die_with_local_controller()
         spec = RunSpec.load(run_dir)
         verdict = training_verdict(spec.path)
         if verdict is None or not verdict.get("ok"):

@@ -35,6 +35,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from autopipec_hpc.config import Evaluator, TrainConfig, resolve_command
 from autopipec_hpc.dataset_prep import read_pickle
 from autopipec_hpc.files import atomic_write_text, fresh_dir
+from autopipec_hpc.processes import die_with_parent
 from autopipec_hpc.errors import TrainingDivergenceError, TrainingFailedError, TrainingInterrupted
 
 # The top-level job_templates/ folder, packaged into the wheel under this name (pyproject.toml).
@@ -385,7 +386,7 @@ class PacemakerWrapper:
                 text=True,  # universal newlines: pacemaker's '\r' progress lines split too
                 bufsize=1,
                 start_new_session=True,
-                preexec_fn=_die_with_parent,
+                preexec_fn=die_with_parent,  # a job killed outright takes pacemaker along
                 env={**os.environ, "PYTHONUNBUFFERED": "1", **thread_environment(self.threads)},
             )
         except FileNotFoundError:
@@ -592,17 +593,6 @@ def _elements_of(files: Sequence[Path]) -> list[str]:
         for atoms in df["ase_atoms"]:
             elements.update(atoms.get_chemical_symbols())
     return sorted(elements)
-
-
-def _die_with_parent() -> None:
-    """In the child before exec: SIGKILL it if the job process dies first (Linux),
-    so a job killed outright does not leave pacemaker running in its own session."""
-    try:
-        import ctypes
-
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-    except OSError:
-        pass
 
 
 def _kill_group(proc: subprocess.Popen, grace_s: float = 5.0) -> None:

@@ -18,6 +18,7 @@ import pytest
 from autopipec_hpc.db import DatabaseManager, RecordState
 from autopipec_hpc.errors import DatabaseError, PreflightError
 from autopipec_hpc.example_data import tiny_train_config
+from autopipec_hpc.processes import pid_alive
 from autopipec_hpc.registry import potentials_root
 from autopipec_hpc.run_folder import RunFolder
 from autopipec_hpc.scheduler.base import SubmittedJobs
@@ -79,6 +80,21 @@ def test_simultaneous_plain_submits_get_distinct_generations(tmp_path, example_d
     assert len({r.run_dir for r in records}) == 3
 
 
+def _processes_of(submitit_dir: Path) -> list[int]:
+    """Live processes whose command line names ``submitit_dir`` (submitit's job bodies)."""
+    found = []
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            cmdline = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        if str(submitit_dir) in cmdline and pid_alive(int(proc.name)):
+            found.append(int(proc.name))
+    return found
+
+
 @pytest.mark.parametrize("victims", [("train",), ("train", "evaluate")])
 def test_jobs_killed_with_sigkill_end_failed_without_anyone_waiting(tmp_path, example_db, local_site, victims):
     site = local_site(str(make_fault_pacemaker(tmp_path, "hang")))
@@ -95,6 +111,15 @@ def test_jobs_killed_with_sigkill_end_failed_without_anyone_waiting(tmp_path, ex
     assert "FAILED" in done.stdout
     assert any(word in record.reason for word in ("ended without", "training job")), record.reason
     assert not (potentials_root(site.output_dir) / "1").exists()
+    # The job bodies and pacemaker died with their controllers; nothing trains on unseen.
+    # (The fault injector's own `sleep` grandchild is not ours to end: a real pacemaker has none.)
+    os.kill(int((folder.path / "attempt-1" / "grandchild.pid").read_text()), signal.SIGKILL)
+    pacemaker_pid = int((folder.path / "attempt-1" / "pacemaker.pid").read_text())
+    deadline = time.monotonic() + 15
+    while time.monotonic() < deadline and (pid_alive(pacemaker_pid) or _processes_of(folder.submitit_dir)):
+        time.sleep(0.2)
+    assert not pid_alive(pacemaker_pid), "pacemaker outlived its killed job"
+    assert not _processes_of(folder.submitit_dir), "job bodies outlived their killed controllers"
     # the generation is not blocked: it can be claimed again at once
     again = submit_generation(example_db, local_site(str(make_fault_pacemaker(tmp_path, "crash"))),
                               tiny_train_config(), generation=1)

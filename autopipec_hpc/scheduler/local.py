@@ -23,7 +23,7 @@ import submitit
 from submitit.core.utils import JobPaths
 
 from autopipec_hpc.config import JobResources, SiteConfig
-from autopipec_hpc.processes import pid_alive  # noqa: F401  (tests import it from here)
+from autopipec_hpc.processes import die_with_local_controller, pid_alive  # noqa: F401  (tests import pid_alive from here)
 from autopipec_hpc.errors import SchedulerError, TrainingFailedError
 from autopipec_hpc.jobs import EvaluateJob, TrainJob, record_failure, training_verdict
 from autopipec_hpc.run_folder import RunSpec
@@ -56,6 +56,7 @@ class EvaluateAfterTraining:
     train_pid: int
 
     def __call__(self, run_dir: str) -> dict:
+        die_with_local_controller()
         verdict = wait_for_training(run_dir, lambda: pid_alive(self.train_pid))
         if not verdict.get("ok"):
             raise TrainingFailedError(
