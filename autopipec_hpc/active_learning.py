@@ -108,9 +108,12 @@ def published_potential(db: DatabaseManager, generation: int) -> Path:
     return folder
 
 
-def check_selection_args(max_select: int, gamma_min: float, strategy: str, batch: int) -> None:
+def check_selection_args(max_select: int, gamma_min: float, strategy: str, batch: int,
+                         max_option: str = "--max") -> None:
+    """Refuse bad selection settings by the option the user typed (``loop`` and
+    ``demo --loop`` call the budget ``--select``)."""
     if max_select < 1:
-        raise ConfigError(f"--max must be at least 1, got {max_select}")
+        raise ConfigError(f"{max_option} must be at least 1, got {max_select}")
     if not math.isfinite(gamma_min) or gamma_min < 0:
         raise ConfigError(f"--gamma-min must be a finite number >= 0, got {gamma_min}")
     if strategy not in STRATEGIES:
@@ -649,7 +652,7 @@ def run_loop(
 
     if generations < 1:
         raise ConfigError(f"--generations must be at least 1, got {generations}")
-    check_selection_args(select_max, gamma_min, strategy, 1)
+    check_selection_args(select_max, gamma_min, strategy, 1, max_option="--select")
     load_calculator_class(calculator, kwargs_json)
     say = notify or (lambda message: None)
     db = DatabaseManager(database)

@@ -302,13 +302,14 @@ def _demo_loop(args: argparse.Namespace, site: SiteConfig) -> int:
     whatever the loop requests from an imbalanced pool of candidates. Its own folders
     (``<work_dir>/loop-demo``, ``<output_dir>/loop-demo``), so its generations never mix
     with the plain demo's; run again, it resumes (or shows what is done)."""
-    from autopipec_hpc.active_learning import run_loop
+    from autopipec_hpc.active_learning import check_selection_args, run_loop
     from autopipec_hpc.example_data import demo_train_config, write_example_candidates, write_example_database
 
     if args.loop < 1:
         raise ConfigError(f"--loop must be at least 1 generation, got {args.loop}")
     if args.pool < 1:
         raise ConfigError(f"--pool must be at least 1 candidate, got {args.pool}")
+    check_selection_args(args.select, 0.0, "d-optimal", 1, max_option="--select")  # before anything is written
     if args.data:
         raise ConfigError("--data cannot go with --loop: the loop labels its picks with EMT, "
                           "which must also have labelled the starting data")
@@ -366,7 +367,7 @@ def cmd_loop(args: argparse.Namespace) -> int:
 
     if args.generations < 1:
         raise ConfigError(f"--generations must be at least 1, got {args.generations}")
-    check_selection_args(args.select, args.gamma_min, args.strategy, 1)
+    check_selection_args(args.select, args.gamma_min, args.strategy, 1, max_option="--select")
     load_calculator_class(args.calculator, args.kwargs)  # named before anything is written
     site, database = _site_and_db(args)
     config = TrainConfig.from_yaml(args.config)

@@ -401,7 +401,7 @@ def test_label_interrupted_midway_keeps_what_it_labelled_and_resumes(tmp_path, m
 
 @pytest.mark.parametrize("argv, culprit", [
     (["loop", "--generations", "0", "--select", "2", "--calculator", "ase.calculators.emt:EMT"], "--generations"),
-    (["loop", "--generations", "2", "--select", "0", "--calculator", "ase.calculators.emt:EMT"], "--max"),
+    (["loop", "--generations", "2", "--select", "0", "--calculator", "ase.calculators.emt:EMT"], "--select"),
     (["loop", "--generations", "2", "--select", "2", "--calculator", "nope_mod:X"], "nope_mod"),
     (["loop", "--generations", "2", "--select", "2", "--calculator", "ase.calculators.emt:EMT", "--kwargs", "x"],
      "--kwargs"),

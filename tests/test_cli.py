@@ -97,6 +97,7 @@ def test_demo_loop_runs_two_generations_and_a_rerun_resumes_as_done(tmp_path):
 @pytest.mark.parametrize("extra, culprit", [
     (["--loop", "0"], "--loop"),
     (["--loop", "2", "--pool", "0"], "--pool"),
+    (["--loop", "2", "--select", "0"], "--select"),
     (["--loop", "2", "--data", "x.extxyz"], "--data"),
 ])
 def test_bad_demo_loop_options_are_one_line_exit_2_nothing_written(tmp_path, capsys, monkeypatch, extra, culprit):
