@@ -316,8 +316,8 @@ def _demo_loop(args: argparse.Namespace, site: SiteConfig) -> int:
     site = site.model_copy(update={"work_dir": site.work_dir / DEMO_LOOP_DIR,
                                    "output_dir": site.output_dir / DEMO_LOOP_DIR})
     database = args.db or str(site.output_dir / "structures.db")
+    db = DatabaseManager(database)  # a refused URL is named before any folder is made
     site.output_dir.mkdir(parents=True, exist_ok=True)
-    db = DatabaseManager(database)
     if db.count() == 0:
         n = write_example_database(db)
         m = write_example_candidates(db, args.pool)
@@ -336,6 +336,7 @@ def cmd_select(args: argparse.Namespace) -> int:
 
     check_selection_args(args.max, args.gamma_min, args.strategy, args.batch)
     site, database = _site_and_db(args)
+    DatabaseManager(database, must_exist=True)  # a read: never create an empty database
     if args.no_wait and not selects_in_a_job(site):
         raise ConfigError(f"--no-wait: site {site.name} ({site.scheduler}) selects in this process; "
                           "there is no job to leave running")
@@ -356,6 +357,7 @@ def cmd_label(args: argparse.Namespace) -> int:
 
     load_calculator_class(args.calculator, args.kwargs)  # a bad spec is named before the database opens
     site, database = _site_and_db(args)
+    DatabaseManager(database, must_exist=True)  # a read: never create an empty database
     result = label_requested(database, args.calculator, args.kwargs, notify=_say)
     console.print(f"{len(result.labelled)} structures labelled with {args.calculator}: now TRAINING_READY")
     return 0
@@ -370,6 +372,7 @@ def cmd_loop(args: argparse.Namespace) -> int:
     check_selection_args(args.select, args.gamma_min, args.strategy, 1, max_option="--select")
     load_calculator_class(args.calculator, args.kwargs)  # named before anything is written
     site, database = _site_and_db(args)
+    DatabaseManager(database, must_exist=True)  # a read: never create an empty database
     config = TrainConfig.from_yaml(args.config)
     steps = run_loop(site, database, config, args.generations, args.select, args.calculator, args.kwargs,
                      args.gamma_min, args.strategy, warm=not args.cold, notify=_say)

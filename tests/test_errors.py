@@ -37,6 +37,12 @@ def _good_site(tmp: Path, **train) -> str:
 DEEP = "a: " + "[" * 3000 + "]" * 3000 + "\n"
 
 CASES = [
+    # -- commands that read a database that is not there (and must not create it) ----
+    Case("select on a missing database", ["select", "--generation", "1", "--db", "gone.db"], "gone.db"),
+    Case("label on a missing database", ["label", "--calculator", "ase.calculators.emt:EMT", "--db", "gone.db"],
+         "gone.db"),
+    Case("loop on a missing database", ["loop", "--generations", "1", "--select", "2", "--calculator",
+                                        "ase.calculators.emt:EMT", "--db", "gone.db"], "gone.db"),
     # -- import: files that are not what they claim --------------------------------
     Case("import a missing file", ["import", "nofile.xyz", "--db", "good.db"], "nofile.xyz"),
     Case("import a truncated extxyz", ["import", "trunc.extxyz", "--db", "good.db"], "trunc.extxyz",
@@ -188,6 +194,7 @@ def test_bad_input_is_one_line_exit_2_and_loses_nothing(case: Case, tmp_path: Pa
     assert len(lines) == 1, f"expected one line, got:\n{err}"
     assert case.culprit in lines[0], f"{case.culprit!r} not named in: {lines[0]}"
     assert _digest(tmp_path / "good.db") == before, "the database changed"
+    assert not (tmp_path / "gone.db").exists(), "a missing database was created"
 
 
 def test_debug_shows_the_traceback_of_a_bug(tmp_path):
