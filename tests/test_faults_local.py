@@ -80,6 +80,15 @@ def test_simultaneous_plain_submits_get_distinct_generations(tmp_path, example_d
     assert len({r.run_dir for r in records}) == 3
 
 
+def _end(locker: subprocess.Popen) -> None:
+    """Let the process holding the lock finish its hold; kill it if it overstays."""
+    try:
+        locker.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        locker.kill()
+        locker.wait()
+
+
 def _processes_of(submitit_dir: Path) -> list[int]:
     """Live processes whose command line names ``submitit_dir`` (submitit's job bodies)."""
     found = []
@@ -245,11 +254,7 @@ def test_a_database_locked_at_a_step_where_a_job_writes_is_waited_out(tmp_path, 
                 break
             time.sleep(0.5)
     finally:
-        try:
-            locker.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            locker.kill()
-            locker.wait()
+        _end(locker)
     print(f"{step} locked ({backend}): {record.status} after {time.monotonic() - start:.0f} s, seen {sorted(seen)}")
     assert record.status == RecordState.SUCCEEDED, record
     assert "FAILED" not in seen
@@ -314,11 +319,7 @@ def test_a_database_locked_when_a_failing_training_ends_is_waited_out(tmp_path, 
         assert locker.stdout.readline().strip() == "locked"
         done, record = _status_until(tmp_path, _site_file(tmp_path, site), 1, {"FAILED"}, timeout_s=180)
     finally:
-        try:
-            locker.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            locker.kill()
-            locker.wait()
+        _end(locker)
     print(f"training end locked: {record.status} after {time.monotonic() - start:.0f} s")
     assert record.status == RecordState.FAILED and "exited with code 1" in record.reason, (record, done.stdout)
     logs = "".join(p.read_text(errors="replace") for p in Path(sub.spec.run_dir).glob("submitit/*.err"))
