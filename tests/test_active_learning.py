@@ -354,7 +354,7 @@ def test_warm_start_with_a_new_element_is_refused_by_name(trained, tmp_path, cap
 def test_stable_split_keeps_every_holdout_row_when_rows_are_added():
     import uuid
 
-    from autopipec_hpc.dataset_prep import stable_split
+    from autopipec_hpc.splits import stable_split
 
     rng = np.random.default_rng(0)
     keys = {i: (("bulk", "surface", "md")[i % 3], uuid.UUID(int=int(rng.integers(1 << 62))).hex) for i in range(300)}

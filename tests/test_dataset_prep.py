@@ -17,9 +17,9 @@ from autopipec_hpc.dataset_prep import (
     DatasetManifest,
     DatasetSettings,
     read_pickle,
-    stratified_split,
 )
 from autopipec_hpc.errors import ConfigError, InsufficientDataError
+from autopipec_hpc.splits import stratified_split
 from autopipec_hpc.physics import ZBLCalculator
 from tests.conftest import DATA, labelled
 
