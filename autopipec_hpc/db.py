@@ -448,6 +448,12 @@ class DatabaseManager:
             atoms.info["db_id"] = row.id
             atoms.info["unique_id"] = row.unique_id
             atoms.info["config_type"] = label_of(row)
+            # The side a row was given when a generation used it ("train"/"test"), kept
+            # for good; and whether active learning chose it for labelling.
+            if row.get("split") in ("train", "test"):
+                atoms.info["split"] = row.get("split")
+            if row.get("selected_by_generation") is not None:
+                atoms.info["selected_by_generation"] = int(row.get("selected_by_generation"))
             mask = row.data.get("force_mask") if row.data else None
             if mask is not None:
                 atoms.arrays["force_mask"] = np.asarray(mask)
