@@ -4,8 +4,9 @@ Two streaming passes over the structures, so memory follows the largest
 structure and the shard size, never the number of structures:
 
 1. check labels, compute ZBL energy and forces (forces go to a temporary
-   file), note id / config_type / composition; then split (stratified by
-   config_type) and settle the reference energies;
+   file), note id / config_type / composition / content draw; then split
+   (stratified by config_type, sides kept across generations: splits.py) and
+   settle the reference energies;
 2. read each structure again, write the delta targets to pacemaker pickles
    (sharded by atoms and rows) and Extended XYZ.
 
@@ -35,7 +36,7 @@ from ase.io.extxyz import write_xyz
 from autopipec_hpc.errors import ConfigError, InsufficientDataError, StructureError
 from autopipec_hpc.files import atomic_output, atomic_write_text
 from autopipec_hpc.physics import ZBLCalculator, fit_reference_energies_from_counts, per_atom_reference
-from autopipec_hpc.splits import split_by_draws, split_draw, stratified_split
+from autopipec_hpc.splits import TEST, TRAIN, fingerprint_draw, persisted_side, split_by_draws
 
 log = logging.getLogger(__name__)
 
@@ -53,9 +54,6 @@ class DatasetSettings:
     shard_atoms: int = 50_000
     shard_rows: int = 1_000
     write_extxyz: bool = True
-    # Structures that carry a database unique_id are split by stable_split (the same
-    # row keeps its side in every generation); others by stratified_split.
-    stable_split: bool = True
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.test_fraction < 1.0:
@@ -134,7 +132,6 @@ class _Seen:
     energy_dft: float
     energy_zbl: float
     zbl_forces_at: int  # byte offset of this structure's ZBL forces in the spill file
-    draw: float = float("nan")  # split_draw of the row's unique_id (nan without one)
 
 
 class _SeenTable:
@@ -142,16 +139,15 @@ class _SeenTable:
     of objects took about 500, so `prepare`'s memory stays flat as rows grow (100,000
     rows are 6 MB here). Config types and compositions are stored once each."""
 
-    def __init__(self, seed: int) -> None:
-        self.seed = seed
+    def __init__(self) -> None:
         self.db_ids, self.natoms, self.offsets = array("q"), array("l"), array("q")
         self.kinds, self.compositions = array("l"), array("l")
         self.energy_dft, self.energy_zbl, self.draws = array("d"), array("d"), array("d")
+        self.kept = array("b")  # splits.persisted_side of each row
         self.config_types: list[str] = []
         self.composition_table: list[tuple[tuple[str, int], ...]] = []
         self._kind_of: dict[str, int] = {}
         self._composition_of: dict[tuple[tuple[str, int], ...], int] = {}
-        self.all_have_unique_ids = True
         self._sorted_ids: np.ndarray | None = None
         self._order: np.ndarray | None = None
 
@@ -159,7 +155,7 @@ class _SeenTable:
         return len(self.db_ids)
 
     def add(self, db_id: int, config_type: str, natoms: int, composition: tuple[tuple[str, int], ...],
-            energy_dft: float, energy_zbl: float, offset: int, unique_id: str | None) -> None:
+            energy_dft: float, energy_zbl: float, offset: int, draw: float, kept: int) -> None:
         self.db_ids.append(db_id)
         self.kinds.append(self._kind_of.setdefault(config_type, len(self._kind_of)))
         if len(self._kind_of) > len(self.config_types):
@@ -171,11 +167,8 @@ class _SeenTable:
         self.energy_dft.append(energy_dft)
         self.energy_zbl.append(energy_zbl)
         self.offsets.append(offset)
-        if unique_id:
-            self.draws.append(split_draw(str(unique_id), self.seed))
-        else:
-            self.draws.append(float("nan"))
-            self.all_have_unique_ids = False
+        self.draws.append(draw)
+        self.kept.append(kept)
 
     def column(self, name: str) -> np.ndarray:
         """A column as a numpy view (no copy)."""
@@ -200,7 +193,7 @@ class _SeenTable:
     def row(self, position: int) -> _Seen:
         return _Seen(self.db_ids[position], self.config_types[self.kinds[position]], self.natoms[position],
                      self.composition_table[self.compositions[position]], self.energy_dft[position],
-                     self.energy_zbl[position], self.offsets[position], self.draws[position])
+                     self.energy_zbl[position], self.offsets[position])
 
     def positions_of(self, ids: list[int]) -> np.ndarray:
         return np.fromiter((self.position(i) for i in ids), dtype=np.int64, count=len(ids))
@@ -296,9 +289,6 @@ def extxyz_frame(atoms: Atoms, energy: float, forces: np.ndarray, config_type: s
 
 
 # -- the builder ----------------------------------------------------------------
-_TRAIN, _TEST = 1, 2  # a structure's side, by its position in _SeenTable
-
-
 def composition_matrix(
     table: list[tuple[tuple[str, int], ...]], rows: np.ndarray
 ) -> tuple[np.ndarray, list[str]]:
@@ -321,7 +311,7 @@ class DatasetBuilder:
     ) -> tuple[_SeenTable, list[SkippedStructure], bool, float]:
         """Pass 1. ZBL forces go to ``spill`` (a temporary file), so pass 2 reuses
         them without holding every structure's forces in memory."""
-        seen = _SeenTable(self.settings.seed)
+        seen = _SeenTable()
         skipped: list[SkippedStructure] = []
         has_mask = False
         min_distance = np.inf
@@ -344,7 +334,8 @@ class DatasetBuilder:
             offset = spill.tell()
             spill.write(np.ascontiguousarray(f_zbl, dtype=np.float64).tobytes())
             seen.add(int(db_id), ctype, len(atoms), tuple(sorted(Counter(atoms.get_chemical_symbols()).items())),
-                     energy, e_zbl, offset, atoms.info.get("unique_id"))
+                     energy, e_zbl, offset, fingerprint_draw(atoms, self.settings.seed),
+                     persisted_side(atoms.info))
         return seen, skipped, has_mask, float(min_distance)
 
     def prepare_dataset(self, structures: Iterable[Atoms], output_path: str | Path) -> DatasetManifest:
@@ -354,6 +345,8 @@ class DatasetBuilder:
         view). Each Atoms carries its DFT labels in a calculator, and
         ``info['db_id']`` / ``info['config_type']``; ``arrays['force_mask']``
         is optional. Unusable structures are skipped, logged and listed.
+        ``info['split']`` (the side a published generation gave the row) and
+        ``info['selected_by_generation']`` settle a row's side (``splits``).
         """
         with tempfile.TemporaryFile() as spill:
             return self._prepare(structures, Path(output_path), spill)
@@ -367,25 +360,20 @@ class DatasetBuilder:
         if not seen.ids_are_unique():
             raise InsufficientDataError("structure ids are not unique; cannot split reproducibly")
         ids, kinds = seen.column("db_ids"), seen.column("kinds")
-        if settings.stable_split and seen.all_have_unique_ids:
-            train_ids, test_ids, singles = split_by_draws(
-                ids, kinds, seen.config_types, seen.column("draws"), settings.test_fraction
-            )
-        else:
-            train_ids, test_ids, singles = stratified_split(
-                {int(i): seen.config_types[k] for i, k in zip(ids, kinds)}, settings.test_fraction, settings.seed
-            )
+        train_ids, test_ids, singles = split_by_draws(
+            ids, kinds, seen.config_types, seen.column("draws"), settings.test_fraction, seen.column("kept")
+        )
         if not train_ids:
             raise InsufficientDataError("no structures left for training after the split")
         side = np.zeros(len(seen), dtype=np.int8)  # by position: 1 train, 2 test, 0 neither
-        side[seen.positions_of(train_ids)] = _TRAIN
-        side[seen.positions_of(test_ids)] = _TEST
+        side[seen.positions_of(train_ids)] = TRAIN
+        side[seen.positions_of(test_ids)] = TEST
         energy_dft, energy_zbl = seen.column("energy_dft"), seen.column("energy_zbl")
         if settings.reference_energies is not None:
             references = {k: float(v) for k, v in settings.reference_energies.items()}
             source = "given"
         else:
-            train = side == _TRAIN
+            train = side == TRAIN
             references = fit_reference_energies_from_counts(
                 *composition_matrix(seen.composition_table, seen.column("compositions")[train]),
                 energy_dft[train] - energy_zbl[train],
@@ -405,7 +393,7 @@ class DatasetBuilder:
         with _maybe_xyz(xyz_paths["train"], settings.write_extxyz) as xyz_train, _maybe_xyz(
             xyz_paths["test"], settings.write_extxyz and bool(test_ids)
         ) as xyz_test:
-            xyz = {_TRAIN: xyz_train, _TEST: xyz_test}
+            xyz = {TRAIN: xyz_train, TEST: xyz_test}
             for index, atoms in enumerate(structures):
                 db_id = int(atoms.info.get("db_id", index))
                 position = seen.position(db_id)
@@ -416,7 +404,7 @@ class DatasetBuilder:
                 row, frame = self._delta_row(atoms, seen.row(position), references, has_mask, spill)
                 per_atom = row["energy_corrected"] / len(atoms)
                 target_lo, target_hi = min(target_lo, per_atom), max(target_hi, per_atom)
-                writers["train" if split == _TRAIN else "test"].add(row)
+                writers["train" if split == TRAIN else "test"].add(row)
                 if xyz[split] is not None:
                     # ASE's own writer, called directly: ase.io.write's dispatch costs
                     # as much again per small frame.
@@ -427,7 +415,7 @@ class DatasetBuilder:
             name: {seen.config_types[k]: int(n) for k, n in sorted(
                 enumerate(np.bincount(kinds[side == code], minlength=len(seen.config_types))),
                 key=lambda kn: seen.config_types[kn[0]]) if n}
-            for name, code in (("train", _TRAIN), ("test", _TEST))
+            for name, code in (("train", TRAIN), ("test", TEST))
         }
         e_zbl = energy_zbl
         e_zbl_pa = energy_zbl / seen.column("natoms")

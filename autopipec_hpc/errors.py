@@ -7,6 +7,13 @@ print it as one line.
 from __future__ import annotations
 
 
+def one_line(exc: BaseException) -> str:
+    """An error as the user reads it, on one line: our own errors as they are, others
+    with their type (a bare KeyError('x') says nothing on its own)."""
+    text = " ".join(str(exc).split())
+    return text if isinstance(exc, AutopipecError) and text else f"{type(exc).__name__}: {text}"
+
+
 class AutopipecError(Exception):
     """Base class: the CLI turns these into one clear line and a non-zero exit."""
 

@@ -12,6 +12,10 @@ Energies in meV/atom; forces in meV/Angstrom per Cartesian component.
 
 from __future__ import annotations
 
+from autopipec_hpc import registry
+from autopipec_hpc.states import RecordState
+from autopipec_hpc.store import DatabaseManager
+
 import json
 import math
 from collections.abc import Iterable, Sequence
@@ -222,3 +226,51 @@ def learning_curve_plot(curve, path: Path, title: str) -> None:
     with atomic_output(path, "wb") as handle:
         fig.savefig(handle, format="png", dpi=110)
     plt.close(fig)
+
+
+# -- comparable generations ---------------------------------------------------------------
+@dataclass
+class CommonHoldoutRow:
+    generation: int
+    parent_generation: int | None
+    structures: int
+    energy_rmse_mev: float
+    force_rmse_mev: float
+    force_max_mev: float
+
+
+def common_holdout(db: DatabaseManager, generations: list[int] | None = None) -> tuple[list[int], list[CommonHoldoutRow]]:
+    """Every published generation (or ``generations``) evaluated on the same rows: the
+    intersection of their holdouts (with the stable split, the first one's holdout).
+    The deployed model (ACE + ZBL + reference energies) against the stored labels:
+    energy RMSE in meV/atom, force RMSE and largest error per Cartesian component in meV/A."""
+    from autopipec_hpc.dataset_prep import DatasetManifest
+
+    records = [r for r in db.records() if r.status == RecordState.SUCCEEDED and r.potential_path is not None]
+    if generations is not None:
+        records = [r for r in records if r.generation in generations]
+    holdouts = []
+    for r in records:
+        manifest = DatasetManifest.load(Path(r.potential_path))
+        holdouts.append(set(manifest.test_ids))
+    common = sorted(set.intersection(*holdouts)) if holdouts else []
+    structures = [db.get_row(i).toatoms(add_additional_information=False) for i in common]
+    labels = [(db.get_row(i).energy, db.get_row(i).forces) for i in common]
+    rows = []
+    for r in records:
+        calc = registry.load_calculator(Path(r.potential_path))
+        de, df = [], []
+        for atoms, (energy, forces) in zip(structures, labels):
+            atoms = atoms.copy()
+            atoms.calc = calc
+            de.append((atoms.get_potential_energy() - energy) / len(atoms))
+            df.append((atoms.get_forces() - forces).ravel())
+        de_a = np.asarray(de)
+        df_a = np.concatenate(df) if df else np.zeros(0)
+        rows.append(CommonHoldoutRow(
+            generation=r.generation, parent_generation=r.values.get("parent_generation"), structures=len(common),
+            energy_rmse_mev=1000 * float(np.sqrt(np.mean(de_a**2))) if len(de_a) else math.nan,
+            force_rmse_mev=1000 * float(np.sqrt(np.mean(df_a**2))) if len(df_a) else math.nan,
+            force_max_mev=1000 * float(np.abs(df_a).max()) if len(df_a) else math.nan,
+        ))
+    return common, rows

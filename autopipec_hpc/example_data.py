@@ -13,7 +13,8 @@ from ase.calculators.emt import EMT
 from ase.calculators.singlepoint import SinglePointCalculator
 
 from autopipec_hpc.config import Evaluator, TrainConfig
-from autopipec_hpc.db import DatabaseManager, StructureStatus
+from autopipec_hpc.states import StructureStatus
+from autopipec_hpc.store import DatabaseManager
 
 FCC_A = 3.61
 # The demo loop's and the benchmark's candidate pool: imbalanced as MD harvests are,

@@ -7,28 +7,25 @@ the login node.
 
 from __future__ import annotations
 
+from autopipec_hpc.pacemaker.environment import check_backend, job_threads
+from autopipec_hpc.store.database import JOB_DB_PATIENCE_S, patiently
+
 import json
 import logging
-import os
 import shutil
-import time
 from dataclasses import asdict
 from pathlib import Path
-from collections.abc import Callable
-from typing import Any, TypeVar
+from typing import Any
 
 import submitit
 
 from autopipec_hpc import evaluation, registry
-from autopipec_hpc.config import Evaluator, SiteConfig
 from autopipec_hpc.dataset_prep import MANIFEST as DATASET_MANIFEST
 from autopipec_hpc.dataset_prep import DatasetManifest
-from autopipec_hpc.db import DatabaseManager, RecordState
+from autopipec_hpc.states import RecordState
+from autopipec_hpc.store import DatabaseManager
 from autopipec_hpc.errors import (
     AutopipecError,
-    DatabaseBusyError,
-    DatabaseError,
-    GPUUnavailableError,
     PublicationError,
     TrainingDivergenceError,
     TrainingFailedError,
@@ -36,84 +33,11 @@ from autopipec_hpc.errors import (
 )
 from autopipec_hpc.files import atomic_write_text
 from autopipec_hpc.processes import die_with_local_controller
-from autopipec_hpc.pacemaker_wrapper import (
-    FITTING_DATA_INFO,
-    INTERIM_POTENTIAL,
-    PACEMAKER_INPUT,
-    TEST_PREDICTIONS,
-    PacemakerWrapper,
-    TrainingResult,
-    check_divergence,
-    iterations_done,
-    learning_curve,
-    probe_backend,
-)
+from autopipec_hpc.pacemaker.files import FITTING_DATA_INFO, INTERIM_POTENTIAL, PACEMAKER_INPUT, TEST_PREDICTIONS, TrainingResult, iterations_done, learning_curve
+from autopipec_hpc.pacemaker.run import PacemakerWrapper, check_divergence
 from autopipec_hpc.run_folder import RunFolder, RunSpec, attempt_number
 
 log = logging.getLogger(__name__)
-
-
-def job_threads(site: SiteConfig) -> int:
-    """CPU threads for pacemaker: SLURM's --cpus-per-task where SLURM runs the job,
-    else the site's ``train.cpus``; never the node's core count."""
-    try:
-        return max(1, int(os.environ["SLURM_CPUS_PER_TASK"]))
-    except (KeyError, ValueError):
-        return site.train.cpus
-
-
-def check_backend(site: SiteConfig, evaluator: str, threads: int) -> dict[str, Any]:
-    """In the job's first seconds: what pacemaker's environment holds and which
-    devices TensorFlow sees there. A GPU job whose TensorFlow sees no GPU fails at
-    once (GPUUnavailableError) unless the site allows the CPU fallback."""
-    tensorpot = evaluator == Evaluator.TENSORPOT
-    # Importing TensorFlow to list devices costs seconds: only where a GPU was asked for.
-    backend = probe_backend(site.pacemaker.command, devices=tensorpot and site.train.gpus > 0)
-    host = os.uname().nodename
-    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
-    devices = "CPU" if tensorpot else "CPU (pyace evaluator)"
-    if tensorpot and backend.gpus:
-        devices = ", ".join(backend.gpus)
-    elif tensorpot and site.train.gpus > 0:
-        seen = ", ".join(backend.cpus or []) or "nothing"
-        problem = (f"node {host}: CUDA_VISIBLE_DEVICES={visible if visible is not None else '(unset)'} "
-                   f"but TensorFlow {backend.tensorflow} sees no GPU (it sees {seen})")
-        if not site.pacemaker.allow_cpu_fallback:
-            raise GPUUnavailableError(f"{problem}; set pacemaker.allow_cpu_fallback: true to train on the CPU")
-        log.warning("%s; training on the CPU (pacemaker.allow_cpu_fallback)", problem)
-        devices = "CPU (fallback: TensorFlow saw no GPU)"
-    return {
-        "host": host,
-        "cuda_visible_devices": visible or "",
-        "evaluator": evaluator,
-        "devices": devices,
-        "threads": threads,
-        "tensorflow_version": backend.tensorflow or "",
-        "tensorpotential_version": backend.tensorpotential or "",
-        "python_ace_version": backend.python_ace or "",
-    }
-
-
-T = TypeVar("T")
-
-# A job that finds the database busy (locked by another process) retries this long
-# before it gives up; the login side's reconciliation then tells the truth.
-JOB_DB_PATIENCE_S = 300.0
-
-
-def patiently(action: Callable[[], T], what: str, patience_s: float = JOB_DB_PATIENCE_S) -> T:
-    """Run a job's database ``action``, retried (bounded) while the database is busy."""
-    deadline = time.monotonic() + patience_s
-    delay = 1.0
-    while True:
-        try:
-            return action()
-        except DatabaseError as exc:
-            if not _busy(exc) or time.monotonic() + delay > deadline:
-                raise
-            log.warning("%s: database busy (%s); retrying in %.0f s", what, exc, delay)
-            time.sleep(delay)
-            delay = min(2 * delay, 30.0)
 
 
 def update_record(spec: RunSpec, status: RecordState, reason: str = "", values: dict[str, Any] | None = None,
@@ -127,10 +51,6 @@ def update_record(spec: RunSpec, status: RecordState, reason: str = "", values: 
         lambda: db.update_record(spec.generation, spec.run_dir, status, reason=reason, values=values, data=data),
         f"generation {spec.generation}: writing {status}", patience_s,
     )
-
-
-def _busy(exc: DatabaseError) -> bool:
-    return isinstance(exc, DatabaseBusyError) or "locked" in str(exc) or "busy" in str(exc)
 
 
 def record_failure(spec: RunSpec, status: RecordState, reason: str, log_tail: str = "") -> None:
@@ -168,7 +88,6 @@ class TrainJob(submitit.helpers.Checkpointable):
         spec = RunSpec.load(run_dir)
         config = spec.train_config
         site = spec.site_config
-        db = DatabaseManager(spec.database)
         folder = spec.folder
         folder.requeue_marker.unlink(missing_ok=True)
         previous = folder.attempts()

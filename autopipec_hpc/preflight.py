@@ -18,7 +18,7 @@ from autopipec_hpc.dataset_prep import DatasetManifest
 from autopipec_hpc.errors import PreflightError, SchedulerError, TrainingFailedError
 from autopipec_hpc.run_folder import RunSpec
 from autopipec_hpc.scheduler.base import Scheduler
-from autopipec_hpc.pacemaker_wrapper import BackendInfo, pacemaker_python, probe_backend
+from autopipec_hpc.pacemaker.environment import BackendInfo, pacemaker_python, probe_backend
 
 log = logging.getLogger(__name__)
 

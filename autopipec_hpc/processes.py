@@ -1,10 +1,14 @@
 """Processes on this machine: whether one still runs (local jobs, a submitting process),
-and tying a process's life to its parent's."""
+tying a process's life to its parent's, and ending a child's whole process group."""
 
 from __future__ import annotations
 
 import os
 import signal
+import subprocess
+import threading
+
+from autopipec_hpc.errors import TrainingInterrupted
 
 PR_SET_PDEATHSIG = 1
 
@@ -45,3 +49,35 @@ def die_with_local_controller() -> None:
     die_with_parent(signal.SIGKILL)
     if os.getppid() == 1:  # the controller was gone before the request took effect
         os.kill(os.getpid(), signal.SIGKILL)
+
+
+def kill_group(proc: subprocess.Popen, grace_s: float = 5.0) -> None:
+    """SIGTERM the whole process group, SIGKILL what is left after ``grace_s``."""
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            return
+        try:
+            proc.wait(timeout=grace_s)
+            return
+        except subprocess.TimeoutExpired:
+            continue
+
+
+def forward_termination(proc: subprocess.Popen):
+    """While pacemaker runs, SIGTERM/SIGINT to us (scancel, a cancel) also end its group."""
+    if threading.current_thread() is not threading.main_thread():
+        return None
+
+    def handler(signum, frame):
+        kill_group(proc, grace_s=2.0)
+        raise TrainingInterrupted(f"training interrupted by signal {signal.Signals(signum).name}")
+
+    return {sig: signal.signal(sig, handler) for sig in (signal.SIGTERM, signal.SIGINT)}
+
+
+def restore_termination(previous) -> None:
+    if previous:
+        for sig, old in previous.items():
+            signal.signal(sig, old)

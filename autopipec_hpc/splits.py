@@ -1,75 +1,91 @@
-"""Train/test splits, stratified by config_type."""
+"""Train/test splits, stratified by config_type, that a row keeps for good.
+
+Why the rule is what it is:
+
+- A structure's draw hashes its content (atomic numbers, cell, pbc, positions to
+  1e-6 A) with the seed, not ASE's ``unique_id``, which ASE draws at random when it
+  writes a row: the same file and seed must give the same split in any database.
+- Each config type gets a test quota, round(test_fraction * n) clamped to [1, n - 1],
+  filled in draw order; a per-row threshold on the draw made the count binomial
+  (5 of 31 where 10 % is 3), breaking the "90/10 stratified" promise.
+- A row that a published generation used keeps that side (``info["split"]``), so
+  every generation is measured on a common holdout and never trains on it; new
+  rows only fill what the quota still lacks, and a type already over its quota
+  keeps its rows rather than move one.
+- A row active learning chose for labelling (``info["selected_by_generation"]``)
+  trains: it was chosen because the potential extrapolates there, which is what
+  training needs, and a holdout of the hardest cases would no longer be comparable.
+- Identical structures have equal draws; the lower database id goes first, so
+  duplicates still split the same way every time.
+"""
 
 from __future__ import annotations
 
 import hashlib
-from collections import defaultdict
 from collections.abc import Mapping
+from typing import Any
 
 import numpy as np
+from ase import Atoms
+
+# A row's side: FREE rows are the ones the split may place.
+FREE, TRAIN, TEST = 0, 1, 2
+
+_DECIMALS = 6  # positions and cell rounded to 1e-6 A, so a file's float noise cannot move a row
 
 
-def stratified_split(
-    config_types: Mapping[int, str], test_fraction: float, seed: int
-) -> tuple[list[int], list[int], list[str]]:
-    """Train ids, test ids, and the config_types that had a single structure.
-
-    Each config_type with n >= 2 structures puts round(f * n) of them, at least
-    one and at most n - 1, in the test set. Deterministic for a given seed and
-    set of ids, whatever order the ids came in.
-    """
-    groups: dict[str, list[int]] = defaultdict(list)
-    for db_id, ctype in config_types.items():
-        groups[ctype].append(db_id)
-    rng = np.random.default_rng(seed)
-    train: list[int] = []
-    test: list[int] = []
-    singles: list[str] = []
-    for ctype in sorted(groups):
-        ids = sorted(groups[ctype])
-        if len(ids) == 1:
-            singles.append(ctype)
-            train.extend(ids)
-            continue
-        n_test = 0 if test_fraction == 0 else min(max(1, round(test_fraction * len(ids))), len(ids) - 1)
-        order = rng.permutation(len(ids))
-        test.extend(ids[k] for k in order[:n_test])
-        train.extend(ids[k] for k in order[n_test:])
-    return sorted(train), sorted(test), singles
+def _rounded(values: Any) -> bytes:
+    # + 0.0 turns -0.0 into 0.0, which would hash differently.
+    return (np.round(np.asarray(values, dtype=np.float64), _DECIMALS) + 0.0).astype("<f8").tobytes()
 
 
-def split_draw(unique_id: str, seed: int) -> float:
-    """A number in [0, 1) fixed by a structure's unique id and the seed alone."""
-    digest = hashlib.sha256(f"{seed}:{unique_id}".encode()).digest()
-    return int.from_bytes(digest[:8], "big") / 2.0**64
+def fingerprint_draw(atoms: Atoms, seed: int) -> float:
+    """A number in [0, 1) fixed by the structure's content and the seed alone."""
+    digest = hashlib.sha256(f"{int(seed)}:{len(atoms)}:".encode())
+    digest.update(np.asarray(atoms.numbers, dtype="<i8").tobytes())
+    digest.update(np.asarray(atoms.pbc, dtype=np.uint8).tobytes())
+    digest.update(_rounded(atoms.cell.array))
+    digest.update(_rounded(atoms.positions))
+    # 53 bits: every one of them fits a float64, so the value stays below 1.
+    return (int.from_bytes(digest.digest()[:8], "big") >> 11) / 2.0**53
 
 
-def stable_split(
-    keys: Mapping[int, tuple[str, str]], test_fraction: float, seed: int
-) -> tuple[list[int], list[int], list[str]]:
-    """Train ids, test ids and single-structure config_types, from ``{db_id: (config_type, unique_id)}``.
+def persisted_side(info: Mapping[str, Any]) -> int:
+    """TRAIN or TEST where a row's side is settled already, FREE where the split chooses."""
+    split = info.get("split")
+    if split == "test":
+        return TEST
+    if split == "train":
+        return TRAIN
+    if info.get("selected_by_generation") is not None:
+        return TRAIN
+    return FREE
 
-    A structure is in the test set when its draw (``split_draw``: its unique id and
-    the seed, nothing else) is below ``test_fraction``, so it keeps its side whatever
-    rows are added later: generation N+1's holdout holds N's holdout rows plus new
-    ones. Still stratified: the share of each config_type is ``test_fraction`` in
-    expectation, and a config_type with n >= 2 structures keeps at least one on each
-    side (its lowest draw in test, its highest in train, when the draws alone would
-    not). Only those guard rows can change side as a small config_type grows.
-    """
-    names = sorted({ctype for ctype, _ in keys.values()})
-    index = {name: k for k, name in enumerate(names)}
-    ids = np.fromiter(keys, dtype=np.int64, count=len(keys))
-    kinds = np.fromiter((index[ctype] for ctype, _ in keys.values()), dtype=np.int64, count=len(keys))
-    draws = np.fromiter((split_draw(uid, seed) for _, uid in keys.values()), dtype=float, count=len(keys))
-    return split_by_draws(ids, kinds, names, draws, test_fraction)
+
+def holdout_quota(n: int, test_fraction: float) -> int:
+    """How many of a config type's ``n`` structures belong in the test set."""
+    if test_fraction == 0 or n < 2:
+        return 0
+    return min(max(1, round(test_fraction * n)), n - 1)
+
 
 
 def split_by_draws(
-    ids: np.ndarray, kinds: np.ndarray, config_types: list[str], draws: np.ndarray, test_fraction: float
+    ids: np.ndarray, kinds: np.ndarray, config_types: list[str], draws: np.ndarray,
+    test_fraction: float, kept: np.ndarray | None = None,
 ) -> tuple[list[int], list[int], list[str]]:
-    """``stable_split`` on columns: ``kinds[i]`` indexes ``config_types``, ``draws[i]`` is
-    row i's ``split_draw``. Within a config_type the rows are taken in (draw, id) order."""
+    """Train ids, test ids (both sorted) and the config_types with a single structure.
+
+    Row i has id ``ids[i]``, config type ``config_types[kinds[i]]``, draw ``draws[i]``
+    (``fingerprint_draw``) and side ``kept[i]`` (``persisted_side``; all FREE when
+    ``kept`` is None). Settled rows keep their side; per config type, the FREE rows
+    with the lowest (draw, id) fill ``holdout_quota`` minus the settled test rows, the
+    other FREE rows train.
+    """
+    ids = np.asarray(ids, dtype=np.int64)
+    kinds = np.asarray(kinds)
+    draws = np.asarray(draws, dtype=np.float64)
+    kept = np.zeros(len(ids), dtype=np.int8) if kept is None else np.asarray(kept)
     train: list[np.ndarray] = []
     test: list[np.ndarray] = []
     singles: list[str] = []
@@ -77,17 +93,15 @@ def split_by_draws(
         members = np.flatnonzero(kinds == kind)
         if len(members) == 0:
             continue
-        order = members[np.lexsort((ids[members], draws[members]))]
-        if len(order) == 1:
+        if len(members) == 1:
             singles.append(config_types[kind])
-            train.append(ids[order])
-            continue
-        if test_fraction == 0:
-            train.append(ids[order])
-            continue
-        n_test = min(max(1, int(np.count_nonzero(draws[order] < test_fraction))), len(order) - 1)
-        test.append(ids[order[:n_test]])
-        train.append(ids[order[n_test:]])
+        sides = kept[members]
+        free = members[sides == FREE]
+        free = free[np.lexsort((ids[free], draws[free]))]
+        n_test = holdout_quota(len(members), test_fraction) - int(np.count_nonzero(sides == TEST))
+        n_test = min(max(n_test, 0), len(free))
+        test += [ids[members[sides == TEST]], ids[free[:n_test]]]
+        train += [ids[members[sides == TRAIN]], ids[free[n_test:]]]
 
     def ordered(parts: list[np.ndarray]) -> list[int]:
         return np.sort(np.concatenate(parts)).tolist() if parts else []

@@ -25,7 +25,8 @@ from ase.data import chemical_symbols
 
 from autopipec_hpc import registry
 from autopipec_hpc.config import TrainConfig
-from autopipec_hpc.db import DatabaseManager, RecordState, StructureStatus
+from autopipec_hpc.states import RecordState, StructureStatus
+from autopipec_hpc.store import DatabaseManager
 from autopipec_hpc.errors import ConfigError
 from autopipec_hpc.files import atomic_write_text
 

@@ -35,11 +35,12 @@ from pathlib import Path
 import numpy as np
 from ase.calculators.emt import EMT
 
-from autopipec_hpc.active_learning import GammaScorer, run_loop
+from autopipec_hpc.active.loop import run_loop
+from autopipec_hpc.active.selection import GammaScorer
 from autopipec_hpc.config import SiteConfig
-from autopipec_hpc.db import DatabaseManager
+from autopipec_hpc.store import DatabaseManager
 from autopipec_hpc.example_data import CANDIDATE_SHARES, candidate_structure, demo_train_config
-from autopipec_hpc.pacemaker_wrapper import read_metrics_table
+from autopipec_hpc.pacemaker.files import read_metrics_table
 from autopipec_hpc.registry import load_calculator
 from autopipec_hpc.submission import train_generation
 

@@ -35,8 +35,9 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import banner, cu_structures, machine_line, rattled_copies, verdict  # noqa: E402
 
-from autopipec_hpc.db import DatabaseManager, RecordState  # noqa: E402
-from autopipec_hpc.jobs import patiently  # noqa: E402
+from autopipec_hpc.states import RecordState
+from autopipec_hpc.store import DatabaseManager  # noqa: E402
+from autopipec_hpc.store.database import patiently  # noqa: E402
 
 WRITERS = 8
 UPDATES = 200

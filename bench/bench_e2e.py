@@ -48,9 +48,9 @@ from _common import banner, machine_line, verdict  # noqa: E402
 import yaml  # noqa: E402
 
 from autopipec_hpc.config import SiteConfig, TrainConfig  # noqa: E402
-from autopipec_hpc.db import DatabaseManager  # noqa: E402
+from autopipec_hpc.store import DatabaseManager  # noqa: E402
 from autopipec_hpc.example_data import tiny_train_config, write_example_database  # noqa: E402
-from autopipec_hpc.pacemaker_wrapper import read_metrics_table  # noqa: E402
+from autopipec_hpc.pacemaker.files import read_metrics_table  # noqa: E402
 
 TARGET = 1.05  # ours / direct, wall time
 DEFAULT_MAXITER = 200

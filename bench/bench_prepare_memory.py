@@ -83,7 +83,7 @@ def build_db(path: Path, structures) -> tuple[int, int, float]:
     """Write ``structures`` to extxyz and import them; (rows, atoms, seconds)."""
     import ase.io
 
-    from autopipec_hpc.db import DatabaseManager
+    from autopipec_hpc.store import DatabaseManager
 
     t0 = time.perf_counter()
     xyz = path.with_suffix(".extxyz")

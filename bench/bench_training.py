@@ -44,12 +44,9 @@ from _common import banner, cu_structures, machine_line, rattled_copies  # noqa:
 
 from autopipec_hpc.config import TrainConfig  # noqa: E402
 from autopipec_hpc.dataset_prep import DatasetBuilder, DatasetSettings  # noqa: E402
-from autopipec_hpc.pacemaker_wrapper import (  # noqa: E402
-    IterationParser,
-    count_parameters,
-    render_input,
-    thread_environment,
-)
+from autopipec_hpc.pacemaker.environment import thread_environment
+from autopipec_hpc.pacemaker.files import count_parameters, render_input
+from autopipec_hpc.pacemaker.run import IterationParser
 
 PACEMAKER = Path(sys.executable).parent / "pacemaker"
 EVAL_LINE = re.compile(r"Eval (\d+): loss=")

@@ -11,7 +11,7 @@ from ase.build import bulk
 from ase.calculators.singlepoint import SinglePointCalculator
 
 from autopipec_hpc.config import SiteConfig
-from autopipec_hpc.db import DatabaseManager
+from autopipec_hpc.store import DatabaseManager
 from autopipec_hpc.example_data import write_example_database
 
 PROJECT = Path(__file__).resolve().parents[1]

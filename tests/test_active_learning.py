@@ -12,7 +12,8 @@ from ase.build import bulk
 from ase.calculators.emt import EMT
 
 from autopipec_hpc.cli import main
-from autopipec_hpc.db import DatabaseManager, StructureStatus
+from autopipec_hpc.states import StructureStatus
+from autopipec_hpc.store import DatabaseManager
 
 
 def _bytes(path) -> str:
@@ -184,7 +185,7 @@ def test_select_top_gamma_and_random_strategies_keep_the_budget(trained, tmp_pat
     db = DatabaseManager(database)
     for a in near_candidates() + far_candidates():
         db.add_candidate(a, "mixed")
-    from autopipec_hpc.active_learning import select_candidates
+    from autopipec_hpc.active.selection import select_candidates
 
     top = select_candidates(database, 1, max_select=2, gamma_min=0.0, strategy="top-gamma", out_dir=tmp_path / "a")
     gammas = sorted((r.gamma_max for r in db.iter_rows(status="CANDIDATE")), reverse=True)
@@ -197,7 +198,8 @@ def test_select_top_gamma_and_random_strategies_keep_the_budget(trained, tmp_pat
 def test_a_select_job_on_the_local_executor_selects_what_select_in_process_does(trained, tmp_path):
     """The scheduler's standalone job (submit_task) on the local executor: the same choice
     and gammas as in-process, in a folder that keeps the request and the job's log."""
-    from autopipec_hpc.active_learning import select_candidates, submit_selection, wait_for_selection
+    from autopipec_hpc.active.select_job import submit_selection, wait_for_selection
+    from autopipec_hpc.active.selection import select_candidates
 
     databases = []
     for name in ("job", "here"):
@@ -246,7 +248,7 @@ def test_bad_select_and_label_inputs_are_one_line_exit_2_database_unchanged(tmp_
 
 # -- warm start ------------------------------------------------------------------------------
 def _metrics(attempt: Path):
-    from autopipec_hpc.pacemaker_wrapper import read_metrics_table
+    from autopipec_hpc.pacemaker.files import read_metrics_table
 
     return read_metrics_table(attempt / "metrics.txt")
 
@@ -352,28 +354,28 @@ def test_warm_start_with_a_new_element_is_refused_by_name(trained, tmp_path, cap
 
 # -- stable split ----------------------------------------------------------------------------
 def test_stable_split_keeps_every_holdout_row_when_rows_are_added():
-    import uuid
+    from autopipec_hpc.splits import FREE, TEST, TRAIN, holdout_quota, split_by_draws
 
-    from autopipec_hpc.splits import stable_split
-
-    rng = np.random.default_rng(0)
-    keys = {i: (("bulk", "surface", "md")[i % 3], uuid.UUID(int=int(rng.integers(1 << 62))).hex) for i in range(300)}
-    train, test, _ = stable_split(keys, 0.1, 42)
-    assert 15 <= len(test) <= 45 and set(train) | set(test) == set(keys) and not set(train) & set(test)
-    grown = dict(keys)
-    grown.update({i: (("bulk", "surface", "md", "vacancy")[i % 4], uuid.uuid4().hex) for i in range(300, 500)})
-    train2, test2, _ = stable_split(grown, 0.1, 42)
+    names = ["bulk", "surface", "md", "vacancy"]
+    kinds = np.array([i % 3 for i in range(300)] + [i % 4 for i in range(300, 500)])
+    ids = np.arange(500)
+    draws = np.random.default_rng(0).random(500)
+    train, test, _ = split_by_draws(ids[:300], kinds[:300], names, draws[:300], 0.1)
+    assert len(test) == 30 and set(train) | set(test) == set(range(300)) and not set(train) & set(test)
+    # generation N+1 reads generation N's sides back from the database
+    kept = np.full(500, FREE, dtype=np.int8)
+    kept[train], kept[test] = TRAIN, TEST
+    train2, test2, _ = split_by_draws(ids, kinds, names, draws, 0.1, kept)
     assert set(test) <= set(test2) and set(train) <= set(train2)
-    assert any(i >= 300 for i in test2) and any(grown[i][0] == "vacancy" for i in test2)
-    # keyed on unique_id and the seed, not on the database id or the order
-    relabelled = {1000 + i: v for i, v in reversed(list(keys.items()))}
-    assert sorted(i - 1000 for i in stable_split(relabelled, 0.1, 42)[1]) == test
-    assert stable_split(keys, 0.1, 43)[1] != test
+    assert any(i >= 300 for i in test2) and any(kinds[i] == 3 for i in test2)
+    for kind in range(4):
+        assert np.count_nonzero(kinds[test2] == kind) == holdout_quota(np.count_nonzero(kinds == kind), 0.1)
+    assert split_by_draws(ids[:300], kinds[:300], names, draws[::-1][:300], 0.1)[1] != test
 
 
 # -- the loop ----------------------------------------------------------------------------------
 def test_label_interrupted_midway_keeps_what_it_labelled_and_resumes(tmp_path, monkeypatch):
-    from autopipec_hpc import active_learning
+    from autopipec_hpc.active import labelling
     from autopipec_hpc.errors import LabellingError
 
     database = str(tmp_path / "s.db")
@@ -390,11 +392,11 @@ def test_label_interrupted_midway_keeps_what_it_labelled_and_resumes(tmp_path, m
                 raise RuntimeError("node lost")
             super().calculate(*a, **k)
 
-    monkeypatch.setattr(active_learning, "load_calculator_class", lambda spec, kw=None: (Flaky, {}))
+    monkeypatch.setattr(labelling, "load_calculator_class", lambda spec, kw=None: (Flaky, {}))
     with pytest.raises(LabellingError, match=f"id={ids[1]}"):
-        active_learning.label_requested(database, "x:Flaky")
+        labelling.label_requested(database, "x:Flaky")
     assert [db.get_row(i).status for i in ids] == ["TRAINING_READY", "DFT_REQUESTED", "DFT_REQUESTED"]
-    again = active_learning.label_requested(database, "x:Flaky")
+    again = labelling.label_requested(database, "x:Flaky")
     assert again.labelled == ids[1:]
     assert all(db.get_row(i).status == "TRAINING_READY" for i in ids)
 
@@ -419,8 +421,9 @@ def test_bad_loop_inputs_are_one_line_exit_2_database_unchanged(tmp_path, capsys
 @pytest.mark.slow
 @needs_pacemaker
 def test_interrupted_loop_resumes_without_repeating_a_finished_step(tmp_path, monkeypatch):
-    from autopipec_hpc import active_learning
-    from autopipec_hpc.active_learning import LoopStep, common_holdout, run_loop
+    from autopipec_hpc.active import loop
+    from autopipec_hpc.active.loop import LoopStep, run_loop
+    from autopipec_hpc.evaluation import common_holdout
     from autopipec_hpc.dataset_prep import DatasetManifest
 
     site = _site(tmp_path)
@@ -439,7 +442,7 @@ def test_interrupted_loop_resumes_without_repeating_a_finished_step(tmp_path, mo
     def interrupted(*a, **k):
         raise KeyboardInterrupt  # the loop process dies while labelling
 
-    monkeypatch.setattr(active_learning, "label_requested", interrupted)
+    monkeypatch.setattr(loop, "label_requested", interrupted)
     with pytest.raises(KeyboardInterrupt):
         run_loop(site, database, config, **args)
     assert db.get_record(1).status == "SUCCEEDED" and len(db.markers("selection")) == 1

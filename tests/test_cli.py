@@ -32,7 +32,7 @@ def test_import_then_prepare_on_real_dft_copper(tmp_path, cu_dft_path):
 
 
 def test_prepare_with_no_ready_rows_is_one_clear_line(tmp_path, capsys):
-    from autopipec_hpc.db import DatabaseManager
+    from autopipec_hpc.store import DatabaseManager
 
     DatabaseManager(str(tmp_path / "empty.db")).count()  # an existing database without ready rows
     code = main(["prepare", "--db", str(tmp_path / "empty.db"), "--out", str(tmp_path / "out")])
@@ -70,7 +70,7 @@ def _pyace_site(tmp_path: Path) -> Path:
 def test_demo_loop_runs_two_generations_and_a_rerun_resumes_as_done(tmp_path):
     import yaml
 
-    from autopipec_hpc.db import DatabaseManager
+    from autopipec_hpc.store import DatabaseManager
     from autopipec_hpc.example_data import tiny_train_config
 
     config = tmp_path / "tiny.yaml"

@@ -16,7 +16,8 @@ def write(tmp_path, text: str):
 
 def test_train_config_defaults_are_a_small_production_fit():
     c = TrainConfig()
-    assert (c.cutoff, c.b_basis_size, c.max_degree, c.energy_weight, c.force_weight) == (5.0, 100, 4, 1.0, 100.0)
+    assert (c.cutoff, c.b_basis_size, c.max_degree, c.energy_weight, c.force_weight) == (5.0, 100, 4, 0.7, 0.3)
+    assert c.kappa == pytest.approx(0.3)  # pacemaker's advice; issue 19
     assert c.maxiter == 500 and c.timeout_hours == 24.0 and c.batch_size_reduction
 
 
@@ -43,7 +44,7 @@ def test_settings_that_cannot_run_are_refused_by_name(tmp_path, text, key):
 def test_large_fit_settings_map_onto_pacemaker():
     import yaml
 
-    from autopipec_hpc.pacemaker_wrapper import render_input
+    from autopipec_hpc.pacemaker.files import render_input
 
     config = TrainConfig(ladder_step=0.25, ladder_type="power_order", fit_cycles=3, noise_relative_sigma=0.02,
                          batch_size=20, batch_size_reduction=False)
@@ -59,7 +60,7 @@ def test_large_fit_settings_map_onto_pacemaker():
 
 def test_parameter_count_is_pacemakers():
     pytest.importorskip("pyace")
-    from autopipec_hpc.pacemaker_wrapper import count_parameters
+    from autopipec_hpc.pacemaker.files import count_parameters
 
     # pacemaker reports "Number of params./funcs: 464/100" for this basis
     assert count_parameters(TrainConfig(b_basis_size=100, max_degree=4), ["Cu"]) == 464
@@ -70,6 +71,19 @@ def test_kappa_is_the_force_share_of_the_loss():
     assert TrainConfig(energy_weight=1, force_weight=100).kappa == pytest.approx(100 / 101)
     assert TrainConfig(energy_weight=1, force_weight=0).kappa == 0.0
     assert TrainConfig(energy_weight=1, force_weight=1).kappa == 0.5
+
+
+def test_kappa_key_sets_the_weights(tmp_path):
+    c = TrainConfig.from_yaml(write(tmp_path, "kappa: 0.2\n"))
+    assert c.kappa == pytest.approx(0.2) and (c.energy_weight, c.force_weight) == pytest.approx((0.8, 0.2))
+    assert TrainConfig.model_validate(c.model_dump()).kappa == pytest.approx(0.2)
+
+
+@pytest.mark.parametrize("text", ["kappa: 0\n", "kappa: 1\n", "kappa: 1.5\n", "kappa: .nan\n", "kappa: true\n",
+                                  "kappa: x\n", "kappa: 0.3\nforce_weight: 1\n", "kappa: 0.3\nenergy_weight: 1\n"])
+def test_kappa_key_is_validated_and_excludes_the_weights(tmp_path, text):
+    with pytest.raises(ConfigError, match="kappa"):
+        TrainConfig.from_yaml(write(tmp_path, text))
 
 
 def test_max_degree_selects_body_orders():

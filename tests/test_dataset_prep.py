@@ -19,8 +19,8 @@ from autopipec_hpc.dataset_prep import (
     read_pickle,
 )
 from autopipec_hpc.errors import ConfigError, InsufficientDataError
-from autopipec_hpc.splits import stratified_split
 from autopipec_hpc.physics import ZBLCalculator
+from autopipec_hpc.splits import fingerprint_draw, holdout_quota, split_by_draws
 from tests.conftest import DATA, labelled
 
 
@@ -115,6 +115,15 @@ def test_no_weight_columns_without_masks(tmp_path, cu_bulk):
     assert "w_forces" not in df and "w_energy" not in df
 
 
+def stratified_split(types: dict[int, str], fraction: float, seed: int):
+    """``split_by_draws`` on ``{db_id: config_type}``, each id standing for one structure's content."""
+    ids = np.array(list(types))
+    names = sorted(set(types.values()))
+    kinds = np.array([names.index(types[i]) for i in ids])
+    draws = np.array([fingerprint_draw(Atoms("H", positions=[[0, 0, 1e-3 * i]]), seed) for i in ids])
+    return split_by_draws(ids, kinds, names, draws, fraction)
+
+
 def test_stratified_split_covers_every_config_type_and_is_deterministic():
     types = {i: f"t{i % 7}" for i in range(200)} | {1000: "lonely"}
     train, test, singles = stratified_split(types, 0.1, seed=3)
@@ -124,8 +133,8 @@ def test_stratified_split_covers_every_config_type_and_is_deterministic():
     assert set(train).isdisjoint(test) and len(train) + len(test) == 201
     for t in {f"t{k}" for k in range(7)}:
         members = {i for i, c in types.items() if c == t}
-        assert members & set(test) and members & set(train)
-    assert abs(len(test) - 20) <= 7
+        assert len(members & set(test)) == holdout_quota(len(members), 0.1) == 3  # 28 or 29 rows
+        assert members & set(train)
     other = stratified_split(types, 0.1, seed=4)
     assert other[1] != test
 

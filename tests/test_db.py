@@ -9,7 +9,8 @@ import pytest
 from ase.build import bulk
 from ase.calculators.singlepoint import SinglePointCalculator
 
-from autopipec_hpc.db import DatabaseManager, RecordState, StructureStatus
+from autopipec_hpc.states import RecordState, StructureStatus
+from autopipec_hpc.store import DatabaseManager
 from autopipec_hpc.errors import DatabaseError, ImportDataError
 
 

@@ -115,7 +115,7 @@ CASES = [
 
 @pytest.fixture(scope="module")
 def good_db(tmp_path_factory) -> Path:
-    from autopipec_hpc.db import DatabaseManager
+    from autopipec_hpc.store import DatabaseManager
     from autopipec_hpc.example_data import write_example_database
 
     path = tmp_path_factory.mktemp("db") / "good.db"
@@ -200,9 +200,9 @@ def test_bad_input_is_one_line_exit_2_and_loses_nothing(case: Case, tmp_path: Pa
 def test_debug_shows_the_traceback_of_a_bug(tmp_path):
     """An unexpected error is not a user's mistake: one line by default, the
     traceback with --debug."""
-    code = ("import sys; from autopipec_hpc import cli\n"
+    code = ("import sys; from autopipec_hpc import cli; from autopipec_hpc.cli import commands\n"
             "def boom(args): raise ZeroDivisionError('a bug')\n"
-            "cli.cmd_status = boom\n"
+            "commands.cmd_status = boom\n"
             "sys.exit(cli.main(sys.argv[1:]))\n")
     plain = subprocess.run([sys.executable, "-c", code, "status"], cwd=tmp_path, capture_output=True, text=True,
                            timeout=60, env={**os.environ, "AUTOPIPEC_DEBUG": ""})
@@ -224,7 +224,7 @@ def test_labels_survive_into_the_database_and_every_file(tmp_path, label):
     import ase.io
     import pandas as pd
 
-    from autopipec_hpc.db import DatabaseManager
+    from autopipec_hpc.store import DatabaseManager
     from autopipec_hpc.example_data import example_structures
 
     db = DatabaseManager(str(tmp_path / "l.db"))
@@ -233,7 +233,7 @@ def test_labels_survive_into_the_database_and_every_file(tmp_path, label):
     done = subprocess.run(CLI + ["prepare", "--db", str(tmp_path / "l.db"), "--out", str(tmp_path / "ds")],
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
-    from autopipec_hpc.db import label_of
+    from autopipec_hpc.store.structures import label_of
 
     rows = list(__import__("ase.db").db.connect(str(tmp_path / "l.db")).select())
     assert {label_of(row) for row in rows} == {label}  # exactly, whatever ase.db makes of its key

@@ -15,14 +15,16 @@ from pathlib import Path
 
 import pytest
 
-from autopipec_hpc.db import DatabaseManager, RecordState
+from autopipec_hpc.states import RecordState
+from autopipec_hpc.store import DatabaseManager
 from autopipec_hpc.errors import DatabaseError, PreflightError
 from autopipec_hpc.example_data import tiny_train_config
 from autopipec_hpc.processes import pid_alive
 from autopipec_hpc.registry import potentials_root
 from autopipec_hpc.run_folder import RunFolder
 from autopipec_hpc.scheduler.base import SubmittedJobs
-from autopipec_hpc.submission import cancel_generation, submit_generation, wait_for_generation
+from autopipec_hpc.generation import cancel_generation, wait_for_generation
+from autopipec_hpc.submission import submit_generation
 from autopipec_hpc.testing.fault_pacemaker import make_fault_pacemaker
 
 CLI = [sys.executable, "-m", "autopipec_hpc.cli"]

@@ -8,10 +8,11 @@ from pathlib import Path
 import pytest
 
 from autopipec_hpc.errors import PreflightError, SchedulerError
-from autopipec_hpc.db import DatabaseManager
+from autopipec_hpc.store import DatabaseManager
 from autopipec_hpc.example_data import tiny_train_config
 from autopipec_hpc.scheduler.slurm import sacct_state
-from autopipec_hpc.submission import cancel_generation, submit_generation, wait_for_generation
+from autopipec_hpc.generation import cancel_generation, wait_for_generation
+from autopipec_hpc.submission import submit_generation
 from autopipec_hpc.testing.fault_pacemaker import make_fault_pacemaker
 
 

@@ -14,8 +14,9 @@ from autopipec_hpc.config import TrainConfig
 from autopipec_hpc.dataset_prep import DatasetBuilder, DatasetSettings
 from autopipec_hpc.errors import TrainingDivergenceError, TrainingFailedError
 from autopipec_hpc.example_data import example_structures, tiny_train_config
-from autopipec_hpc.pacemaker_wrapper import IterationParser, PacemakerWrapper, render_input
-from autopipec_hpc.scheduler.local import pid_alive
+from autopipec_hpc.pacemaker.files import render_input
+from autopipec_hpc.pacemaker.run import IterationParser, PacemakerWrapper
+from autopipec_hpc.processes import pid_alive
 from autopipec_hpc.testing.fault_pacemaker import make_fault_pacemaker
 
 PACEMAKER = Path(sys.executable).parent / "pacemaker"

@@ -17,7 +17,7 @@ from ase.build import bulk
 from ase.eos import EquationOfState
 
 from autopipec_hpc.config import SiteConfig
-from autopipec_hpc.db import DatabaseManager
+from autopipec_hpc.store import DatabaseManager
 from autopipec_hpc.errors import (
     AutopipecError,
     InsufficientDataError,
@@ -27,14 +27,9 @@ from autopipec_hpc.errors import (
 from autopipec_hpc.evaluation import predict
 from autopipec_hpc.example_data import demo_train_config, tiny_train_config
 from autopipec_hpc.registry import POTENTIAL_YAML, load_calculator, potentials_root
-from autopipec_hpc.scheduler.local import pid_alive
-from autopipec_hpc.submission import (
-    cancel_generation,
-    job_states,
-    submit_generation,
-    train_generation,
-    wait_for_generation,
-)
+from autopipec_hpc.processes import pid_alive
+from autopipec_hpc.generation import cancel_generation, job_states, wait_for_generation
+from autopipec_hpc.submission import submit_generation, train_generation
 from autopipec_hpc.testing.fault_pacemaker import make_fault_pacemaker
 
 PACEMAKER = Path(sys.executable).parent / "pacemaker"
@@ -127,7 +122,7 @@ def test_tensorpot_fit_end_to_end_shows_its_progress_and_learning_curve(tmp_path
     assert v["evaluator"] == "tensorpot" and v["devices"] == "CPU" and v["threads"] == 2
     assert v["tensorflow_version"] and v["tensorpotential_version"] and v["python_ace_version"]
     # the count we print before submitting is the one pacemaker fitted
-    from autopipec_hpc.pacemaker_wrapper import read_metrics_table
+    from autopipec_hpc.pacemaker.files import read_metrics_table
 
     assert int(read_metrics_table(Path(sub.spec.run_dir) / "attempt-1" / "metrics.txt")["ncoefs"].iloc[-1]) == 464
     # the fit was seen while it ran: iterations rising, time per iteration and an ETA

@@ -117,7 +117,7 @@ def small_potential(path: Path) -> Path:
     yaml = pytest.importorskip("yaml")
     pyace = pytest.importorskip("pyace")
     from autopipec_hpc.example_data import tiny_train_config
-    from autopipec_hpc.pacemaker_wrapper import render_input
+    from autopipec_hpc.pacemaker.files import render_input
 
     spec = yaml.safe_load(render_input(tiny_train_config(), ["Cu"], ["-"], [], "pyace"))["potential"]
     basis = pyace.create_multispecies_basis_config(spec)

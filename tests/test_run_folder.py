@@ -16,7 +16,7 @@ from autopipec_hpc.run_folder import (
     latest_generation_folder,
     new_run_folder,
 )
-from autopipec_hpc.submission import find_run
+from autopipec_hpc.generation import find_run
 
 
 def test_paths_of_a_run_folder(tmp_path):

@@ -15,11 +15,11 @@ from pathlib import Path
 
 import pytest
 
-from autopipec_hpc.active_learning import GammaScorer
+from autopipec_hpc.active.selection import GammaScorer
 from autopipec_hpc.cli import main
 from autopipec_hpc.config import JobResources
-from autopipec_hpc.db import DatabaseManager
-from autopipec_hpc.selection_folder import SelectionFolder
+from autopipec_hpc.store import DatabaseManager
+from autopipec_hpc.active.selection_folder import SelectionFolder
 from tests.test_active_learning import _copy_db, far_candidates, near_candidates, needs_pacemaker, trained  # noqa: F401
 from autopipec_hpc.scheduler.slurm import sacct_state
 from tests.test_slurm import ci_site, slurm_cluster  # noqa: F401  (the cluster fixture)
@@ -165,7 +165,7 @@ def test_a_cancelled_select_job_ends_the_command_with_one_line_and_requests_noth
 
 
 def test_the_loop_on_a_slurm_site_selects_with_the_same_job(trained, tmp_path, monkeypatch):
-    from autopipec_hpc import active_learning
+    from autopipec_hpc.active import loop
     from autopipec_hpc.example_data import tiny_train_config
 
     database = _copy_db(trained, tmp_path)
@@ -175,10 +175,10 @@ def test_the_loop_on_a_slurm_site_selects_with_the_same_job(trained, tmp_path, m
     def interrupted(*a, **k):
         raise KeyboardInterrupt  # stop the loop after its select step
 
-    monkeypatch.setattr(active_learning, "label_requested", interrupted)
+    monkeypatch.setattr(loop, "label_requested", interrupted)
     said: list[str] = []
     with pytest.raises(KeyboardInterrupt):
-        active_learning.run_loop(site, database, tiny_train_config(), generations=2, select_max=3,
+        loop.run_loop(site, database, tiny_train_config(), generations=2, select_max=3,
                                  calculator="ase.calculators.emt:EMT", timeout_s=300, notify=said.append)
     db = DatabaseManager(database)
     [marker] = db.markers("selection", 1)

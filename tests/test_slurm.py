@@ -16,13 +16,14 @@ from pathlib import Path
 import pytest
 
 from autopipec_hpc.config import SiteConfig
-from autopipec_hpc.db import DatabaseManager
+from autopipec_hpc.store import DatabaseManager
 from autopipec_hpc.errors import PreflightError, TrainingFailedError
 from autopipec_hpc.example_data import tiny_train_config
 from autopipec_hpc.registry import potentials_root
-from autopipec_hpc.scheduler.local import pid_alive
+from autopipec_hpc.processes import pid_alive
 from autopipec_hpc.scheduler.slurm import sacct_state
-from autopipec_hpc.submission import cancel_generation, job_states, submit_generation, wait_for_generation
+from autopipec_hpc.generation import cancel_generation, job_states, wait_for_generation
+from autopipec_hpc.submission import submit_generation
 from autopipec_hpc.testing.fault_pacemaker import make_fault_pacemaker
 
 pytestmark = pytest.mark.slurm

@@ -15,10 +15,12 @@ from pathlib import Path
 
 import pytest
 
-from autopipec_hpc.db import DatabaseManager, RecordState
+from autopipec_hpc.states import RecordState
+from autopipec_hpc.store import DatabaseManager
 from autopipec_hpc.example_data import tiny_train_config, write_example_database
 from autopipec_hpc.registry import potentials_root
-from autopipec_hpc.submission import cancel_generation, submit_generation, wait_for_generation
+from autopipec_hpc.generation import cancel_generation, wait_for_generation
+from autopipec_hpc.submission import submit_generation
 from tests.test_slurm import _wait_state, ci_site, slurm_cluster  # noqa: F401  (the cluster fixture)
 from tests.test_state import _postgres_database
 

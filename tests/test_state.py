@@ -12,7 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from autopipec_hpc.db import DatabaseManager, RecordState
+from autopipec_hpc.states import RecordState
+from autopipec_hpc.store import DatabaseManager
 from autopipec_hpc.errors import ClaimError, DatabaseError
 
 PG_URL = os.environ.get("AUTOPIPEC_TEST_POSTGRES")
@@ -125,7 +126,7 @@ def test_a_record_lock_held_elsewhere_is_waited_for_then_named(tmp_path):
     DatabaseManager(target).count()
     holder = subprocess.Popen(
         [sys.executable, "-c",
-         "import sys, time; from autopipec_hpc.db import DatabaseManager\n"
+         "import sys, time; from autopipec_hpc.store import DatabaseManager\n"
          "db = DatabaseManager(sys.argv[1])\n"
          "with db.locked():\n    print('held', flush=True); time.sleep(30)\n", target],
         stdout=subprocess.PIPE, text=True,

@@ -57,7 +57,7 @@ def test_job_templates_are_read_from_the_package(tmp_path):
     import jinja2
 
     from autopipec_hpc.errors import TrainingFailedError
-    from autopipec_hpc.pacemaker_wrapper import template_environment
+    from autopipec_hpc.templates import template_environment
 
     env = template_environment()
     assert env.loader.searchpath == [str(importlib.resources.files("autopipec_hpc.job_templates"))]

@@ -9,10 +9,11 @@ a selection) into a folder that keeps its script and log (``TaskFolder``).
 
 from __future__ import annotations
 
+from autopipec_hpc.states import JobState
+
 import json
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
-from enum import StrEnum
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -22,21 +23,6 @@ from autopipec_hpc.config import JobResources
 from autopipec_hpc.errors import SchedulerError
 from autopipec_hpc.files import atomic_write_text
 from autopipec_hpc.run_folder import RunFolder, RunSpec
-
-
-class JobState(StrEnum):
-    """Job states as we report them, whatever the scheduler calls them."""
-
-    PENDING = "PENDING"
-    RUNNING = "RUNNING"
-    COMPLETED = "COMPLETED"
-    FAILED = "FAILED"
-    CANCELLED = "CANCELLED"
-    UNKNOWN = "UNKNOWN"
-
-
-FINISHED = frozenset({JobState.COMPLETED, JobState.FAILED, JobState.CANCELLED})
-JOB_ROLES = ("train", "evaluate")
 
 
 @dataclass(frozen=True)

@@ -27,7 +27,8 @@ from autopipec_hpc.processes import die_with_local_controller, pid_alive  # noqa
 from autopipec_hpc.errors import SchedulerError, TrainingFailedError
 from autopipec_hpc.jobs import EvaluateJob, TrainJob, record_failure, training_verdict
 from autopipec_hpc.run_folder import RunSpec
-from autopipec_hpc.scheduler.base import JobState, SubmittedJobs, SubmittedTask, Task, TaskFolder
+from autopipec_hpc.scheduler.base import SubmittedJobs, SubmittedTask, Task, TaskFolder
+from autopipec_hpc.states import JobState
 
 
 def wait_for_training(run_dir: str, train_alive: Callable[[], bool], poll_s: float = 1.0) -> dict[str, Any]:

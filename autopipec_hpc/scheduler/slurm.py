@@ -20,9 +20,10 @@ import submitit
 from autopipec_hpc.config import JobResources, SiteConfig
 from autopipec_hpc.errors import SchedulerError
 from autopipec_hpc.jobs import EvaluateJob, TrainJob
-from autopipec_hpc.pacemaker_wrapper import template_environment
+from autopipec_hpc.templates import template_environment
 from autopipec_hpc.run_folder import RunSpec, submitted_pickle_name
-from autopipec_hpc.scheduler.base import JobState, SubmittedJobs, SubmittedTask, Task, TaskFolder
+from autopipec_hpc.scheduler.base import SubmittedJobs, SubmittedTask, Task, TaskFolder
+from autopipec_hpc.states import JobState
 
 COMMAND_TIMEOUT_S = 30
 # sacct's states -> ours. A requeued job reads PENDING/REQUEUED until it runs again.

@@ -80,7 +80,7 @@ def main(mode: str, files: PacemakerFiles) -> None:
 
 
 def make_fault_pacemaker(directory: str | Path, mode: str) -> Path:
-    from autopipec_hpc.pacemaker_wrapper import LOG_FILE, OUTPUT_POTENTIAL, TRAIN_METRICS
+    from autopipec_hpc.pacemaker.files import LOG_FILE, OUTPUT_POTENTIAL, TRAIN_METRICS
 
     if mode not in MODES:
         raise ValueError(f"unknown fault mode {mode!r}; expected one of {sorted(MODES)}")

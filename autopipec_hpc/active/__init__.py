@@ -1,0 +1,1 @@
+"""Active learning: score and select candidates, label them, and the loop that joins the steps."""

@@ -1,0 +1,196 @@
+"""``select`` as a job of the site's scheduler: submitted here, run on a compute node,
+followed until its selection is committed (or its error is known).
+
+The job's folder is the selection's summary folder (``selection_folder.py``).
+"""
+
+from __future__ import annotations
+
+from autopipec_hpc.errors import one_line
+
+from collections.abc import Callable
+from dataclasses import asdict
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+import json
+import time
+from autopipec_hpc.active.selection import SelectionResult, check_selection_args, published_potential, select_candidates
+from autopipec_hpc.active.selection_folder import SELECT_ROLE, SelectionFolder, SelectionRequest, default_selection_dir
+from autopipec_hpc.config import SiteConfig
+from autopipec_hpc.errors import SchedulerError, SelectionError
+from autopipec_hpc.files import fresh_dir
+from autopipec_hpc.processes import die_with_local_controller
+from autopipec_hpc.scheduler.base import SubmittedTask
+from autopipec_hpc.states import FINISHED, JobState
+from autopipec_hpc.store import DatabaseManager
+from autopipec_hpc.store.database import absolute_target
+
+
+# -- select as a job of the site's scheduler ----------------------------------------------
+# The job's files may trail the scheduler's word that it ended (a shared filesystem).
+RESULT_GRACE_S = 15.0
+
+
+def selects_in_a_job(site: SiteConfig) -> bool:
+    """Whether ``select`` runs as a job of the site's scheduler. On a cluster it does: scoring
+    100,000 candidates belongs on a compute node. The local site selects in the calling
+    process: a local job would run on the same machine, only later and without live progress."""
+    return site.scheduler != "local"
+
+
+@dataclass(frozen=True)
+class SelectionSubmission:
+    """A submitted select job: what it was asked and where it runs."""
+
+    request: SelectionRequest
+    task: SubmittedTask
+
+    @property
+    def folder(self) -> SelectionFolder:
+        return SelectionFolder(self.request.folder)
+
+
+class SelectJob:
+    """The select job's body: the request saved in its folder. The folder gets the summary
+    once the selection is committed, or the job's error (``select.failed``)."""
+
+    def __call__(self, folder: str) -> dict[str, Any]:
+        die_with_local_controller()
+        selection = SelectionFolder(folder)
+        if selection.summary_file.exists():
+            raise SelectionError(f"{selection.path} holds a finished selection; select again for a new one")
+        selection.failure_file.unlink(missing_ok=True)  # a resubmission by hand starts clean
+        try:
+            request = SelectionRequest.load(folder)
+            result = select_candidates(
+                request.database, request.generation, request.max_select, request.gamma_min, request.strategy,
+                request.batch, request.seed, notify=lambda message: print(message, flush=True),
+                folder_made=selection,
+            )
+        except Exception as exc:
+            selection.record_failure(one_line(exc))
+            raise
+        return asdict(result)
+
+
+
+def submit_selection(
+    site: SiteConfig,
+    database: str,
+    generation: int,
+    max_select: int = 20,
+    gamma_min: float = 1.0,
+    strategy: str = "d-optimal",
+    batch: int = 200,
+    seed: int = 0,
+    out_dir: str | Path | None = None,
+    notify: Callable[[str], None] | None = None,
+) -> SelectionSubmission:
+    """Check the arguments, the published potential and the scheduler here, then submit one
+    select job (``SelectJob``) with the site's ``select`` resources. Its folder, the
+    summary folder (``selection_folder.py``), keeps the request, the job script and log."""
+    from autopipec_hpc.scheduler import scheduler_for
+
+    check_selection_args(max_select, gamma_min, strategy, batch)
+    say = notify or (lambda message: None)
+    database = absolute_target(database)
+    potential = published_potential(DatabaseManager(database), generation)
+    scheduler = scheduler_for(site)
+    for warning in scheduler.check():
+        say(f"warning: {warning}")
+    target = Path(out_dir).resolve() if out_dir else default_selection_dir(potential.parent.parent, generation)
+    folder = SelectionFolder(fresh_dir(target))
+    request = SelectionRequest(database=database, generation=generation, max_select=max_select,
+                               gamma_min=gamma_min, strategy=strategy, batch=batch, seed=seed,
+                               folder=str(folder.path))
+    request.save()
+    try:
+        task = scheduler.submit_task(SelectJob(), folder, SELECT_ROLE, f"autopipec-g{generation}-{SELECT_ROLE}",
+                                     site.select_resources)
+    except BaseException as exc:
+        folder.record_failure(f"not submitted: {one_line(exc)}")
+        raise
+    task.save(folder.job_file)
+    return SelectionSubmission(request, task)
+
+
+def read_selection(folder: SelectionFolder) -> SelectionResult:
+    data = json.loads(folder.summary_file.read_text())
+    data["skipped"] = {int(k): v for k, v in data["skipped"].items()}  # JSON keys are strings
+    return SelectionResult(**data)
+
+
+def wait_for_selection(
+    site: SiteConfig,
+    folder: str | Path,
+    timeout_s: float,
+    poll_s: float = 2.0,
+    notify: Callable[[str], None] | None = None,
+) -> SelectionResult:
+    """Block until the select job in ``folder`` has committed its selection and return it;
+    SelectionError (one line: the job's error, or how it ended) if it ended without one,
+    SchedulerError if it is still going after ``timeout_s``."""
+    from autopipec_hpc.scheduler import scheduler_for
+
+    say = notify or (lambda message: None)
+    selection = SelectionFolder(folder)
+    task = SubmittedTask.load(selection.job_file)
+    scheduler = scheduler_for(site)
+    deadline = time.monotonic() + timeout_s
+    ended_at: float | None = None
+    last_state: JobState | None = None
+    while True:
+        if selection.summary_file.exists():
+            return read_selection(selection)
+        error = selection.failure()
+        if error is not None:
+            raise SelectionError(f"select job {task.job_id} failed: {error} (log {task.stderr})")
+        state = scheduler.task_state(task)
+        if state != last_state:
+            say(f"select job {task.job_id}: {state}")
+            last_state = state
+        if state in FINISHED:
+            ended_at = ended_at or time.monotonic()
+            if time.monotonic() - ended_at > RESULT_GRACE_S:
+                raise SelectionError(f"select job {task.job_id} ended {state} without a selection"
+                                     f"{_log_end(task.stderr)} (log {task.stderr})")
+        if time.monotonic() > deadline:
+            raise SchedulerError(f"select job {task.job_id} not finished after {timeout_s:.0f} s ({state}); "
+                                 f"it keeps running: its summary will be {selection.summary_file}")
+        time.sleep(poll_s)
+
+
+def _log_end(path: Path) -> str:
+    """The last line of a job's log of errors, as '': <line>' (a kill names itself there)."""
+    try:
+        lines = [line.strip() for line in path.read_text(errors="replace").splitlines() if line.strip()]
+    except OSError:
+        return ""
+    return f": {lines[-1][:300]}" if lines else ""
+
+
+def run_selection(
+    site: SiteConfig,
+    database: str,
+    generation: int,
+    max_select: int = 20,
+    gamma_min: float = 1.0,
+    strategy: str = "d-optimal",
+    batch: int = 200,
+    seed: int = 0,
+    out_dir: str | Path | None = None,
+    timeout_s: float | None = None,
+    notify: Callable[[str], None] | None = None,
+) -> SelectionResult:
+    """``select`` where the site runs it (``selects_in_a_job``): in this process, or as a job
+    that this call submits and waits for."""
+    if not selects_in_a_job(site):
+        return select_candidates(database, generation, max_select, gamma_min, strategy, batch, seed, out_dir,
+                                 notify=notify)
+    say = notify or (lambda message: None)
+    sub = submit_selection(site, database, generation, max_select, gamma_min, strategy, batch, seed, out_dir,
+                           notify=say)
+    say(f"select job {sub.task.job_id} submitted ({sub.task.scheduler}); folder {sub.folder.path}")
+    timeout = site.result_timeout_s if timeout_s is None else timeout_s
+    return wait_for_selection(site, sub.folder.path, timeout, notify=say)

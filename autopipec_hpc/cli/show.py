@@ -1,0 +1,164 @@
+"""What the commands print: tables of records, datasets, selections, and the fit's progress."""
+
+from __future__ import annotations
+
+import sys
+
+from rich.console import Console
+from rich.table import Table
+import time
+from autopipec_hpc.dataset_prep import DatasetManifest
+from autopipec_hpc.generation import GenerationProgress
+from autopipec_hpc.states import RecordState
+from autopipec_hpc.store import DatabaseManager
+from autopipec_hpc.store.records import TrainingRecord
+
+
+# Piped output (logs, CI, grep) gets wide tables instead of rich's 80 columns.
+console = Console(width=None if sys.stdout.isatty() else 200)
+
+
+err_console = Console(stderr=True, width=None if sys.stderr.isatty() else 200)
+
+
+def _say(message: str) -> None:
+    style = "yellow" if message.startswith("warning:") else None
+    console.print(message, style=style, highlight=False, markup=False)
+
+
+class ProgressPrinter:
+    """Prints the fit's progress as it runs: every new state on a terminal, at most
+    one line every ``interval_s`` (and each new attempt) in a log or pipe."""
+
+    def __init__(self, interval_s: float | None = None) -> None:
+        self.interval_s = (2.0 if console.is_terminal else 10.0) if interval_s is None else interval_s
+        self._last_at = 0.0
+        self._last_attempt = 0
+
+    def __call__(self, current: GenerationProgress) -> None:
+        now = time.monotonic()
+        done = current.progress.iteration >= current.progress.maxiter
+        if now - self._last_at < self.interval_s and current.attempt == self._last_attempt and not done:
+            return
+        self._last_at, self._last_attempt = now, current.attempt
+        console.print(current.describe(), highlight=False, markup=False)
+
+
+def print_common_holdout(db: DatabaseManager) -> None:
+    from autopipec_hpc.evaluation import common_holdout
+
+    common, rows = common_holdout(db)
+    table = Table(title=f"every published generation on the same {len(common)} holdout structures "
+                        "(the intersection of their holdouts; ACE + ZBL + reference energies vs labels)")
+    for col in ("gen", "parent", "structures", "E RMSE meV/at", "F RMSE meV/A", "worst F error meV/A"):
+        table.add_column(col)
+    for r in rows:
+        table.add_row(str(r.generation), str(r.parent_generation or "-"), str(r.structures),
+                      _fmt(r.energy_rmse_mev), _fmt(r.force_rmse_mev, 1), _fmt(r.force_max_mev, 1))
+    console.print(table)
+
+
+def print_selection(result) -> None:
+    table = Table(title=f"candidates scored by generation {result.generation} ({result.strategy}, "
+                        f"gamma > {result.gamma_min:g}, at most {result.max_select})")
+    for col in ("config_type", "scored", "median max gamma", "largest gamma", "gamma > min", "gamma > 5",
+                "selected"):
+        table.add_column(col, justify="right" if col != "config_type" else "left")
+    for ctype, c in result.by_config_type.items():
+        table.add_row(ctype, str(c["scored"]), _fmt(c["gamma_max_median"]), _fmt(c["gamma_max_max"]),
+                      str(c["above_gamma_min"]), str(c["above_5"]), str(c["selected"]))
+    table.add_row("[b]total", f"[b]{result.scored}", "", "", f"[b]{result.above}",
+                  f"[b]{sum(c['above_5'] for c in result.by_config_type.values())}",
+                  f"[b]{len(result.selected_ids)}")
+    console.print(table)
+    if result.skipped:
+        named = ", ".join(f"id={i} ({'/'.join(els)})" for i, els in sorted(result.skipped.items()))
+        console.print(f"skipped {len(result.skipped)} candidates with elements the potential does not know: {named}",
+                      highlight=False)
+    console.print(f"{len(result.selected_ids)} structures now DFT_REQUESTED; summary and gamma histograms in "
+                  f"{result.folder}", highlight=False)
+
+
+# -- presentation ---------------------------------------------------------------
+RECORD_COLOURS = {RecordState.SUCCEEDED: "green", RecordState.FAILED: "red", RecordState.DIVERGED: "red",
+                  RecordState.CANCELLED: "yellow"}
+
+
+def _coloured(status: RecordState) -> str:
+    colour = RECORD_COLOURS.get(status, "cyan")
+    return f"[{colour}]{status}[/{colour}]"
+
+
+def _fmt(value, digits: int = 2) -> str:
+    return f"{value:.{digits}f}" if isinstance(value, (int, float)) else "-"
+
+
+def print_records(records: list[TrainingRecord], detail: bool = False) -> None:
+    table = Table(title="training results (holdout: ACE + ZBL + reference energies vs DFT)")
+    for col in ("gen", "parent", "status", "E RMSE meV/at", "E MAE meV/at", "F RMSE meV/A", "train E / F",
+                "iters", "wall s", "potential / reason"):
+        table.add_column(col)
+    for r in records:
+        table.add_row(
+            str(r.generation), str(r.values.get("parent_generation") or "-"), _coloured(r.status),
+            _fmt(r.test_energy_rmse_mev), _fmt(r.test_energy_mae_mev), _fmt(r.test_force_rmse_mev, 1),
+            f"{_fmt(r.train_energy_rmse_mev)} / {_fmt(r.train_force_rmse_mev, 1)}",
+            str("-" if r.iterations is None else r.iterations), _fmt(r.wall_time_s, 0),
+            str(r.potential_path or r.reason),
+        )
+    console.print(table)
+    console.print("force errors are per Cartesian component")
+    for r in records if detail else []:
+        metrics = r.metrics
+        if metrics:
+            per = Table(title=f"generation {r.generation} holdout per config_type")
+            for col in ("config_type", "structures", "E RMSE (residual)", "E RMSE (total)",
+                        "E MAE (total)", "F RMSE (residual)", "F RMSE (total)"):
+                per.add_column(col)
+            for ct, tot in metrics["total_by_config_type"].items():
+                res = metrics["residual_by_config_type"][ct]
+                per.add_row(ct, str(tot["structures"]), _fmt(res["energy_rmse_mev"]),
+                            _fmt(tot["energy_rmse_mev"]), _fmt(tot["energy_mae_mev"]),
+                            _fmt(res["force_rmse_mev"], 1), _fmt(tot["force_rmse_mev"], 1))
+            console.print(per)
+        if r.log_tail:
+            console.print(f"[b]log tail of generation {r.generation}:[/b]\n{r.log_tail}", highlight=False)
+
+
+def print_dataset_summary(m: DatasetManifest) -> None:
+    table = Table(title=f"dataset in {m.directory}")
+    table.add_column("config_type")
+    table.add_column("train", justify="right")
+    table.add_column("test", justify="right")
+    for ctype in sorted(set(m.train_counts) | set(m.test_counts)):
+        table.add_row(ctype, str(m.train_counts.get(ctype, 0)), str(m.test_counts.get(ctype, 0)))
+    table.add_row("[b]total", f"[b]{len(m.train_ids)}", f"[b]{len(m.test_ids)}")
+    console.print(table)
+    if m.single_structure_types:
+        console.print(
+            "single-structure config_types (training only): " + ", ".join(m.single_structure_types)
+        )
+    refs = ", ".join(f"{el}: {e:.6f} eV" for el, e in m.reference_energies.items())
+    console.print(f"reference energies ({m.reference_energies_source}): {refs}")
+    lo, hi = m.zbl_energy_range
+    plo, phi = m.zbl_energy_per_atom_range
+    shortest = f"{m.min_distance:.3f} A" if m.min_distance != float("inf") else "none closer than outer"
+    console.print(
+        f"ZBL baseline (inner {m.zbl_inner} A, outer {m.zbl_outer} A): "
+        f"{lo:.6g} .. {hi:.6g} eV per structure, {plo:.6g} .. {phi:.6g} eV/atom; "
+        f"shortest pair: {shortest}"
+    )
+    tlo, thi = m.target_energy_per_atom_range
+    console.print(f"delta targets: {tlo:.4f} .. {thi:.4f} eV/atom")
+    if m.skipped:
+        skipped = Table(title=f"skipped structures: {len(m.skipped)}")
+        skipped.add_column("db id", justify="right")
+        skipped.add_column("config_type")
+        skipped.add_column("reason")
+        for s in m.skipped:
+            skipped.add_row(str(s.db_id), s.config_type, s.reason)
+        console.print(skipped)
+    else:
+        console.print("skipped structures: 0")
+    files = m.train_files + m.test_files + [f for f in (m.train_extxyz, m.test_extxyz) if f]
+    console.print("files: " + ", ".join(files) + ", dataset.json")

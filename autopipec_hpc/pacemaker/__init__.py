@@ -1,0 +1,1 @@
+"""pacemaker (python-ace): its file contract, one attempt of a fit, its environment on a node."""

@@ -1,0 +1,104 @@
+"""The pipeline's vocabulary: every state and every kind of step, as string enums.
+
+Each is stored or printed as its plain string (``status=TRAINING_READY`` in a row,
+``RUNNING`` in a record), so ``ase db`` and ``sacct`` users read the same words.
+Imports nothing, so any module (the CLI's parser too) may use it.
+"""
+
+from __future__ import annotations
+
+from enum import StrEnum
+
+
+class StructureStatus(StrEnum):
+    """The ``status`` of a structure row that the pipeline selects (import may set any word)."""
+
+    TRAINING_READY = "TRAINING_READY"
+    # Active learning (active/): unlabelled frames waiting to be scored,
+    # and the ones chosen for labelling; `label` makes the latter TRAINING_READY.
+    CANDIDATE = "CANDIDATE"
+    DFT_REQUESTED = "DFT_REQUESTED"
+
+
+class RecordState(StrEnum):
+    """The ``status`` of a training record, stored as this plain string."""
+
+    SUBMITTED = "SUBMITTED"
+    RUNNING = "RUNNING"
+    SUCCEEDED = "SUCCEEDED"
+    FAILED = "FAILED"
+    DIVERGED = "DIVERGED"
+    CANCELLED = "CANCELLED"
+
+    @property
+    def is_final(self) -> bool:
+        return self in FINAL_RECORD_STATES
+
+    @property
+    def is_active(self) -> bool:
+        """Submitted or running: a generation in flight."""
+        return self in (RecordState.SUBMITTED, RecordState.RUNNING)
+
+
+# Which state a record may move to from each: only forward. A requeue may take a
+# running generation back to SUBMITTED; a final state never changes.
+ALLOWED_MOVES: dict[RecordState, frozenset[RecordState]] = {
+    RecordState.SUBMITTED: frozenset(RecordState),
+    RecordState.RUNNING: frozenset(RecordState),
+    RecordState.SUCCEEDED: frozenset(),
+    RecordState.FAILED: frozenset(),
+    RecordState.DIVERGED: frozenset(),
+    RecordState.CANCELLED: frozenset(),
+}
+
+
+FINAL_RECORD_STATES = frozenset(
+    {RecordState.SUCCEEDED, RecordState.FAILED, RecordState.DIVERGED, RecordState.CANCELLED}
+)
+
+
+RECORD_STATES = tuple(state.value for state in RecordState)
+
+
+class JobState(StrEnum):
+    """Job states as we report them, whatever the scheduler calls them."""
+
+    PENDING = "PENDING"
+    RUNNING = "RUNNING"
+    COMPLETED = "COMPLETED"
+    FAILED = "FAILED"
+    CANCELLED = "CANCELLED"
+    UNKNOWN = "UNKNOWN"
+
+
+FINISHED = frozenset({JobState.COMPLETED, JobState.FAILED, JobState.CANCELLED})
+
+
+JOB_ROLES = ("train", "evaluate")
+
+
+class JobRole(StrEnum):
+    """What a scheduler job does: in job names, script names and kept pickles."""
+
+    TRAIN = "train"
+    EVALUATE = "evaluate"
+    SELECT = "select"
+
+
+class Strategy(StrEnum):
+    """How ``select`` chooses among the candidates above ``gamma_min``."""
+
+    D_OPTIMAL = "d-optimal"
+    TOP_GAMMA = "top-gamma"
+    RANDOM = "random"
+
+
+class LoopAction(StrEnum):
+    """What the loop does next (``active/loop.py``)."""
+
+    WAIT = "wait"
+    TRAIN = "train"
+    SELECT = "select"
+    LABEL = "label"
+    DONE = "done"
+    CONVERGED = "converged"

@@ -1,0 +1,351 @@
+"""Training records: one row per generation (``record=training``), claimed, then moved only forward.
+
+Records are rows with no atoms, so ``ase db FILE record=training`` lists them next
+to the data they came from. Markers (``record=selection``...) record finished steps.
+"""
+
+from __future__ import annotations
+
+from autopipec_hpc.states import ALLOWED_MOVES, RECORD_STATES, RecordState
+
+import fcntl
+import hashlib
+import logging
+import os
+import random
+import socket
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ase import Atoms
+
+from autopipec_hpc.errors import ClaimError, DatabaseBusyError, DatabaseError
+from autopipec_hpc.store.database import Database, _clean_value, _guarded, is_url, redact
+
+log = logging.getLogger(__name__)
+
+
+TRAINING_RECORD = "training"
+
+
+LOCK_TIMEOUT_S = 60.0
+
+
+@dataclass(frozen=True, kw_only=True)
+class TrainingRecord:
+    """One generation's training record: a row with ``record=training``.
+
+    Typed fields for what the pipeline reads; ``values`` keeps every key-value
+    pair of the row (the typed ones included) and ``data`` its data.
+    """
+
+    generation: int
+    status: RecordState
+    reason: str
+    row_id: int
+    values: dict[str, Any]
+    data: dict[str, Any]
+    run_dir: Path | None = None
+    potential_path: Path | None = None
+    train_job: str | None = None
+    evaluate_job: str | None = None
+    iterations: int | None = None
+    wall_time_s: float | None = None
+    train_energy_rmse_mev: float | None = None
+    train_force_rmse_mev: float | None = None
+    test_energy_rmse_mev: float | None = None
+    test_energy_mae_mev: float | None = None
+    test_force_rmse_mev: float | None = None
+
+    @property
+    def log_tail(self) -> str:
+        """pacemaker's last log lines, kept when a fit failed."""
+        return str(self.data.get("log_tail", ""))
+
+    @property
+    def metrics(self) -> dict[str, Any] | None:
+        """The holdout metrics (metrics.json) of a generation that succeeded."""
+        return self.data.get("metrics")
+
+
+def _advisory_lock(url: str, timeout_s: float) -> Callable[[], None]:
+    """A PostgreSQL session advisory lock on its own connection (released with it)."""
+    try:
+        import psycopg2
+    except ImportError:
+        raise DatabaseError("PostgreSQL needs psycopg2: pip install 'autopipec-hpc[postgresql]'") from None
+    key = int.from_bytes(hashlib.sha256(b"autopipec-hpc training records").digest()[:8], "big", signed=True)
+    try:
+        connection = psycopg2.connect(url, connect_timeout=30)
+    except psycopg2.Error as exc:
+        raise DatabaseError(f"database {redact(url)}: {' '.join(str(exc).split())}") from None
+    connection.autocommit = True
+    try:
+        with connection.cursor() as cursor:
+            cursor.execute("SET lock_timeout = %s", (f"{int(timeout_s * 1000)}ms",))
+            cursor.execute("SELECT pg_advisory_lock(%s)", (key,))
+    except psycopg2.Error as exc:
+        connection.close()
+        raise DatabaseBusyError(
+            f"database {redact(url)}: the record lock stayed held for {timeout_s:.0f} s ({' '.join(str(exc).split())})"
+        ) from None
+
+    def release() -> None:
+        try:
+            with connection.cursor() as cursor:
+                cursor.execute("SELECT pg_advisory_unlock(%s)", (key,))
+        finally:
+            connection.close()
+
+    return release
+
+
+def _record_from_row(row) -> TrainingRecord:
+    skip = {"record", "generation", "status", "reason"}
+    values = {k: v for k, v in row.key_value_pairs.items() if k not in skip}
+    return TrainingRecord(
+        generation=int(row.generation),
+        status=RecordState(row.status),
+        reason=str(row.get("reason", "")),
+        row_id=row.id,
+        values=values,
+        data=dict(row.data or {}),
+        run_dir=_typed(values, "run_dir", Path),
+        potential_path=_typed(values, "potential_path", Path),
+        train_job=_typed(values, "train_job", _text),
+        evaluate_job=_typed(values, "evaluate_job", _text),
+        iterations=_typed(values, "iterations", int),
+        wall_time_s=_typed(values, "wall_time_s", float),
+        train_energy_rmse_mev=_typed(values, "train_energy_rmse_mev", float),
+        train_force_rmse_mev=_typed(values, "train_force_rmse_mev", float),
+        test_energy_rmse_mev=_typed(values, "test_energy_rmse_mev", float),
+        test_energy_mae_mev=_typed(values, "test_energy_mae_mev", float),
+        test_force_rmse_mev=_typed(values, "test_force_rmse_mev", float),
+    )
+
+
+def _typed(values: dict[str, Any], key: str, kind: Any) -> Any:
+    """``values[key]`` as ``kind``; None where it is absent or empty."""
+    value = values.get(key)
+    return None if value is None or value == "" else kind(value)
+
+
+def _text(value: Any) -> str:
+    """A string stored by ``_clean_value``: numbers come back as numbers, number-like text quoted."""
+    text = str(value)
+    return text[1:-1] if len(text) > 1 and text[0] == text[-1] == "'" else text
+
+
+class TrainingRecords(Database):
+    def add_marker(self, kind: str, generation: int, values: dict[str, Any] | None = None,
+                   data: dict[str, Any] | None = None) -> int:
+        """A row with no atoms that records a finished step (``record=kind``), e.g. a selection."""
+        clean = {k: _clean_value(v) for k, v in (values or {}).items()}
+        return self._db.write(Atoms(), record=kind, generation=int(generation), updated=time.time(),
+                              data=data or {}, **{k: v for k, v in clean.items() if v is not None})
+
+    def markers(self, kind: str, generation: int | None = None) -> list[Any]:
+        selection: dict[str, Any] = {"record": kind}
+        if generation is not None:
+            selection["generation"] = int(generation)
+        with self._transaction():
+            return list(self._db.select(sort="id", **selection))
+
+    # -- training records ---------------------------------------------------
+    def _record_row(self, generation: int):
+        rows = list(self._db.select(record=TRAINING_RECORD, generation=int(generation)))
+        return rows[0] if rows else None
+
+    @_guarded
+    def get_record(self, generation: int) -> TrainingRecord | None:
+        with self._transaction():
+            row = self._record_row(generation)
+        return None if row is None else _record_from_row(row)
+
+    @_guarded
+    def records(self) -> list[TrainingRecord]:
+        with self._transaction():
+            rows = list(self._db.select(record=TRAINING_RECORD, sort="generation"))
+        return [_record_from_row(row) for row in rows]
+
+    @_guarded
+    def next_generation(self) -> int:
+        gens = [r.generation for r in self.records()]
+        return max(gens) + 1 if gens else 1
+
+    @_guarded
+    def write_record(
+        self,
+        generation: int,
+        status: RecordState | str,
+        reason: str = "",
+        values: dict[str, Any] | None = None,
+        data: dict[str, Any] | None = None,
+    ) -> int:
+        """Create or update the record of ``generation``; earlier values and data are kept."""
+        if status not in RECORD_STATES:
+            raise DatabaseError(f"unknown training status {status!r}; expected one of {RECORD_STATES}")
+        status = RecordState(status).value  # the row holds the plain string
+        clean = {k: _clean_value(v) for k, v in (values or {}).items()}
+        clean = {k: v for k, v in clean.items() if v is not None}
+        row = self._record_row(generation)
+        stamp = time.time()
+        if row is None:
+            return self._db.write(
+                Atoms(),
+                record=TRAINING_RECORD,
+                generation=int(generation),
+                status=status,
+                reason=reason,
+                updated=stamp,
+                data=data or {},
+                **clean,
+            )
+        merged = dict(row.data or {})
+        merged.update(data or {})
+        self._db.update(
+            row.id, status=status, reason=reason, updated=stamp, data=merged, **clean
+        )
+        return row.id
+
+    # -- claims and forward-only updates -------------------------------------------
+    @contextmanager
+    def locked(self, timeout_s: float = LOCK_TIMEOUT_S) -> Iterator[None]:
+        """Hold the records' lock: one writer of training records at a time, across
+        processes and hosts that share the database. SQLite (and JSON): an flock on
+        ``<database>.records-lock`` beside the file; PostgreSQL: an advisory lock. Re-entrant
+        within this manager."""
+        if self._lock_depth:
+            self._lock_depth += 1
+            try:
+                yield
+            finally:
+                self._lock_depth -= 1
+            return
+        release = self._acquire(timeout_s)
+        self._lock_depth = 1
+        try:
+            yield
+        finally:
+            self._lock_depth = 0
+            release()
+
+    def _acquire(self, timeout_s: float) -> Callable[[], None]:
+        if is_url(self.target):
+            return _advisory_lock(self.target, timeout_s)
+        # Not "<db>.lock": ase.db keeps a lock of its own under that name.
+        path = Path(f"{self.target}.records-lock")
+        try:
+            handle = open(path, "a+")
+        except OSError as exc:
+            raise DatabaseError(f"database {self.target}: cannot open its lock file {path} ({exc.strerror})") from None
+        deadline = time.monotonic() + timeout_s
+        while True:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    handle.close()
+                    raise DatabaseBusyError(
+                        f"database {self.target}: its record lock {path} stayed held by another process "
+                        f"for {timeout_s:.0f} s"
+                    ) from None
+                # Short, jittered polls: a holder that takes the lock again at once (a busy
+                # writer) would otherwise starve waiters that all wake on the same beat.
+                time.sleep(random.uniform(0.002, 0.02))
+
+        def release() -> None:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+            handle.close()
+
+        return release
+
+    @_guarded
+    def claim(
+        self,
+        generation: int | None,
+        make_run_dir: Callable[[int], Path],
+        force: bool = False,
+        values: dict[str, Any] | None = None,
+        data: dict[str, Any] | None = None,
+    ) -> tuple[int, Path]:
+        """Choose a generation (the given one, or one past the highest) and claim it for a
+        new run folder, in one step under the records' lock: of any number of
+        simultaneous claims of one generation exactly one wins, and plain claims get
+        distinct generations. The winner's record is new (nothing of an earlier run of
+        that generation is merged into it). Raises ClaimError for a generation in flight,
+        or one that succeeded unless ``force``."""
+        with self.locked(), self._transaction():
+            number = self.next_generation() if generation is None else int(generation)
+            existing = self.get_record(number)
+            if existing is not None and existing.status.is_active:
+                raise ClaimError(
+                    f"generation {number} is {existing.status} (run folder {existing.run_dir}); "
+                    f"cancel it first: autopipec-hpc cancel --generation {number}"
+                )
+            if existing is not None and existing.status == RecordState.SUCCEEDED and not force:
+                raise ClaimError(
+                    f"generation {number} already succeeded ({existing.potential_path or ''}); "
+                    "use --force to train it again"
+                )
+            run_dir = make_run_dir(number)
+            owner = {"run_dir": str(run_dir), "claimed_by": f"{socket.gethostname()}:{os.getpid()}",
+                     "claimed_at": time.time()}
+            if existing is not None:
+                self._db.delete([existing.row_id])
+            self.write_record(number, RecordState.SUBMITTED, values={**(values or {}), **owner}, data=data)
+            return number, run_dir
+
+    @_guarded
+    def update_record(
+        self,
+        generation: int,
+        owner: str | Path,
+        status: RecordState | str,
+        reason: str = "",
+        values: dict[str, Any] | None = None,
+        data: dict[str, Any] | None = None,
+    ) -> bool:
+        """Move the record of ``generation`` to ``status`` if the run folder ``owner``
+        still holds the claim and the move is forward (``ALLOWED_MOVES``); else leave
+        it, log why and return False. A late, repeated or losing job can never
+        overwrite a final state or another run's record."""
+        status = RecordState(status)
+        with self.locked(), self._transaction():
+            record = self.get_record(generation)
+            if record is None or record.run_dir is None or str(record.run_dir) != str(owner):
+                holder = None if record is None else record.run_dir
+                log.warning("generation %s: %s does not hold the record (held by %s); %s not written",
+                            generation, owner, holder, status)
+                return False
+            if status not in ALLOWED_MOVES[record.status]:
+                log.warning("generation %s is %s already; %s not written", generation, record.status, status)
+                return False
+            self.write_record(generation, status, reason=reason, values=values, data=data)
+            return True
+
+    @_guarded
+    def add_values(
+        self,
+        generation: int,
+        owner: str | Path,
+        values: dict[str, Any],
+        data: dict[str, Any] | None = None,
+    ) -> bool:
+        """Add ``values`` (and ``data``) to the record of ``generation`` and keep its state
+        and reason: for facts learned after a state was written, such as the job ids that
+        `submit` learns only after the training job may already have written RUNNING
+        (writing SUBMITTED then would move the record back). Only for the run folder
+        ``owner`` that holds the claim; returns False (and writes nothing) otherwise."""
+        with self.locked(), self._transaction():
+            record = self.get_record(generation)
+            if record is None or record.run_dir is None or str(record.run_dir) != str(owner):
+                log.warning("generation %s: %s does not hold the record; its values not written", generation, owner)
+                return False
+            self.write_record(generation, record.status, reason=record.reason, values=values, data=data)
+            return True

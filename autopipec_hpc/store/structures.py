@@ -1,0 +1,308 @@
+"""Structure rows: labelled structures in, candidates and their labels, selections.
+
+Structure rows are ordinary ASE rows: energy and forces as single-point
+results, ``status`` and ``config_type`` as key-value pairs, an optional
+per-atom ``force_mask`` in ``data``.
+"""
+
+from __future__ import annotations
+
+from autopipec_hpc.states import StructureStatus
+
+import re
+import time
+import unicodedata
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from ase import Atoms
+from ase.calculators.singlepoint import SinglePointCalculator
+
+from autopipec_hpc.errors import ImportDataError
+from autopipec_hpc.frames import labels_of, read_frames
+from autopipec_hpc.store.database import Database, _clean_value, _guarded
+
+# The marker row of a `select` run (active/selection.py): a record written with the rows it changed.
+SELECTION_RECORD = "selection"
+
+
+MAX_LABEL_LENGTH = 200
+
+
+_STATUS_WORD = re.compile(r"^[A-Za-z][A-Za-z0-9_]{0,63}$")
+
+
+def check_label(value: str, where: str) -> str:
+    """A label (config_type) as files carry it: any printable text, unicode, quotes and
+    shell characters included. Control characters (newline, tab, carriage return, ...)
+    would break the Extended XYZ comment line and are refused, as are absurd lengths."""
+    text = str(value)
+    bad = next((ch for ch in text if unicodedata.category(ch) in ("Cc", "Cs")), None)
+    if bad is not None:
+        raise ImportDataError(f"{where}: config_type {text[:40]!r} holds the control character {bad!r}")
+    if len(text) > MAX_LABEL_LENGTH:
+        raise ImportDataError(f"{where}: config_type is {len(text)} characters long (at most {MAX_LABEL_LENGTH})")
+    if not text.strip():
+        raise ImportDataError(f"{where}: config_type is empty")
+    return text
+
+
+def check_status_word(status: str) -> str:
+    if not _STATUS_WORD.match(str(status)):
+        raise ImportDataError(f"status {str(status)!r} must be one word of letters, digits and '_' (e.g. TRAINING_READY)")
+    return str(status)
+
+
+def label_key(label: str, data: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+    """The key-value form of a label, and the row's data. ase.db refuses text that reads
+    as a number or a bool ("1234", "3.5", "True"): such a label is kept exactly in the
+    row's data and shown quoted as its key, so `ase db` still lists it."""
+    try:
+        float(label)
+        storable = False
+    except ValueError:
+        storable = label not in ("True", "False")
+    if storable:
+        return label, data
+    return f"'{label}'", {**data, "config_type": label}
+
+
+def label_of(row) -> str:
+    """The exact label of a structure row (see ``label_key``)."""
+    exact = row.data.get("config_type") if row.data else None
+    return str(exact) if exact is not None else str(row.get("config_type", "default"))
+
+
+class ReadyStructures:
+    """A re-iterable view of the ready rows: each ``iter`` is a fresh streaming query."""
+
+    def __init__(self, db: StructureRows, status: str) -> None:
+        self._db = db
+        self._status = status
+
+    def __iter__(self) -> Iterator[Atoms]:
+        return self._db.iter_structures(self._status)
+
+    def __len__(self) -> int:
+        return self._db.count(status=self._status)
+
+
+# Keys the pipeline writes on structure rows; provenance never overwrites them.
+PIPELINE_KEYS = frozenset({
+    "status", "config_type", "source", "frame", "generation", "split", "record",
+    "gamma_max", "gamma_mean", "scored_by_generation", "selected_by_generation", "labelled_by",
+})
+
+
+def provenance_of(info: dict[str, Any]) -> dict[str, Any]:
+    """The scalar entries of a frame's ``info`` that can be ase.db key-value pairs
+    (a valid, unreserved key that the pipeline does not own; bool/int/float/str)."""
+    from ase.db.core import reserved_keys, word
+
+    kept: dict[str, Any] = {}
+    for key, value in info.items():
+        if key in PIPELINE_KEYS or key in reserved_keys or not word.match(str(key)):
+            continue
+        if isinstance(value, (bool, int, float, str, np.integer, np.floating, np.bool_)):
+            clean = _clean_value(value.item() if isinstance(value, np.generic) else value)
+            if clean is not None:
+                kept[str(key)] = clean
+    return kept
+
+
+class StructureRows(Database):
+    # -- structures ---------------------------------------------------------
+    @_guarded
+    def import_files(
+        self,
+        paths: Sequence[str | Path],
+        status: str = StructureStatus.TRAINING_READY,
+        config_type: str | None = None,
+    ) -> int:
+        """Add every frame of ``paths``; all or nothing.
+
+        Every frame is checked before the first row is written, and the rows are
+        written in one transaction, so a refused file leaves the database as it was.
+        CANDIDATE frames need no labels (``import_candidates``).
+        """
+        check_status_word(status)
+        if config_type is not None:
+            check_label(config_type, "--config-type")
+        if str(status) == StructureStatus.CANDIDATE:
+            return self.import_candidates(paths, config_type)
+        for path in paths:
+            frames = 0
+            for index, atoms in read_frames(path):
+                labels_of(atoms, f"{path}: frame {index}")
+                check_label(config_type or str(atoms.info.get("config_type", "default")), f"{path}: frame {index}")
+                frames += 1
+            if frames == 0:
+                raise ImportDataError(f"{path}: holds no structures; nothing was imported")
+        count = 0
+        with self._transaction() as db:
+            for path in paths:
+                for index, atoms in read_frames(path):
+                    energy, forces = labels_of(atoms, f"{path}: frame {index}")
+                    ctype = config_type or str(atoms.info.get("config_type", "default"))
+                    row_atoms = Atoms(
+                        numbers=atoms.numbers,
+                        positions=atoms.positions,
+                        cell=atoms.cell,
+                        pbc=atoms.pbc,
+                    )
+                    row_atoms.calc = SinglePointCalculator(row_atoms, energy=energy, forces=forces)
+                    data = {}
+                    if "force_mask" in atoms.arrays:
+                        data["force_mask"] = np.asarray(atoms.arrays["force_mask"], dtype=np.int8)
+                    key, data = label_key(ctype, data)
+                    db.write(
+                        row_atoms,
+                        status=str(status),
+                        config_type=key,
+                        source=Path(path).name,
+                        frame=index,
+                        data=data,
+                    )
+                    count += 1
+        return count
+
+    @_guarded
+    def add_structure(
+        self,
+        atoms: Atoms,
+        energy: float,
+        forces: np.ndarray,
+        config_type: str,
+        status: str = StructureStatus.TRAINING_READY,
+        force_mask: np.ndarray | None = None,
+    ) -> int:
+        """Write one labelled structure. Energies and forces are stored as given, even
+        bad ones: the dataset stage is where they are judged, and it names the row at
+        fault. The label must be one a file can carry (``check_label``)."""
+        check_label(config_type, "structure")
+        check_status_word(status)
+        row_atoms = Atoms(numbers=atoms.numbers, positions=atoms.positions, cell=atoms.cell, pbc=atoms.pbc)
+        row_atoms.calc = SinglePointCalculator(row_atoms, energy=energy, forces=forces)
+        data = {} if force_mask is None else {"force_mask": np.asarray(force_mask, dtype=np.int8)}
+        key, data = label_key(config_type, data)
+        return self._db.write(row_atoms, status=str(status), config_type=key, data=data)
+
+    # -- active learning: candidates, scores, labels ----------------------------
+    def import_candidates(self, paths: Sequence[str | Path], config_type: str | None = None) -> int:
+        """Add every frame of ``paths`` as an unlabelled CANDIDATE row; all or nothing.
+
+        Labels in the file are not kept (a candidate is labelled by `label`); each
+        frame's ``config_type`` and its other scalar ``info`` entries (provenance:
+        the generator, MD step, temperature...) become key-value pairs.
+        """
+        frames = []
+        for path in paths:
+            for index, atoms in read_frames(path):
+                check_label(config_type or str(atoms.info.get("config_type", "default")), f"{path}: frame {index}")
+                frames.append((Path(path).name, index, atoms))
+            if not frames:
+                raise ImportDataError(f"{path}: holds no structures; nothing was imported")
+        with self._transaction() as db:
+            for source, index, atoms in frames:
+                ctype = config_type or str(atoms.info.get("config_type", "default"))
+                self._write_candidate(db, atoms, ctype, provenance_of(atoms.info), source=source, frame=index)
+        return len(frames)
+
+    def add_candidate(self, atoms: Atoms, config_type: str, **provenance: Any) -> int:
+        """Write one unlabelled structure as a CANDIDATE row."""
+        return self._write_candidate(self._db, atoms, config_type, provenance_of(provenance))
+
+    @staticmethod
+    def _write_candidate(db, atoms: Atoms, config_type: str, provenance: dict[str, Any], **extra: Any) -> int:
+        row_atoms = Atoms(numbers=atoms.numbers, positions=atoms.positions, cell=atoms.cell, pbc=atoms.pbc)
+        key, data = label_key(config_type, {})
+        return db.write(
+            row_atoms, status=StructureStatus.CANDIDATE.value, config_type=key, data=data, **provenance, **extra
+        )
+
+    def update_rows(self, updates: Sequence[tuple[int, dict[str, Any]]]) -> None:
+        """Key-value updates of several rows in one transaction."""
+        with self._transaction() as db:
+            for row_id, values in updates:
+                clean = {k: _clean_value(v) for k, v in values.items()}
+                db.update(int(row_id), **{k: v for k, v in clean.items() if v is not None})
+
+    def set_labels(self, row_id: int, energy: float, forces: np.ndarray, status: str, **values: Any) -> None:
+        """Store a row's labels and new status; the row keeps its id, unique_id,
+        key-value pairs and data (ase.db's ``update(atoms=...)`` would draw a new unique_id)."""
+        from ase.db.row import AtomsRow
+
+        old = self._db.get(id=int(row_id))
+        atoms = old.toatoms()
+        atoms.calc = SinglePointCalculator(atoms, energy=float(energy), forces=np.asarray(forces, dtype=float))
+        kvp = dict(old.key_value_pairs)
+        kvp.update({k: _clean_value(v) for k, v in values.items() if _clean_value(v) is not None})
+        kvp["status"] = str(status)
+        row = AtomsRow(atoms)
+        row._data = old._data
+        row.__dict__.update(kvp)
+        row._keys = list(kvp)
+        row.ctime = old.ctime
+        row.user = old.user
+        row.id = old.id
+        row.unique_id = old.unique_id
+        data = dict(old.data) if old.get("data") else None
+        with self._transaction() as db:
+            db._write(row, kvp, data or None, old.id)
+
+    def commit_selection(self, generation: int, row_ids: Sequence[int], values: dict[str, Any],
+                         data: dict[str, Any]) -> int:
+        """In one transaction: the chosen CANDIDATE rows become DFT_REQUESTED (any other
+        row is left alone) and a ``record=selection`` row records the step; returns how
+        many rows changed status."""
+        changed = 0
+        clean = {k: _clean_value(v) for k, v in values.items()}
+        with self._transaction() as db:
+            for row_id in row_ids:
+                if db.get(id=int(row_id)).get("status") != StructureStatus.CANDIDATE:
+                    continue
+                db.update(int(row_id), status=StructureStatus.DFT_REQUESTED.value,
+                          selected_by_generation=int(generation))
+                changed += 1
+            db.write(Atoms(), record=SELECTION_RECORD, generation=int(generation), updated=time.time(),
+                     data=data, **{k: v for k, v in clean.items() if v is not None})
+        return changed
+
+    def ready_structures(self, status: str = StructureStatus.TRAINING_READY) -> "ReadyStructures":
+        return ReadyStructures(self, status)
+
+    def iter_structures(self, status: str = StructureStatus.TRAINING_READY) -> Iterator[Atoms]:
+        """Stream the rows with ``status``, as Atoms carrying their labels.
+
+        ``info`` holds ``db_id`` and ``config_type``; the calculator holds the
+        DFT energy and forces (``None`` where a row lacks them); a force mask
+        is in ``arrays['force_mask']``.
+        """
+        for row in self._select_paged(status=str(status)):
+            atoms = Atoms(numbers=row.numbers, positions=row.positions, cell=row.cell, pbc=row.pbc)
+            energy = row.get("energy")
+            forces = row.get("forces")
+            atoms.calc = SinglePointCalculator(atoms, energy=energy, forces=forces)
+            atoms.info["db_id"] = row.id
+            atoms.info["unique_id"] = row.unique_id
+            atoms.info["config_type"] = label_of(row)
+            # The side a row was given when a generation used it ("train"/"test"), kept
+            # for good; and whether active learning chose it for labelling.
+            if row.get("split") in ("train", "test"):
+                atoms.info["split"] = row.get("split")
+            if row.get("selected_by_generation") is not None:
+                atoms.info["selected_by_generation"] = int(row.get("selected_by_generation"))
+            mask = row.data.get("force_mask") if row.data else None
+            if mask is not None:
+                atoms.arrays["force_mask"] = np.asarray(mask)
+            yield atoms
+
+    @_guarded
+    def mark_used(self, generation: int, train_ids: Sequence[int], test_ids: Sequence[int]) -> None:
+        """Record which generation trained (or tested) on each structure, in one transaction."""
+        with self._transaction() as db:
+            for ids, split in ((train_ids, "train"), (test_ids, "test")):
+                for row_id in ids:
+                    db.update(int(row_id), generation=int(generation), split=split)
