@@ -16,32 +16,30 @@ target forces = F_DFT - F_ZBL.
 
 from __future__ import annotations
 
-import gzip
+from autopipec_hpc.dataset_files import ShardedPickleWriter, extxyz_frame, maybe_xyz
+
 import json
 import logging
 import tempfile
 from array import array
 from collections import Counter
-from collections.abc import Iterable, Iterator, Mapping
-from contextlib import contextmanager
+from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import IO, Any
 
 import numpy as np
-import pandas as pd
 from ase import Atoms
 from ase.io.extxyz import write_xyz
 
 from autopipec_hpc.errors import ConfigError, InsufficientDataError, StructureError
-from autopipec_hpc.files import atomic_output, atomic_write_text
+from autopipec_hpc.files import atomic_write_text
 from autopipec_hpc.physics import ZBLCalculator, fit_reference_energies_from_counts, per_atom_reference
 from autopipec_hpc.splits import TEST, TRAIN, fingerprint_draw, persisted_side, split_by_draws
 
 log = logging.getLogger(__name__)
 
 MANIFEST = "dataset.json"
-PICKLE_PROTOCOL = 4  # what pacemaker's own writers use; readable by older pandas
 
 
 @dataclass(frozen=True)
@@ -199,18 +197,6 @@ class _SeenTable:
         return np.fromiter((self.position(i) for i in ids), dtype=np.int64, count=len(ids))
 
 
-# -- pacemaker's file format -------------------------------------------------
-def read_pickle(path: str | Path) -> pd.DataFrame:
-    return pd.read_pickle(path, compression="gzip")
-
-
-def write_pickle(df: pd.DataFrame, path: Path) -> None:
-    """pacemaker's format: a gzip-compressed pandas pickle."""
-    with atomic_output(path, "wb") as raw:
-        with gzip.GzipFile(fileobj=raw, mode="wb", mtime=0) as gz:
-            df.to_pickle(gz, protocol=PICKLE_PROTOCOL)
-
-
 # -- checks and split ---------------------------------------------------------
 def dft_labels(atoms: Atoms) -> tuple[float, np.ndarray]:
     """The DFT energy and forces of a structure, or StructureError saying what is wrong."""
@@ -233,59 +219,6 @@ def dft_labels(atoms: Atoms) -> tuple[float, np.ndarray]:
     if mask is not None and np.shape(mask) != (len(atoms),):
         raise StructureError(f"force_mask has shape {np.shape(mask)}, expected ({len(atoms)},)")
     return float(energy), forces
-
-
-# -- writers -------------------------------------------------------------------
-class _ShardedPickleWriter:
-    """Rows -> ``{stem}-NNN.pckl.gzip`` files of at most ``shard_atoms`` atoms and
-    ``shard_rows`` rows each: memory follows the shard, not the dataset."""
-
-    def __init__(self, directory: Path, stem: str, shard_atoms: int, shard_rows: int) -> None:
-        self.directory = directory
-        self.stem = stem
-        self.shard_atoms = shard_atoms
-        self.shard_rows = shard_rows
-        self.rows: list[dict[str, Any]] = []
-        self.atoms_in_shard = 0
-        self.files: list[str] = []
-
-    def add(self, row: dict[str, Any]) -> None:
-        natoms = len(row["ase_atoms"])
-        if self.rows and (
-            self.atoms_in_shard + natoms > self.shard_atoms or len(self.rows) >= self.shard_rows
-        ):
-            self._flush()
-        self.rows.append(row)
-        self.atoms_in_shard += natoms
-
-    def _flush(self) -> None:
-        name = f"{self.stem}-{len(self.files):03d}.pckl.gzip"
-        write_pickle(pd.DataFrame(self.rows), self.directory / name)
-        self.files.append(name)
-        self.rows = []
-        self.atoms_in_shard = 0
-
-    def close(self) -> list[str]:
-        if self.rows:
-            self._flush()
-        return self.files
-
-
-def extxyz_frame(atoms: Atoms, energy: float, forces: np.ndarray, config_type: str,
-                 db_id: int, force_weights: np.ndarray | None) -> Atoms:
-    """The frame written to Extended XYZ: ``species pos forces [force_weights]`` columns,
-    energy, config_type and database id in the comment line."""
-    frame = Atoms(numbers=atoms.numbers, positions=atoms.positions, cell=atoms.cell, pbc=atoms.pbc)
-    # ASE's extxyz writer escapes quotes but not backslashes, and its reader takes a
-    # backslash as an escape: doubled here, the label reads back unchanged.
-    frame.info["config_type"] = config_type.replace("\\", "\\\\")
-    frame.info["db_id"] = int(db_id)
-    frame.info["energy"] = float(energy)
-    # As plain arrays (not a calculator) so forces come before the weights column.
-    frame.arrays["forces"] = np.asarray(forces, dtype=float)
-    if force_weights is not None:
-        frame.arrays["force_weights"] = np.asarray(force_weights, dtype=float)
-    return frame
 
 
 # -- the builder ----------------------------------------------------------------
@@ -386,11 +319,11 @@ class DatasetBuilder:
 
         out.mkdir(parents=True, exist_ok=True)
         writers = {
-            name: _ShardedPickleWriter(out, name, settings.shard_atoms, settings.shard_rows) for name in ("train", "test")
+            name: ShardedPickleWriter(out, name, settings.shard_atoms, settings.shard_rows) for name in ("train", "test")
         }
         xyz_paths = {name: out / f"{name}.extxyz" for name in ("train", "test")}
         target_lo, target_hi = np.inf, -np.inf  # energy per atom
-        with _maybe_xyz(xyz_paths["train"], settings.write_extxyz) as xyz_train, _maybe_xyz(
+        with maybe_xyz(xyz_paths["train"], settings.write_extxyz) as xyz_train, maybe_xyz(
             xyz_paths["test"], settings.write_extxyz and bool(test_ids)
         ) as xyz_test:
             xyz = {TRAIN: xyz_train, TEST: xyz_test}
@@ -484,10 +417,3 @@ class DatasetBuilder:
         return row, frame
 
 
-@contextmanager
-def _maybe_xyz(path: Path, enabled: bool) -> Iterator[IO | None]:
-    if not enabled:
-        yield None
-        return
-    with atomic_output(path, "w") as handle:
-        yield handle

@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 from ase.calculators.calculator import Calculator
 
-from autopipec_hpc.dataset_prep import read_pickle
+from autopipec_hpc.dataset_files import read_pickle
 from autopipec_hpc.files import atomic_output, atomic_write_text
 
 FORCE_ERROR_CONVENTION = "per Cartesian component"

@@ -8,16 +8,13 @@ from pathlib import Path
 
 import ase.io
 import numpy as np
+import pandas as pd
 import pytest
 from ase import Atoms
 from ase.build import bulk
 
-from autopipec_hpc.dataset_prep import (
-    DatasetBuilder,
-    DatasetManifest,
-    DatasetSettings,
-    read_pickle,
-)
+from autopipec_hpc.dataset_files import read_pickle
+from autopipec_hpc.dataset_prep import DatasetBuilder, DatasetManifest, DatasetSettings
 from autopipec_hpc.errors import ConfigError, InsufficientDataError
 from autopipec_hpc.physics import ZBLCalculator
 from autopipec_hpc.splits import fingerprint_draw, holdout_quota, split_by_draws
@@ -184,7 +181,7 @@ def test_failed_write_never_replaces_a_good_file(tmp_path, cu_bulk, monkeypatch)
     def explode(*args, **kwargs):
         raise OSError("disk full")
 
-    monkeypatch.setattr(prep.pd.DataFrame, "to_pickle", explode)
+    monkeypatch.setattr(pd.DataFrame, "to_pickle", explode)
     with pytest.raises(OSError, match="disk full"):
         build([labelled(cu_bulk, -2.0, db_id=1)], tmp_path, test_fraction=0.0)
     after = {p.name: p.read_bytes() for p in Path(good.directory).iterdir()}

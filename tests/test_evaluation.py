@@ -17,7 +17,8 @@ import pytest
 from ase.calculators.emt import EMT
 from ase.calculators.mixing import SumCalculator
 
-from autopipec_hpc.dataset_prep import DatasetBuilder, DatasetSettings, read_pickle, write_pickle
+from autopipec_hpc.dataset_files import read_pickle, write_pickle
+from autopipec_hpc.dataset_prep import DatasetBuilder, DatasetSettings
 from autopipec_hpc.evaluation import (
     FORCE_ERROR_CONVENTION,
     evaluate,

@@ -19,7 +19,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from autopipec_hpc.config import TrainConfig, resolve_command
-from autopipec_hpc.dataset_prep import read_pickle
+from autopipec_hpc.dataset_files import read_pickle
 from autopipec_hpc.errors import TrainingDivergenceError, TrainingFailedError, TrainingInterrupted
 from autopipec_hpc.files import atomic_write_text, fresh_dir
 from autopipec_hpc.pacemaker.environment import thread_environment
