@@ -45,8 +45,16 @@ class TrainConfig(_Strict):
     # evaluator; `pyace` has no analytic gradient and suits only tiny fits.
     b_basis_size: int = Field(100, ge=1, description="functions per element")
     max_degree: int = Field(4, ge=1, le=len(NRADMAX_BY_ORDERS), description="body order - 1")
-    energy_weight: float = Field(1.0, ge=0)
-    force_weight: float = Field(100.0, ge=0)
+    # pacemaker's loss is (1-kappa) * sum w_E dE^2 + kappa * sum w_F dF^2 with the weights
+    # normalised per structure and per atom: the 3N force components need no extra factor.
+    # Default kappa 0.3 (pacemaker's advice); kappa 0.99 (the old weights 1 / 100) gave
+    # 3-5x the holdout energy RMSE on DFT copper (issue 19, bench/bench_kappa.py).
+    energy_weight: float = Field(
+        0.7, ge=0, description="energy share of the loss; kappa = force_weight / (energy_weight + force_weight)"
+    )
+    force_weight: float = Field(
+        0.3, ge=0, description="force share of the loss; kappa = force_weight / (energy_weight + force_weight)"
+    )
     l1_coeffs: float = Field(1e-8, ge=0, description="L1 regularization")
     l2_coeffs: float = Field(1e-8, ge=0, description="L2 regularization")
     maxiter: int = Field(500, ge=1)
@@ -77,6 +85,22 @@ class TrainConfig(_Strict):
     warm_start: int | None = Field(
         None, ge=1, description="start pacemaker from this published generation's potential (warm_start.py)"
     )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _kappa_key(cls, data: Any) -> Any:
+        # `kappa: K` is pacemaker's own spelling of the balance: K = force_weight / (energy_weight
+        # + force_weight). It is turned into weights 1-K, K here and not stored.
+        if not isinstance(data, dict) or "kappa" not in data:
+            return data
+        given = sorted(k for k in ("energy_weight", "force_weight") if k in data)
+        if given:
+            raise ValueError(f"give either kappa or {' and '.join(given)}, not both")
+        kappa = data["kappa"]
+        if isinstance(kappa, bool) or not isinstance(kappa, (int, float)) or not 0 < kappa < 1:
+            raise ValueError(f"kappa must be a number between 0 and 1 (exclusive), got {kappa!r}")
+        rest = {k: v for k, v in data.items() if k != "kappa"}
+        return {**rest, "energy_weight": 1.0 - float(kappa), "force_weight": float(kappa)}
 
     @field_validator("reference_energies")
     @classmethod
@@ -112,7 +136,9 @@ class TrainConfig(_Strict):
 
     @property
     def kappa(self) -> float:
-        """pacemaker's energy/force balance: loss = (1-k) E-term + k F-term."""
+        """pacemaker's ``fit.loss.kappa``, the force share of the loss: loss = (1-k) E-term + k F-term,
+        k = force_weight / (energy_weight + force_weight); 0.3 by default. A ``kappa`` key in the
+        settings sets the weights to 1-kappa and kappa."""
         return self.force_weight / (self.energy_weight + self.force_weight)
 
     @property
@@ -202,6 +228,12 @@ class SiteConfig(_Strict):
             raise ValueError(f"path {str(value)!r} may only hold letters, digits, '_', '.', '-', '/' and '~'")
         # '~' means the home folder, as in a shell; never a folder literally named '~'.
         return value.expanduser()
+
+    @field_validator("database")
+    @classmethod
+    def _home_in_database_path(cls, value: str) -> str:
+        # '~' in a path means the home folder, as in work_dir; a URL is the server's business.
+        return value if "://" in value else str(Path(value).expanduser())
 
     @field_validator("name")
     @classmethod

@@ -97,6 +97,8 @@ def lammps_extrapolation_snippet(
         f"# pace/extrapolation reads the B-basis {POTENTIAL_YAML} and the active set {ACTIVE_SET}).",
         f"# Atom types 1..{len(elements)} are {' '.join(elements)}. Frames with max gamma > {gamma_write:g} go to",
         f"# {EXTRAPOLATION_DUMP} (import them: autopipec-hpc import --status CANDIDATE); the run stops above {gamma_stop:g}.",
+        "# Needs a LAMMPS built with ML-PACE that includes the fix of LAMMPS PR #3966: before it,",
+        "# pace/extrapolation reads gamma 0 for every atom, so nothing is dumped and nothing halts.",
         f"pair_style hybrid/overlay pace/extrapolation zbl {inner} {outer}",
         f"pair_coeff * * pace/extrapolation {POTENTIAL_YAML} {ACTIVE_SET} {' '.join(elements)}",
     ]

@@ -58,8 +58,8 @@ def test_large_fit_settings_map_onto_pacemaker():
     assert TrainConfig(ladder_step=50).ladder_step == 50
 
 
+@pytest.mark.pacemaker
 def test_parameter_count_is_pacemakers():
-    pytest.importorskip("pyace")
     from autopipec_hpc.pacemaker.files import count_parameters
 
     # pacemaker reports "Number of params./funcs: 464/100" for this basis

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -18,9 +17,7 @@ from autopipec_hpc.pacemaker.files import render_input
 from autopipec_hpc.pacemaker.run import IterationParser, PacemakerWrapper
 from autopipec_hpc.processes import pid_alive
 from autopipec_hpc.testing.fault_pacemaker import make_fault_pacemaker
-
-PACEMAKER = Path(sys.executable).parent / "pacemaker"
-needs_pacemaker = pytest.mark.skipif(not PACEMAKER.exists(), reason="pip install -e .[pacemaker]")
+from tests.helpers import PACEMAKER
 
 
 @pytest.fixture(scope="module")
@@ -42,7 +39,7 @@ def test_rendered_input_has_backend_seed_kappa_and_our_holdout():
     doc = yaml.safe_load(text)
     assert doc["seed"] == 7
     assert doc["backend"]["evaluator"] == "tensorpot"
-    assert doc["fit"]["loss"]["kappa"] == pytest.approx(100 / 101)
+    assert doc["fit"]["loss"]["kappa"] == pytest.approx(0.3)  # the balanced default (0.7 / 0.3)
     assert doc["fit"]["loss"]["L1_coeffs"] == 1e-8 and doc["fit"]["loss"]["L2_coeffs"] == 1e-8
     assert doc["data"]["test_filename"] == ["/d/test.pckl.gzip"]
     assert doc["data"]["reference_energy"] == 0
@@ -66,7 +63,7 @@ def test_changing_cutoff_changes_the_file():
     assert a != b and "rcut: 6.0" in b
 
 
-@needs_pacemaker
+@pytest.mark.pacemaker
 def test_pacemaker_dry_run_accepts_the_rendered_input(dataset, tmp_path):
     text = render_input(tiny_train_config(), dataset.elements, [str(p) for p in dataset.train_paths],
                         [str(p) for p in dataset.test_paths], "pyace")
@@ -89,7 +86,7 @@ def test_iteration_parser_reads_both_of_pacemakers_formats():
     assert (p.iteration, p.loss, p.rmse_energy_mev, p.rmse_force_mev) == (8, 0.39435, 486.48, 617.61)
 
 
-@needs_pacemaker
+@pytest.mark.pacemaker
 @pytest.mark.slow
 def test_real_tiny_fit_streams_progress_and_reads_metrics(dataset, tmp_path):
     seen = []

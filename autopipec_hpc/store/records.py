@@ -17,11 +17,11 @@ import socket
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from ase import Atoms
+from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
 
 from autopipec_hpc.errors import ClaimError, DatabaseBusyError, DatabaseError
 from autopipec_hpc.store.database import Database, _clean_value, _guarded, is_url, redact
@@ -35,24 +35,37 @@ TRAINING_RECORD = "training"
 LOCK_TIMEOUT_S = 60.0
 
 
-@dataclass(frozen=True, kw_only=True)
-class TrainingRecord:
-    """One generation's training record: a row with ``record=training``.
+class RecordValues(BaseModel):
+    """Every key-value pair the pipeline writes on a training record, typed. Each write
+    sets some of them (a claim, the job ids, a running attempt, the final metrics);
+    the row keeps the union. Keys a newer or older version wrote are ignored here
+    and kept in ``TrainingRecord.values``."""
 
-    Typed fields for what the pipeline reads; ``values`` keeps every key-value
-    pair of the row (the typed ones included) and ``data`` its data.
-    """
+    model_config = ConfigDict(extra="ignore", frozen=True)
 
-    generation: int
-    status: RecordState
-    reason: str
-    row_id: int
-    values: dict[str, Any]
-    data: dict[str, Any]
+    # the claim (store/records.py)
     run_dir: Path | None = None
-    potential_path: Path | None = None
+    claimed_by: str | None = None  # host:pid of the submitting process
+    claimed_at: float | None = None
+    updated: float | None = None  # when the record was last written
+    # the submission (submission.py)
+    scheduler: str | None = None
     train_job: str | None = None
     evaluate_job: str | None = None
+    evaluator: str | None = None
+    parameters: int | None = None
+    # a running attempt (jobs.py): where and with what it trains
+    attempt: int | None = None
+    resumed_from: str | None = None
+    restarts: int | None = None
+    host: str | None = None
+    cuda_visible_devices: str | None = None
+    devices: str | None = None
+    threads: int | None = None
+    tensorflow_version: str | None = None
+    tensorpotential_version: str | None = None
+    python_ace_version: str | None = None
+    # the result (jobs.py, at publication); energies meV/atom, forces meV/A per component
     iterations: int | None = None
     wall_time_s: float | None = None
     train_energy_rmse_mev: float | None = None
@@ -60,6 +73,38 @@ class TrainingRecord:
     test_energy_rmse_mev: float | None = None
     test_energy_mae_mev: float | None = None
     test_force_rmse_mev: float | None = None
+    residual_energy_rmse_mev: float | None = None
+    residual_force_rmse_mev: float | None = None
+    potential_path: Path | None = None
+    parent_generation: int | None = None
+
+    @field_validator("train_job", "evaluate_job", "cuda_visible_devices", "resumed_from", mode="before")
+    @classmethod
+    def _stored_text(cls, value: Any) -> str | None:
+        # ase.db refuses number-like strings, so they are stored as numbers or quoted
+        # ("'0'"): read back as the text that was written.
+        if value is None or value == "":
+            return None
+        text = str(value)
+        return text[1:-1] if len(text) > 1 and text[0] == text[-1] == "'" else text
+
+    def stored(self) -> dict[str, Any]:
+        """The values that were set, as ase.db key-value pairs take them."""
+        return {k: str(v) if isinstance(v, Path) else v for k, v in self.model_dump(exclude_none=True).items()}
+
+
+class TrainingRecord(RecordValues):
+    """One generation's training record: a row with ``record=training``. The typed
+    values above, plus ``values`` (every key-value pair of the row, as stored) and
+    ``data`` (pacemaker's log tail on failure, the holdout metrics on success, the
+    training config at the claim)."""
+
+    generation: int
+    status: RecordState
+    reason: str = ""
+    row_id: int
+    values: dict[str, Any] = {}
+    data: dict[str, Any] = {}
 
     @property
     def log_tail(self) -> str:
@@ -107,44 +152,25 @@ def _advisory_lock(url: str, timeout_s: float) -> Callable[[], None]:
 def _record_from_row(row) -> TrainingRecord:
     skip = {"record", "generation", "status", "reason"}
     values = {k: v for k, v in row.key_value_pairs.items() if k not in skip}
-    return TrainingRecord(
-        generation=int(row.generation),
-        status=RecordState(row.status),
-        reason=str(row.get("reason", "")),
-        row_id=row.id,
-        values=values,
-        data=dict(row.data or {}),
-        run_dir=_typed(values, "run_dir", Path),
-        potential_path=_typed(values, "potential_path", Path),
-        train_job=_typed(values, "train_job", _text),
-        evaluate_job=_typed(values, "evaluate_job", _text),
-        iterations=_typed(values, "iterations", int),
-        wall_time_s=_typed(values, "wall_time_s", float),
-        train_energy_rmse_mev=_typed(values, "train_energy_rmse_mev", float),
-        train_force_rmse_mev=_typed(values, "train_force_rmse_mev", float),
-        test_energy_rmse_mev=_typed(values, "test_energy_rmse_mev", float),
-        test_energy_mae_mev=_typed(values, "test_energy_mae_mev", float),
-        test_force_rmse_mev=_typed(values, "test_force_rmse_mev", float),
-    )
-
-
-def _typed(values: dict[str, Any], key: str, kind: Any) -> Any:
-    """``values[key]`` as ``kind``; None where it is absent or empty."""
-    value = values.get(key)
-    return None if value is None or value == "" else kind(value)
-
-
-def _text(value: Any) -> str:
-    """A string stored by ``_clean_value``: numbers come back as numbers, number-like text quoted."""
-    text = str(value)
-    return text[1:-1] if len(text) > 1 and text[0] == text[-1] == "'" else text
+    typed = {k: v for k, v in values.items() if k in RecordValues.model_fields and v != ""}
+    common = dict(generation=int(row.generation), status=RecordState(row.status), reason=str(row.get("reason", "")),
+                  row_id=row.id, values=values, data=dict(row.data or {}))
+    try:
+        return TrainingRecord(**common, **typed)
+    except ValidationError as exc:
+        # A value of another type than this version writes (edited by hand, an old
+        # version): the record is still shown, without that value's typed field.
+        bad = {str(err["loc"][0]) for err in exc.errors() if err["loc"]}
+        log.warning("generation %s: record values %s not readable; ignored", row.generation, sorted(bad))
+        return TrainingRecord(**common, **{k: v for k, v in typed.items() if k not in bad})
 
 
 class TrainingRecords(Database):
     def add_marker(self, kind: str, generation: int, values: dict[str, Any] | None = None,
                    data: dict[str, Any] | None = None) -> int:
         """A row with no atoms that records a finished step (``record=kind``), e.g. a selection."""
-        clean = {k: _clean_value(v) for k, v in (values or {}).items()}
+        raw = values.stored() if isinstance(values, RecordValues) else dict(values or {})
+        clean = {k: _clean_value(v) for k, v in raw.items()}
         return self._db.write(Atoms(), record=kind, generation=int(generation), updated=time.time(),
                               data=data or {}, **{k: v for k, v in clean.items() if v is not None})
 
@@ -183,7 +209,7 @@ class TrainingRecords(Database):
         generation: int,
         status: RecordState | str,
         reason: str = "",
-        values: dict[str, Any] | None = None,
+        values: RecordValues | dict[str, Any] | None = None,
         data: dict[str, Any] | None = None,
     ) -> int:
         """Create or update the record of ``generation``; earlier values and data are kept."""
@@ -271,7 +297,7 @@ class TrainingRecords(Database):
         generation: int | None,
         make_run_dir: Callable[[int], Path],
         force: bool = False,
-        values: dict[str, Any] | None = None,
+        values: RecordValues | dict[str, Any] | None = None,
         data: dict[str, Any] | None = None,
     ) -> tuple[int, Path]:
         """Choose a generation (the given one, or one past the highest) and claim it for a
@@ -294,11 +320,12 @@ class TrainingRecords(Database):
                     "use --force to train it again"
                 )
             run_dir = make_run_dir(number)
-            owner = {"run_dir": str(run_dir), "claimed_by": f"{socket.gethostname()}:{os.getpid()}",
-                     "claimed_at": time.time()}
+            owner = RecordValues(run_dir=run_dir, claimed_by=f"{socket.gethostname()}:{os.getpid()}",
+                                 claimed_at=time.time()).stored()
             if existing is not None:
                 self._db.delete([existing.row_id])
-            self.write_record(number, RecordState.SUBMITTED, values={**(values or {}), **owner}, data=data)
+            given = values.stored() if isinstance(values, RecordValues) else dict(values or {})
+            self.write_record(number, RecordState.SUBMITTED, values={**given, **owner}, data=data)
             return number, run_dir
 
     @_guarded
@@ -308,7 +335,7 @@ class TrainingRecords(Database):
         owner: str | Path,
         status: RecordState | str,
         reason: str = "",
-        values: dict[str, Any] | None = None,
+        values: RecordValues | dict[str, Any] | None = None,
         data: dict[str, Any] | None = None,
     ) -> bool:
         """Move the record of ``generation`` to ``status`` if the run folder ``owner``
@@ -334,7 +361,7 @@ class TrainingRecords(Database):
         self,
         generation: int,
         owner: str | Path,
-        values: dict[str, Any],
+        values: RecordValues | dict[str, Any],
         data: dict[str, Any] | None = None,
     ) -> bool:
         """Add ``values`` (and ``data``) to the record of ``generation`` and keep its state
