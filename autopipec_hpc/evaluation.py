@@ -268,7 +268,7 @@ def common_holdout(db: DatabaseManager, generations: list[int] | None = None) ->
         de_a = np.asarray(de)
         df_a = np.concatenate(df) if df else np.zeros(0)
         rows.append(CommonHoldoutRow(
-            generation=r.generation, parent_generation=r.values.get("parent_generation"), structures=len(common),
+            generation=r.generation, parent_generation=r.parent_generation, structures=len(common),
             energy_rmse_mev=1000 * float(np.sqrt(np.mean(de_a**2))) if len(de_a) else math.nan,
             force_rmse_mev=1000 * float(np.sqrt(np.mean(df_a**2))) if len(df_a) else math.nan,
             force_max_mev=1000 * float(np.abs(df_a).max()) if len(df_a) else math.nan,

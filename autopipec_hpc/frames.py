@@ -49,3 +49,16 @@ def labels_of(atoms: Atoms, where: str) -> tuple[float, np.ndarray]:
             f"{where} has forces of shape {forces.shape}, expected ({len(atoms)}, 3); nothing was imported"
         )
     return float(energy), forces
+
+
+def carried_labels(atoms: Atoms) -> list[str]:
+    """Which labels ("energy", "forces") a frame read from a file carries, in any of the
+    places ASE's readers put them."""
+    calc = atoms.calc
+    results = getattr(calc, "results", {}) if calc is not None else {}
+    carried = []
+    if results.get("energy") is not None or atoms.info.get("energy") is not None:
+        carried.append("energy")
+    if results.get("forces") is not None or atoms.arrays.get("forces") is not None:
+        carried.append("forces")
+    return carried

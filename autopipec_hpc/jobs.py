@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import submitit
+from pydantic import BaseModel
 
 from autopipec_hpc import evaluation, registry
 from autopipec_hpc.dataset_prep import MANIFEST as DATASET_MANIFEST
@@ -53,11 +54,23 @@ def update_record(spec: RunSpec, status: RecordState, reason: str = "", values: 
     )
 
 
+class TrainVerdict(BaseModel):
+    """The training job's verdict (``train.done``), for the evaluation job."""
+
+    ok: bool
+    status: RecordState | None = None  # the record's final state where training failed
+    reason: str = ""
+    attempt: str | None = None  # the attempt folder whose potential is evaluated
+
+    def save(self, folder: RunFolder) -> None:
+        atomic_write_text(folder.train_verdict, self.model_dump_json(exclude_none=True))
+
+
 def record_failure(spec: RunSpec, status: RecordState, reason: str, log_tail: str = "") -> None:
     """Record a final failure (CANCELLED where a cancel was asked) and the training verdict."""
     if spec.folder.cancel_marker.exists():
         status, reason = RecordState.CANCELLED, "cancelled by user"
-    atomic_write_text(spec.folder.train_verdict, json.dumps({"ok": False, "status": status, "reason": reason}))
+    TrainVerdict(ok=False, status=status, reason=reason).save(spec.folder)
     update_record(spec, status, reason=reason, data={"log_tail": log_tail} if log_tail else None)
 
 
@@ -143,7 +156,7 @@ class TrainJob(submitit.helpers.Checkpointable):
         except TrainingFailedError as exc:
             record_failure(spec, RecordState.FAILED, str(exc), exc.log_tail)
             raise
-        atomic_write_text(folder.train_verdict, json.dumps({"ok": True, "attempt": result.run_dir}))
+        TrainVerdict(ok=True, attempt=str(result.run_dir)).save(folder)
         return asdict(result)
 
     def checkpoint(self, run_dir: str) -> submitit.helpers.DelayedSubmission | None:
@@ -186,9 +199,9 @@ def _as_dict(value: Any) -> dict[str, Any] | None:
     return None if value is None else asdict(value)
 
 
-def training_verdict(run_dir: Path) -> dict[str, Any] | None:
+def training_verdict(run_dir: Path) -> TrainVerdict | None:
     path = RunFolder(run_dir).train_verdict
-    return json.loads(path.read_text()) if path.exists() else None
+    return TrainVerdict.model_validate_json(path.read_text()) if path.exists() else None
 
 
 class EvaluateJob:
@@ -198,10 +211,10 @@ class EvaluateJob:
         die_with_local_controller()
         spec = RunSpec.load(run_dir)
         verdict = training_verdict(spec.path)
-        if verdict is None or not verdict.get("ok"):
-            reason = (verdict or {}).get("reason", "training did not finish")
+        if verdict is None or not verdict.ok or verdict.attempt is None:
+            reason = verdict.reason if verdict is not None and verdict.reason else "training did not finish"
             raise TrainingFailedError(f"nothing to evaluate for generation {spec.generation}: {reason}")
-        return evaluate_and_publish(spec, Path(verdict["attempt"]))
+        return evaluate_and_publish(spec, Path(verdict.attempt))
 
 
 def evaluate_and_publish(spec: RunSpec, attempt: Path) -> dict[str, Any]:

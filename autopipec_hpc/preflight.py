@@ -11,9 +11,10 @@ import shlex
 import subprocess
 import tempfile
 from collections.abc import Callable
+from dataclasses import dataclass
 
 from autopipec_hpc import registry
-from autopipec_hpc.config import Evaluator
+from autopipec_hpc.config import Evaluator, SiteConfig
 from autopipec_hpc.dataset_prep import DatasetManifest
 from autopipec_hpc.errors import PreflightError, SchedulerError, TrainingFailedError
 from autopipec_hpc.run_folder import RunSpec
@@ -71,6 +72,27 @@ def resolve_evaluator(wanted: Evaluator, backend: BackendInfo, interpreter: str)
             "train-gpu extra there (README: Installing), or set pacemaker.evaluator: pyace for tiny fits"
         )
     return wanted
+
+
+@dataclass(frozen=True)
+class LocalEvaluator:
+    """The evaluator pacemaker's environment on this machine would get, and what it has."""
+
+    evaluator: Evaluator
+    backend: BackendInfo | None  # None: the environment could not be inspected here
+    problem: str | None = None  # why not
+
+
+def local_evaluator(site: SiteConfig) -> LocalEvaluator:
+    """Probe pacemaker's environment here and resolve the site's evaluator with it. An
+    environment that cannot be inspected keeps the site's word (the preflight of a
+    submission names the problem); an explicit tensorpot without TensorFlow is refused."""
+    command = site.pacemaker.command
+    try:
+        backend = probe_backend(command)
+    except TrainingFailedError as exc:
+        return LocalEvaluator(site.pacemaker.evaluator, None, str(exc))
+    return LocalEvaluator(resolve_evaluator(site.pacemaker.evaluator, backend, command), backend)
 
 
 def check_dataset_readable(spec: RunSpec, manifest: DatasetManifest, interpreter: str) -> None:

@@ -12,7 +12,7 @@ A run folder holds the whole story of one generation::
       evaluation/         metrics.json and plots of the holdout evaluation
       submitit/           job logs and pickles of the scheduler
       train.sbatch, evaluate.sbatch   the scripts SLURM ran
-      jobs.json           the scheduler and job ids, for status/cancel from a new process
+      jobs.json           the two jobs (scheduler, id, name, role), for status/cancel from a new process
 
 The files inside an attempt directory are pacemaker's, named in pacemaker_wrapper.py.
 """
@@ -22,6 +22,7 @@ from __future__ import annotations
 import json
 import re
 from dataclasses import asdict, dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -168,11 +169,12 @@ class RunSpec:
     def folder(self) -> RunFolder:
         return RunFolder(self.run_dir)
 
-    @property
+    # Validated once per spec (a preflight reads the site five times), not on every access.
+    @cached_property
     def site_config(self) -> SiteConfig:
         return SiteConfig.model_validate(self.site)
 
-    @property
+    @cached_property
     def train_config(self) -> TrainConfig:
         return TrainConfig.model_validate(self.config)
 

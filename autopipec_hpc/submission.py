@@ -7,10 +7,6 @@ new process (or a later login) can re-attach to a generation submitted earlier.
 
 from __future__ import annotations
 
-from autopipec_hpc.errors import one_line
-
-from autopipec_hpc.generation import reconcile_generation, wait_for_generation
-
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, replace
@@ -18,19 +14,18 @@ from pathlib import Path
 
 from autopipec_hpc.config import Evaluator, SiteConfig, TrainConfig
 from autopipec_hpc.dataset_prep import DatasetBuilder, DatasetManifest, DatasetSettings
-from autopipec_hpc.states import RecordState, StructureStatus
-from autopipec_hpc.store import DatabaseManager
-from autopipec_hpc.store.database import absolute_target
-from autopipec_hpc.store.records import TrainingRecord
-from autopipec_hpc.errors import (
-    InsufficientDataError,
-)
-from autopipec_hpc.store.database import patiently
+from autopipec_hpc.errors import InsufficientDataError, one_line
+from autopipec_hpc.generation import Generation, reconcile_generation
+from autopipec_hpc.jobs import EvaluateJob, TrainJob
 from autopipec_hpc.pacemaker.files import count_parameters
 from autopipec_hpc.preflight import run_preflight
 from autopipec_hpc.run_folder import RunSpec, new_run_folder
 from autopipec_hpc.scheduler import scheduler_for
-from autopipec_hpc.scheduler.base import SubmittedJobs
+from autopipec_hpc.scheduler.base import Scheduler, SubmittedJobs, job_name
+from autopipec_hpc.states import JobRole, RecordState, StructureStatus
+from autopipec_hpc.store import DatabaseManager
+from autopipec_hpc.store.database import absolute_target, patiently
+from autopipec_hpc.store.records import TrainingRecord
 from autopipec_hpc.warm_start import check_warm_start, stage_parent_potential
 
 log = logging.getLogger(__name__)
@@ -170,7 +165,7 @@ def submit_generation(
             say(f"warning: {warning}")
         spec = replace(spec, evaluator=str(evaluator))
         spec.save()
-        jobs = scheduler.submit(spec)
+        jobs = submit_jobs(scheduler, spec, site)
     except BaseException as exc:
         DatabaseManager(spec.database).update_record(
             spec.generation, spec.run_dir, RecordState.FAILED, reason=f"not submitted: {one_line(exc)}"
@@ -180,11 +175,25 @@ def submit_generation(
     # so the job ids are added without a state, and a busy database is waited out
     # (bounded) instead of failing a submission whose jobs are queued.
     db = DatabaseManager(spec.database)
-    job_values = {"scheduler": jobs.scheduler, "train_job": jobs.train, "evaluate_job": jobs.evaluate,
+    job_values = {"scheduler": jobs.scheduler, "train_job": jobs.train.job_id, "evaluate_job": jobs.evaluate.job_id,
                   "evaluator": str(plan.evaluator), "parameters": plan.parameters}
     patiently(lambda: db.add_values(spec.generation, spec.run_dir, job_values),
               f"generation {spec.generation}: recording its job ids")
     return Submission(spec, manifest, jobs, plan)
+
+
+def submit_jobs(scheduler: Scheduler, spec: RunSpec, site: SiteConfig) -> SubmittedJobs:
+    """Hand the job bodies to the scheduler: training, then its evaluation only after
+    training succeeded; saved in the run folder (``jobs.json``) for any later process."""
+    folder = spec.folder
+    train = scheduler.submit(TrainJob(), spec.run_dir, folder=folder, role=JobRole.TRAIN,
+                             name=job_name(spec.generation, JobRole.TRAIN, folder.path), resources=site.train)
+    evaluate = scheduler.submit(EvaluateJob(), spec.run_dir, folder=folder, role=JobRole.EVALUATE,
+                                name=job_name(spec.generation, JobRole.EVALUATE, folder.path),
+                                resources=site.evaluate, after=train)
+    jobs = SubmittedJobs(train=train, evaluate=evaluate)
+    jobs.save(folder.path)
+    return jobs
 
 
 def train_generation(
@@ -202,6 +211,6 @@ def train_generation(
     """
     submission = submit_generation(database or site.database, site, config, generation, force)
     timeout = site.result_timeout_s if timeout_s is None else timeout_s
-    return wait_for_generation(submission.spec.path, timeout)
+    return Generation.open(submission.spec.path).wait(timeout)
 
 

@@ -35,7 +35,7 @@ from pathlib import Path
 import numpy as np
 from ase.calculators.emt import EMT
 
-from autopipec_hpc.active.loop import run_loop
+from autopipec_hpc.active.loop import LoopSettings, run_loop
 from autopipec_hpc.active.selection import GammaScorer
 from autopipec_hpc.config import SiteConfig
 from autopipec_hpc.store import DatabaseManager
@@ -146,8 +146,9 @@ def main() -> int:
         database = str(sroot / "structures.db")
         shutil.copy(base_db, database)
         gamma_min = 0.0  # the same candidates for all three; D-optimal only takes what enlarges the active set
-        run_loop(site_for(sroot, database), database, config, GENERATIONS + 1, args.select,
-                 "ase.calculators.emt:EMT", gamma_min=gamma_min, strategy=strategy, timeout_s=3600)
+        settings = LoopSettings(generations=GENERATIONS + 1, select=args.select,
+                                calculator="ase.calculators.emt:EMT", gamma_min=gamma_min, strategy=strategy)
+        run_loop(site_for(sroot, database), DatabaseManager(database), config, settings, timeout_s=3600)
         sdb = DatabaseManager(database)
         rows = [(1, len(start), *gen1_metrics, gen1_share)]
         for g in range(2, GENERATIONS + 2):

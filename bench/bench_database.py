@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import multiprocessing
 import os
-import resource
 import subprocess
 import sys
 import tempfile

@@ -1,52 +1,93 @@
-"""Shared fixtures: paths to real data, small labelled structures, the example database, a local site."""
+"""Shared fixtures and the two gates on what the machine has.
+
+Markers (pyproject.toml) decide what a test needs, and the gates here skip it, with one
+line, where that is absent:
+
+- ``pacemaker``: the ``pacemaker`` console script beside this interpreter and ``import pyace``
+  (pip install -e .[pacemaker]). Fails instead of skipping where AUTOPIPEC_REQUIRE_PACEMAKER=1.
+- ``slurm``: a SLURM cluster with a gpu partition answers (scripts/slurm/up.sh). Fails instead
+  of skipping where AUTOPIPEC_REQUIRE_SLURM=1 (scripts/test.sh sets both).
+
+The gates run before any fixture, so a module-scoped fit (``trained``) is not trained for
+tests that would be skipped anyway. Plain helpers are in tests/helpers.py.
+"""
 
 from __future__ import annotations
 
+import functools
+import os
+import shutil
+import subprocess
 from pathlib import Path
 
-import numpy as np
 import pytest
 from ase import Atoms
 from ase.build import bulk
-from ase.calculators.singlepoint import SinglePointCalculator
 
 from autopipec_hpc.config import SiteConfig
+from autopipec_hpc.example_data import tiny_train_config, write_example_database
 from autopipec_hpc.store import DatabaseManager
-from autopipec_hpc.example_data import write_example_database
+from tests.helpers import CU_DFT, PACEMAKER, postgres_database, tiny_site
 
-PROJECT = Path(__file__).resolve().parents[1]
-SHARED = PROJECT.parent / "shared"
-CU_DFT = SHARED / "data" / "cu_fhiaims_105.extxyz"
-DATA = Path(__file__).resolve().parent / "data"
 
+@functools.cache
+def pacemaker_missing() -> str | None:
+    """Why pacemaker cannot run here, in one line, or None where it can."""
+    if not PACEMAKER.exists():
+        return f"needs pacemaker: {PACEMAKER} does not exist (pip install -e .[pacemaker])"
+    try:
+        import pyace  # noqa: F401
+    except ImportError as exc:
+        return f"needs pacemaker: import pyace fails ({exc}) (pip install -e .[pacemaker])"
+    return None
+
+
+@functools.cache
+def slurm_missing() -> str | None:
+    """Why no SLURM cluster is usable here, in one line, or None where one answers."""
+    if shutil.which("sinfo") is None:
+        return "SLURM client commands are not installed"
+    try:
+        done = subprocess.run(["sinfo", "-h", "-p", "gpu", "-o", "%a"], capture_output=True, text=True, timeout=10)
+    except subprocess.TimeoutExpired:
+        return "sinfo did not answer"
+    if done.returncode != 0 or "up" not in done.stdout:
+        return f"no SLURM cluster with a gpu partition answers ({done.stderr.strip()})"
+    return None
+
+
+def _gate(problem: str | None, required: str, hint: str) -> None:
+    if problem is None:
+        return
+    if os.environ.get(required) == "1":
+        pytest.fail(f"{required}=1 but {problem}", pytrace=False)
+    pytest.skip(f"{problem}{hint}")
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    if item.get_closest_marker("pacemaker"):
+        _gate(pacemaker_missing(), "AUTOPIPEC_REQUIRE_PACEMAKER", "")
+    if item.get_closest_marker("slurm"):
+        _gate(slurm_missing(), "AUTOPIPEC_REQUIRE_SLURM", ": start one with `bash scripts/slurm/up.sh`")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """A test of the ``trained`` fit without the ``pacemaker`` marker would fail, not skip,
+    where pacemaker is missing: refuse it by name."""
+    unmarked = [item.nodeid for item in items
+                if "trained" in getattr(item, "fixturenames", ()) and not item.get_closest_marker("pacemaker")]
+    if unmarked:
+        raise pytest.UsageError(f"uses the `trained` fit without the pacemaker marker: {', '.join(unmarked)}")
+
+
+# -- data ------------------------------------------------------------------------------------
 
 @pytest.fixture
 def cu_dft_path() -> Path:
     if not CU_DFT.exists():
         pytest.skip(f"real DFT data not present at {CU_DFT} (../shared is absent)")
     return CU_DFT
-
-
-def labelled(atoms: Atoms, energy: float, forces=None, db_id=None, config_type="bulk") -> Atoms:
-    atoms = atoms.copy()
-    forces = np.zeros((len(atoms), 3)) if forces is None else forces
-    atoms.calc = SinglePointCalculator(atoms, energy=energy, forces=forces)
-    if db_id is not None:
-        atoms.info["db_id"] = db_id
-    atoms.info["config_type"] = config_type
-    return atoms
-
-
-def random_cell(seed: int, symbols=("H", "O", "Cu", "Au", "U"), n=12, min_dist=0.6) -> Atoms:
-    """A random periodic triclinic cell of mixed elements with no pair closer than min_dist."""
-    rng = np.random.default_rng(seed)
-    cell = np.diag(rng.uniform(4.0, 6.0, 3)) + rng.uniform(-0.8, 0.8, (3, 3))
-    while True:
-        frac = rng.random((n, 3))
-        atoms = Atoms(symbols=list(rng.choice(symbols, n)), scaled_positions=frac, cell=cell, pbc=True)
-        d = atoms.get_all_distances(mic=True)
-        if d[np.triu_indices(n, 1)].min() > min_dist:
-            return atoms
 
 
 @pytest.fixture
@@ -64,6 +105,16 @@ def example_db(tmp_path) -> str:
     return path
 
 
+@pytest.fixture(params=["sqlite", "postgresql"])
+def database(request, tmp_path) -> str:
+    """A fresh, empty database: a SQLite file, then one on the PostgreSQL test server."""
+    if request.param == "sqlite":
+        return str(tmp_path / "records.db")
+    return postgres_database()
+
+
+# -- sites -----------------------------------------------------------------------------------
+
 @pytest.fixture
 def local_site(tmp_path):
     """Makes local-executor sites whose work, output folders and database lie in ``tmp_path``."""
@@ -80,3 +131,17 @@ def local_site(tmp_path):
         )
 
     return make
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """Generation 1 trained on the 30 example structures (pyace, 16 functions, 20 iterations):
+    ``(root, site, record)``. Tests that use it carry the ``pacemaker`` marker; copy its
+    database (helpers.copy_db) before changing anything."""
+    from autopipec_hpc.submission import train_generation
+
+    root = tmp_path_factory.mktemp("al")
+    site = tiny_site(root)
+    write_example_database(DatabaseManager(site.database))
+    record = train_generation(site, tiny_train_config(), timeout_s=900)
+    return root, site, record

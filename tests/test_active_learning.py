@@ -12,8 +12,11 @@ from ase.build import bulk
 from ase.calculators.emt import EMT
 
 from autopipec_hpc.cli import main
+from autopipec_hpc.config import SiteConfig
+from autopipec_hpc.example_data import tiny_train_config, write_example_database
 from autopipec_hpc.states import StructureStatus
 from autopipec_hpc.store import DatabaseManager
+from tests.helpers import copy_db, far_candidates, near_candidates, tiny_site
 
 
 def _bytes(path) -> str:
@@ -68,72 +71,14 @@ def test_set_labels_keeps_unique_id_and_key_value_pairs(tmp_path):
     assert row.energy == -1.5 and np.allclose(row.forces, 1.0)
 
 
-# -- selection and labelling with a real (tiny) potential ---------------------------------
-import shutil
-import sys
-
-from autopipec_hpc.config import SiteConfig
-from autopipec_hpc.example_data import tiny_train_config, write_example_database
-
-PACEMAKER = Path(sys.executable).parent / "pacemaker"
-needs_pacemaker = pytest.mark.skipif(not PACEMAKER.exists(), reason="pip install -e .[pacemaker]")
-
-
-def _site(root: Path) -> SiteConfig:
-    return SiteConfig(name="al-test", scheduler="local", work_dir=root / "runs", output_dir=root / "output",
-                      database=str(root / "structures.db"), pacemaker={"command": "pacemaker", "evaluator": "pyace"},
-                      train={"cpus": 2})
-
-
-def near_candidates(n=8, seed=11):
-    rng = np.random.default_rng(seed)
-    out = []
-    for _ in range(n):
-        atoms = bulk("Cu", "fcc", a=3.61 * rng.uniform(0.98, 1.02), cubic=True).repeat(2)
-        atoms.rattle(0.05, seed=int(rng.integers(1 << 30)))
-        out.append(atoms)
-    return out
-
-
-def far_candidates():
-    from ase.build import fcc111
-
-    squeezed = bulk("Cu", "fcc", a=3.0, cubic=True).repeat(2)
-    squeezed.rattle(0.05, seed=1)
-    slab = fcc111("Cu", (2, 2, 3), a=3.61, vacuum=5.0, periodic=True)
-    hot = bulk("Cu", "fcc", a=3.61, cubic=True).repeat(2)
-    hot.rattle(0.35, seed=2)
-    return [squeezed, slab, hot]
-
-
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-    """Generation 1 trained on the 30 example structures (pyace, 16 functions, 20 iterations)."""
-    if not PACEMAKER.exists():
-        pytest.skip("pacemaker not installed")
-    from autopipec_hpc.submission import train_generation
-
-    root = tmp_path_factory.mktemp("al")
-    site = _site(root)
-    db = DatabaseManager(site.database)
-    write_example_database(db)
-    record = train_generation(site, tiny_train_config(), timeout_s=900)
-    return root, site, record
-
-
-def _copy_db(trained, tmp_path) -> str:
-    root, site, _ = trained
-    path = tmp_path / "structures.db"
-    shutil.copy(site.database, path)
-    return str(path)
-
+# -- selection and labelling with a real (tiny) potential: the ``trained`` fixture (conftest) ---
 
 @pytest.mark.slow
-@needs_pacemaker
+@pytest.mark.pacemaker
 def test_select_scores_like_pyace_and_chooses_the_far_structures(trained, tmp_path):
     from pyace import PyACECalculator
 
-    database = _copy_db(trained, tmp_path)
+    database = copy_db(trained, tmp_path)
     db = DatabaseManager(database)
     near_ids = [db.add_candidate(a, "near") for a in near_candidates()]
     far_ids = [db.add_candidate(a, f"far{k}") for k, a in enumerate(far_candidates())]
@@ -160,7 +105,15 @@ def test_select_scores_like_pyace_and_chooses_the_far_structures(trained, tmp_pa
         assert rows[i].gamma_max == pytest.approx(calc.results["gamma"].max(), rel=1e-12)
         assert rows[i].gamma_mean == pytest.approx(calc.results["gamma"].mean(), rel=1e-12)
     sel = tmp_path / "sel"
-    assert (sel / "selection.json").exists() and (sel / "gamma_near.png").exists()
+    assert (sel / "selection.json").exists() and (sel / "gamma.png").exists()
+    assert sorted(p.name for p in sel.glob("*.png")) == ["gamma.png"]  # one figure for every config_type
+    from autopipec_hpc.active.select_job import read_selection
+    from autopipec_hpc.active.selection_folder import SelectionFolder
+
+    summary = read_selection(SelectionFolder(sel))
+    assert summary.histograms == ["gamma.png"] and summary.selected_ids == chosen
+    assert set(summary.by_config_type) == {"near", "far0", "far1", "far2"}
+    assert sum(c.selected for c in summary.by_config_type.values()) == 3
     marker = db.markers("selection", 1)
     assert len(marker) == 1 and marker[0].n_selected == 3
 
@@ -179,41 +132,46 @@ def test_select_scores_like_pyace_and_chooses_the_far_structures(trained, tmp_pa
 
 
 @pytest.mark.slow
-@needs_pacemaker
+@pytest.mark.pacemaker
 def test_select_top_gamma_and_random_strategies_keep_the_budget(trained, tmp_path):
-    database = _copy_db(trained, tmp_path)
+    database = copy_db(trained, tmp_path)
     db = DatabaseManager(database)
     for a in near_candidates() + far_candidates():
         db.add_candidate(a, "mixed")
     from autopipec_hpc.active.selection import select_candidates
+    from autopipec_hpc.active.selection_folder import SelectionRequest
 
-    top = select_candidates(database, 1, max_select=2, gamma_min=0.0, strategy="top-gamma", out_dir=tmp_path / "a")
+    top = select_candidates(db, SelectionRequest(1, max_select=2, gamma_min=0.0, strategy="top-gamma",
+                                                 out_dir=tmp_path / "a"))
     gammas = sorted((r.gamma_max for r in db.iter_rows(status="CANDIDATE")), reverse=True)
     chosen = [db.get_row(i).gamma_max for i in top.selected_ids]
     assert len(chosen) == 2 and min(chosen) >= gammas[0]
 
 
 @pytest.mark.slow
-@needs_pacemaker
+@pytest.mark.pacemaker
 def test_a_select_job_on_the_local_executor_selects_what_select_in_process_does(trained, tmp_path):
     """The scheduler's standalone job (submit_task) on the local executor: the same choice
     and gammas as in-process, in a folder that keeps the request and the job's log."""
     from autopipec_hpc.active.select_job import submit_selection, wait_for_selection
     from autopipec_hpc.active.selection import select_candidates
+    from autopipec_hpc.active.selection_folder import SelectionRequest
 
     databases = []
     for name in ("job", "here"):
         (tmp_path / name).mkdir()
-        database = _copy_db(trained, tmp_path / name)
+        database = copy_db(trained, tmp_path / name)
         db = DatabaseManager(database)
         for k, a in enumerate(near_candidates() + far_candidates()):
             db.add_candidate(a, "near" if k < 8 else f"far{k}")
         databases.append(database)
-    site = _site(tmp_path)
-    sub = submit_selection(site, databases[0], 1, max_select=3, gamma_min=1.0, out_dir=tmp_path / "sel")
+    site = tiny_site(tmp_path)
+    sub = submit_selection(site, DatabaseManager(databases[0]),
+                           SelectionRequest(1, max_select=3, gamma_min=1.0, out_dir=tmp_path / "sel"))
     assert sub.task.scheduler == "local" and sub.folder.request_file.exists()
     result = wait_for_selection(site, sub.folder.path, timeout_s=300, poll_s=0.5)
-    here = select_candidates(databases[1], 1, max_select=3, gamma_min=1.0, out_dir=tmp_path / "sel-here")
+    here = select_candidates(DatabaseManager(databases[1]),
+                             SelectionRequest(1, max_select=3, gamma_min=1.0, out_dir=tmp_path / "sel-here"))
     assert result.selected_ids == here.selected_ids and len(here.selected_ids) == 3
     assert result.by_config_type == here.by_config_type and result.folder == str(tmp_path / "sel")
     job_rows, here_rows = (list(DatabaseManager(d).iter_rows(status=s)) for d, s in
@@ -254,19 +212,19 @@ def _metrics(attempt: Path):
 
 
 def _child_site(tmp_path, database) -> SiteConfig:
-    return _site(tmp_path).model_copy(update={"database": database})
+    return tiny_site(tmp_path).model_copy(update={"database": database})
 
 
 @pytest.mark.slow
-@needs_pacemaker
+@pytest.mark.pacemaker
 def test_warm_start_loads_the_parent_and_trains_exactly_our_targets(trained, tmp_path):
     import json
 
-    from autopipec_hpc.dataset_prep import read_pickle
+    from autopipec_hpc.dataset_files import read_pickle
     from autopipec_hpc.submission import train_generation
 
     root, _, parent = trained
-    database = _copy_db(trained, tmp_path)
+    database = copy_db(trained, tmp_path)
     site = _child_site(tmp_path, database)
     config = tiny_train_config().model_copy(update={"warm_start": 1})
     record = train_generation(site, config, generation=2, timeout_s=900)
@@ -311,7 +269,7 @@ def _write_site(site: SiteConfig, tmp_path: Path) -> Path:
 
 
 @pytest.mark.slow
-@needs_pacemaker
+@pytest.mark.pacemaker
 @pytest.mark.parametrize("change, culprit", [
     ({"zbl_outer": 2.5}, "zbl_outer"),
     ({"b_basis_size": 20}, "b_basis_size"),
@@ -323,7 +281,7 @@ def test_incompatible_warm_start_is_refused_by_name_and_writes_nothing(trained, 
     from autopipec_hpc.errors import ConfigError
     from autopipec_hpc.submission import submit_generation
 
-    database = _copy_db(trained, tmp_path)
+    database = copy_db(trained, tmp_path)
     before = _bytes(database)
     config = tiny_train_config().model_copy(update={"warm_start": 1, **change})
     with pytest.raises(ConfigError, match=culprit):
@@ -333,9 +291,9 @@ def test_incompatible_warm_start_is_refused_by_name_and_writes_nothing(trained, 
 
 
 @pytest.mark.slow
-@needs_pacemaker
+@pytest.mark.pacemaker
 def test_warm_start_with_a_new_element_is_refused_by_name(trained, tmp_path, capsys):
-    database = _copy_db(trained, tmp_path)
+    database = copy_db(trained, tmp_path)
     db = DatabaseManager(database)
     au = bulk("Au", "fcc", a=4.08, cubic=True)
     au.calc = EMT()
@@ -392,11 +350,11 @@ def test_label_interrupted_midway_keeps_what_it_labelled_and_resumes(tmp_path, m
                 raise RuntimeError("node lost")
             super().calculate(*a, **k)
 
-    monkeypatch.setattr(labelling, "load_calculator_class", lambda spec, kw=None: (Flaky, {}))
+    flaky = labelling.Labeller("x:Flaky", Flaky, {})
     with pytest.raises(LabellingError, match=f"id={ids[1]}"):
-        labelling.label_requested(database, "x:Flaky")
+        labelling.label_requested(db, flaky)
     assert [db.get_row(i).status for i in ids] == ["TRAINING_READY", "DFT_REQUESTED", "DFT_REQUESTED"]
-    again = labelling.label_requested(database, "x:Flaky")
+    again = labelling.label_requested(DatabaseManager(database), flaky)
     assert again.labelled == ids[1:]
     assert all(db.get_row(i).status == "TRAINING_READY" for i in ids)
 
@@ -419,14 +377,15 @@ def test_bad_loop_inputs_are_one_line_exit_2_database_unchanged(tmp_path, capsys
 
 
 @pytest.mark.slow
-@needs_pacemaker
+@pytest.mark.pacemaker
 def test_interrupted_loop_resumes_without_repeating_a_finished_step(tmp_path, monkeypatch):
     from autopipec_hpc.active import loop
-    from autopipec_hpc.active.loop import LoopStep, run_loop
+    from autopipec_hpc.active.loop import LoopSettings, LoopStep, run_loop
+    from autopipec_hpc.states import LoopAction
     from autopipec_hpc.evaluation import common_holdout
     from autopipec_hpc.dataset_prep import DatasetManifest
 
-    site = _site(tmp_path)
+    site = tiny_site(tmp_path)
     database = site.database
     db = DatabaseManager(database)
     write_example_database(db)
@@ -437,27 +396,28 @@ def test_interrupted_loop_resumes_without_repeating_a_finished_step(tmp_path, mo
     # A 20-iteration toy fit on far structures can cross the divergence guard (seen: 1070
     # meV/atom against 1000); this test is about resuming, not accuracy.
     config = tiny_train_config().model_copy(update={"max_energy_rmse_mev": 1e5, "max_force_rmse_mev": 1e6})
-    args = dict(generations=2, select_max=2, calculator="ase.calculators.emt:EMT", timeout_s=900)
+    settings = LoopSettings(generations=2, select=2, calculator="ase.calculators.emt:EMT")
 
     def interrupted(*a, **k):
         raise KeyboardInterrupt  # the loop process dies while labelling
 
     monkeypatch.setattr(loop, "label_requested", interrupted)
     with pytest.raises(KeyboardInterrupt):
-        run_loop(site, database, config, **args)
+        run_loop(site, db, config, settings, timeout_s=900)
     assert db.get_record(1).status == "SUCCEEDED" and len(db.markers("selection")) == 1
     assert db.count(status="DFT_REQUESTED") == 2
     folders = sorted(p.name for p in (tmp_path / "runs").iterdir())
     monkeypatch.undo()
 
-    steps = run_loop(site, database, config, **args)  # a new start: state from the database only
-    assert steps == [LoopStep("label", 1), LoopStep("train", 2, parent=1)]
+    # a new start: state from the database only
+    steps = run_loop(site, DatabaseManager(database), config, settings, timeout_s=900)
+    assert steps == [LoopStep(LoopAction.LABEL, 1), LoopStep(LoopAction.TRAIN, 2, parent=1)]
     assert len(db.markers("selection")) == 1 and db.count(status="DFT_REQUESTED") == 0
     assert sorted(p.name for p in (tmp_path / "runs").iterdir()) == folders + ["gen-0002"]
     gen2 = db.get_record(2)
     assert gen2.status == "SUCCEEDED" and gen2.values["parent_generation"] == 1
     assert gen2.values["n_train"] + gen2.values["n_test"] == 32
-    assert run_loop(site, database, config, **args) == []  # finished: nothing repeats
+    assert run_loop(site, db, config, settings, timeout_s=900) == []  # finished: nothing repeats
 
     holdout1 = set(DatasetManifest.load(db.get_record(1).potential_path).test_ids)
     holdout2 = set(DatasetManifest.load(gen2.potential_path).test_ids)
@@ -481,3 +441,67 @@ def test_lammps_extrapolation_lines_use_the_active_set_and_the_customary_thresho
     assert "fix pace_gamma all pair 20 pace/extrapolation gamma 1" in lines
     assert 'variable dump_skip equal "c_max_pace_gamma < 5"' in lines
     assert "fix extreme_extrapolation all halt 20 v_max_pace_gamma > 25" in lines
+
+
+# -- one spelling of a label ------------------------------------------------------------------
+from autopipec_hpc.active.selection_folder import SelectionFolder, SelectionRequest  # noqa: E402
+from autopipec_hpc.states import Strategy  # noqa: E402
+
+class _FakeScorer:
+    """Stands in for pyace: a structure's gamma is its cell volume, so a squeezed one scores low."""
+
+    def __init__(self, folder) -> None:
+        self.elements = {"Cu"}
+
+    def unknown(self, atoms):
+        return sorted(set(atoms.get_chemical_symbols()) - self.elements)
+
+    def gamma(self, atoms):
+        return np.full(len(atoms), atoms.get_volume())
+
+
+def test_a_number_like_config_type_is_summarised_under_its_one_label(tmp_path, monkeypatch):
+    from autopipec_hpc.active import selection
+    from autopipec_hpc.active.select_job import read_selection
+
+    database = str(tmp_path / "s.db")
+    db = DatabaseManager(database)
+    numbered = [db.add_candidate(a, "1234") for a in near_candidates(4, seed=1)]
+    plain = [db.add_candidate(bulk("Cu", "fcc", a=3.0, cubic=True), "plain") for _ in range(2)]
+    assert db.get_row(numbered[0]).get("config_type") == "'1234'"  # stored quoted: the trap
+    monkeypatch.setattr(selection, "GammaScorer", _FakeScorer)
+    monkeypatch.setattr(selection, "published_potential", lambda db, generation: tmp_path / "output" / "potentials" / "1")
+    request = SelectionRequest(1, max_select=3, gamma_min=0.0, strategy="top-gamma", out_dir=tmp_path / "sel")
+    result = selection.select_candidates(db, request)
+    assert len(result.selected_ids) == 3 and set(result.selected_ids) <= set(numbered)
+    assert set(result.by_config_type) == {"1234", "plain"}
+    assert result.by_config_type["1234"].selected == 3 and result.by_config_type["1234"].scored == 4
+    assert result.by_config_type["plain"].selected == 0 and result.by_config_type["plain"].scored == 2
+    assert set(plain).isdisjoint(result.selected_ids)
+    # the summary as written and read back, and the marker's copy, say the same
+    saved = read_selection(SelectionFolder(tmp_path / "sel"))
+    assert saved == result and saved.histograms == ["gamma.png"] and (tmp_path / "sel" / "gamma.png").exists()
+    [marker] = db.markers("selection", 1)
+    assert set(marker.data["by_config_type"]) == {"1234", "plain"}
+    assert marker.data["by_config_type"]["1234"]["selected"] == 3
+
+
+def test_a_selection_request_refuses_bad_settings_by_the_option_typed():
+    from autopipec_hpc.active.loop import LoopSettings
+    from autopipec_hpc.errors import ConfigError, LabellingError
+
+    with pytest.raises(ConfigError, match="--max must be at least 1"):
+        SelectionRequest(1, max_select=0)
+    with pytest.raises(ConfigError, match="--select must be at least 1"):
+        SelectionRequest(1, max_select=0, max_option="--select")
+    with pytest.raises(ConfigError, match="--strategy must be one of d-optimal, top-gamma, random"):
+        SelectionRequest(1, strategy="best")
+    with pytest.raises(ConfigError, match="--gamma-min"):
+        SelectionRequest(1, gamma_min=float("nan"))
+    assert SelectionRequest(1, strategy="random").strategy is Strategy.RANDOM
+    with pytest.raises(ConfigError, match="--select must be at least 1"):
+        LoopSettings(generations=2, select=0, calculator="ase.calculators.emt:EMT")
+    with pytest.raises(LabellingError, match="--kwargs"):
+        LoopSettings(generations=2, select=1, calculator="ase.calculators.emt:EMT", kwargs="[1]")
+    settings = LoopSettings(generations=2, select=4, calculator="ase.calculators.emt:EMT", gamma_min=0.5)
+    assert settings.selection(3) == SelectionRequest(3, max_select=4, gamma_min=0.5)

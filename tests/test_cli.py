@@ -3,26 +3,20 @@
 from __future__ import annotations
 
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 from autopipec_hpc.cli import main
-
-CLI = [sys.executable, "-m", "autopipec_hpc.cli"]
-
-
-def run(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run([*CLI, *args], capture_output=True, text=True, cwd=cwd, timeout=300)
+from tests.helpers import CLI, run_cli
 
 
 def test_import_then_prepare_on_real_dft_copper(tmp_path, cu_dft_path):
     db = str(tmp_path / "cu.db")
-    done = run("import", str(cu_dft_path), "--db", db)
+    done = run_cli("import", str(cu_dft_path), "--db", db)
     assert done.returncode == 0, done.stderr
     assert "imported 105" in done.stdout
-    done = run("prepare", "--db", db, "--out", str(tmp_path / "ds"), "--seed", "3")
+    done = run_cli("prepare", "--db", db, "--out", str(tmp_path / "ds"), "--seed", "3")
     assert done.returncode == 0, done.stderr
     out = done.stdout
     for expected in ("A1_murnaghan", "A3_phonon", "reference energies", "ZBL baseline", "skipped structures: 0"):

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import subprocess
-import sys
 from pathlib import Path
 
 import ase.io
@@ -18,7 +17,7 @@ from autopipec_hpc.dataset_prep import DatasetBuilder, DatasetManifest, DatasetS
 from autopipec_hpc.errors import ConfigError, InsufficientDataError
 from autopipec_hpc.physics import ZBLCalculator
 from autopipec_hpc.splits import fingerprint_draw, holdout_quota, split_by_draws
-from tests.conftest import DATA, labelled
+from tests.helpers import DATA, PACEMAKER, labelled
 
 
 def golden_structure(mask=None) -> Atoms:
@@ -176,7 +175,6 @@ def test_manifest_round_trips(tmp_path, cu_bulk):
 def test_failed_write_never_replaces_a_good_file(tmp_path, cu_bulk, monkeypatch):
     good = build([labelled(cu_bulk, -1.0, db_id=1)], tmp_path, test_fraction=0.0)
     before = {p.name: p.read_bytes() for p in Path(good.directory).iterdir()}
-    import autopipec_hpc.dataset_prep as prep
 
     def explode(*args, **kwargs):
         raise OSError("disk full")
@@ -202,11 +200,10 @@ backend: {{evaluator: pyace, parallel_mode: serial}}
 """
 
 
+@pytest.mark.pacemaker
 def test_pacemaker_dry_run_reads_the_pickle_and_keeps_the_energies(tmp_path):
     """Real `pacemaker --dry-run` loads our files and trains on exactly our targets."""
-    pacemaker = Path(sys.executable).parent / "pacemaker"
-    if not pacemaker.exists():
-        pytest.skip("pacemaker not installed (pip install -e .[pacemaker])")
+    pacemaker = PACEMAKER
     structures = []
     for k, a in enumerate(np.linspace(3.5, 3.8, 6)):
         atoms = bulk("Cu", "fcc", a=a, cubic=True).repeat(2)

@@ -13,8 +13,7 @@ from pathlib import Path
 
 import pytest
 
-CLI = [sys.executable, "-m", "autopipec_hpc.cli"]
-CU_DFT = Path(__file__).resolve().parents[2] / "shared" / "data" / "cu_fhiaims_105.extxyz"
+from tests.helpers import CLI, CU_DFT
 
 
 @dataclass

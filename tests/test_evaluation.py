@@ -28,7 +28,7 @@ from autopipec_hpc.evaluation import (
 )
 from autopipec_hpc.example_data import example_structures
 from autopipec_hpc.physics import ReferenceEnergyCalculator, ZBLCalculator
-from tests.conftest import labelled
+from tests.helpers import labelled
 
 # Cu neighbours sit at 2.4-2.6 A: this outer cutoff makes the ZBL baseline non-zero.
 ZBL = (1.5, 2.7)

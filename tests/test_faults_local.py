@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import sqlite3
 import subprocess
 import sys
 import time
@@ -26,8 +25,7 @@ from autopipec_hpc.scheduler.base import SubmittedJobs
 from autopipec_hpc.generation import cancel_generation, wait_for_generation
 from autopipec_hpc.submission import submit_generation
 from autopipec_hpc.testing.fault_pacemaker import make_fault_pacemaker
-
-CLI = [sys.executable, "-m", "autopipec_hpc.cli"]
+from tests.helpers import CLI, postgres_database, run_cli
 
 
 def _site_file(tmp_path: Path, site) -> Path:
@@ -36,41 +34,43 @@ def _site_file(tmp_path: Path, site) -> Path:
     return path
 
 
-def _cli(tmp_path: Path, *argv: str, timeout: float = 120) -> subprocess.CompletedProcess:
-    return subprocess.run(CLI + list(argv), cwd=tmp_path, capture_output=True, text=True, timeout=timeout)
-
-
 def _status_until(tmp_path: Path, site_file: Path, generation: int, wanted: set[str], timeout_s: float = 60):
     """`status` from new processes until the record is one of ``wanted``."""
     db = DatabaseManager(json.loads(site_file.read_text())["database"])
     deadline = time.monotonic() + timeout_s
     while True:
-        done = _cli(tmp_path, "status", "--site", str(site_file), "--generation", str(generation))
+        done = run_cli("status", "--site", str(site_file), "--generation", str(generation), cwd=tmp_path, timeout=120)
         record = db.get_record(generation)
         if record.status in wanted or time.monotonic() > deadline:
             return done, record
         time.sleep(1)
 
 
+@pytest.mark.pacemaker
 def test_simultaneous_submits_of_one_generation_one_proceeds(tmp_path, example_db, local_site):
     site = local_site(str(make_fault_pacemaker(tmp_path, "hang")))
     site_file = _site_file(tmp_path, site)
     procs = [subprocess.Popen(CLI + ["submit", "--site", str(site_file), "--generation", "7"], cwd=tmp_path,
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(4)]
     outcomes = [(p.wait(timeout=300), p.stdout.read(), p.stderr.read()) for p in procs]
+    # Listed before the checks, so that the cleanup below has them whichever check fails
+    # (listed inside, a failing first check ended in an UnboundLocalError that hid it).
+    runs = sorted((tmp_path / "runs").glob("gen-0007*"))
     try:
         assert sorted(rc for rc, _, _ in outcomes) == [0, 2, 2, 2], outcomes
         for rc, _, err in outcomes:
             if rc == 2:
                 assert err.count("\n") == 1 and ("generation 7 is SUBMITTED" in err or "generation 7 is RUNNING" in err)
-        runs = sorted((tmp_path / "runs").glob("gen-0007*"))
         assert len(runs) == 1  # the losers made no run folder
         record = DatabaseManager(example_db).get_record(7)
         assert record.status.is_active and record.run_dir == runs[0]
     finally:
-        cancel_generation(runs[0]) if runs else None
+        for run in runs:
+            if RunFolder(run).jobs_file.exists():  # what was submitted: the rest has nothing to cancel
+                cancel_generation(run)
 
 
+@pytest.mark.pacemaker
 def test_simultaneous_plain_submits_get_distinct_generations(tmp_path, example_db, local_site):
     site = local_site(str(make_fault_pacemaker(tmp_path, "crash")))
     site_file = _site_file(tmp_path, site)
@@ -106,6 +106,7 @@ def _processes_of(submitit_dir: Path) -> list[int]:
     return found
 
 
+@pytest.mark.pacemaker
 @pytest.mark.parametrize("victims", [("train",), ("train", "evaluate")])
 def test_jobs_killed_with_sigkill_end_failed_without_anyone_waiting(tmp_path, example_db, local_site, victims):
     site = local_site(str(make_fault_pacemaker(tmp_path, "hang")))
@@ -116,7 +117,7 @@ def test_jobs_killed_with_sigkill_end_failed_without_anyone_waiting(tmp_path, ex
         time.sleep(0.2)
     jobs = SubmittedJobs.load(folder.path)
     for which in victims:
-        os.kill(int(getattr(jobs, which)), signal.SIGKILL)
+        os.kill(int(jobs.by_role(which).job_id), signal.SIGKILL)
     done, record = _status_until(tmp_path, _site_file(tmp_path, site), 1, {"FAILED"})
     assert record.status == RecordState.FAILED, (record, done.stdout)
     assert "FAILED" in done.stdout
@@ -138,6 +139,7 @@ def test_jobs_killed_with_sigkill_end_failed_without_anyone_waiting(tmp_path, ex
 
 
 @pytest.mark.slow
+@pytest.mark.pacemaker
 def test_a_database_locked_when_a_job_writes_is_waited_out(tmp_path, example_db, local_site):
     """Another process holds the SQLite file's lock for 45 s from the moment pacemaker
     starts, so the jobs' writes at the end of training and at publication meet it for
@@ -226,6 +228,7 @@ _LOCK_WHEN = {
 }
 
 
+@pytest.mark.pacemaker
 @pytest.mark.slow
 @pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
 @pytest.mark.parametrize("step", sorted(_LOCK_WHEN))
@@ -234,9 +237,8 @@ def test_a_database_locked_at_a_step_where_a_job_writes_is_waited_out(tmp_path, 
     waits, 20 s) just before a job writes: the job waits it out (bounded retry), and the
     generation ends SUCCEEDED with its potential published exactly once."""
     from autopipec_hpc.example_data import write_example_database
-    from tests.test_state import _postgres_database
 
-    database = str(tmp_path / "structures.db") if backend == "sqlite" else _postgres_database()
+    database = str(tmp_path / "structures.db") if backend == "sqlite" else postgres_database()
     write_example_database(DatabaseManager(database))
     site = local_site().model_copy(update={"database": database})
     locker = subprocess.Popen([sys.executable, "-c", _LOCKER, database, str(tmp_path / _LOCK_WHEN[step]), "30"],
@@ -260,7 +262,7 @@ def test_a_database_locked_at_a_step_where_a_job_writes_is_waited_out(tmp_path, 
     print(f"{step} locked ({backend}): {record.status} after {time.monotonic() - start:.0f} s, seen {sorted(seen)}")
     assert record.status == RecordState.SUCCEEDED, record
     assert "FAILED" not in seen
-    assert record.train_job == sub.jobs.train  # `submit` recorded the job ids despite the lock
+    assert record.train_job == sub.jobs.train.job_id  # `submit` recorded the job ids despite the lock
     published = sorted(p.name for p in potentials_root(site.output_dir).iterdir())
     assert published == ["1"], published  # once, and no staging folder left behind
     if backend == "sqlite":
@@ -268,6 +270,7 @@ def test_a_database_locked_at_a_step_where_a_job_writes_is_waited_out(tmp_path, 
         assert "database busy" in logs, logs[-2000:]
 
 
+@pytest.mark.pacemaker
 def test_a_publication_that_never_got_its_succeeded_record_is_taken_back(tmp_path, example_db, local_site):
     """The evaluation job killed between publishing and writing SUCCEEDED (a window of
     milliseconds in publish_and_record, so the folder it had published is made here by
@@ -284,7 +287,7 @@ def test_a_publication_that_never_got_its_succeeded_record_is_taken_back(tmp_pat
     (published / "metrics.json").write_text(json.dumps({"attempt": str(folder.path / "attempt-1")}))
     jobs = SubmittedJobs.load(folder.path)
     for job in (jobs.evaluate, jobs.train):  # each job's controller and the job body under it
-        for pid in [int(job), *_children(int(job))]:
+        for pid in [int(job.job_id), *_children(int(job.job_id))]:
             os.kill(pid, signal.SIGKILL)
     for name in ("pacemaker.pid", "grandchild.pid"):  # what the killed job body leaves running
         try:
@@ -308,6 +311,7 @@ def _children(pid: int) -> list[int]:
 
 
 @pytest.mark.slow
+@pytest.mark.pacemaker
 def test_a_database_locked_when_a_failing_training_ends_is_waited_out(tmp_path, example_db, local_site):
     """The training end's write (here FAILED: a successful training writes only its
     verdict file) meets a SQLite database locked for 30 s: it waits, and the record

@@ -37,6 +37,7 @@ def test_slurm_site_without_accounting_is_refused_before_submitting(monkeypatch,
     assert DatabaseManager(example_db).get_record(1).status == "FAILED"
 
 
+@pytest.mark.pacemaker  # submits: preflight imports pyace
 def test_waiting_for_a_result_that_never_comes_is_bounded(tmp_path, example_db, local_site):
     site = local_site(str(make_fault_pacemaker(tmp_path, "hang")))
     sub = submit_generation(example_db, site, tiny_train_config())
@@ -45,3 +46,146 @@ def test_waiting_for_a_result_that_never_comes_is_bounded(tmp_path, example_db, 
         wait_for_generation(Path(sub.spec.run_dir), timeout_s=4)
     assert time.monotonic() - start < 15
     cancel_generation(Path(sub.spec.run_dir))
+
+
+# -- the state watcher: bounded scheduler queries, changes still seen --------------------------------
+class _FakeClock:
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def _job(job_id: str, role: str = "train", name: str | None = None):
+    from autopipec_hpc.scheduler.base import SubmittedJob
+
+    return SubmittedJob(scheduler="slurm", folder="/runs/gen-0001/submitit", job_id=job_id, role=role,
+                        name=f"autopipec-g1-{role}-0123abcd" if name is None else name)
+
+
+def test_the_watcher_asks_at_most_30_times_in_10_minutes_and_sees_each_change_within_60_s():
+    """A 10-minute fit followed by a waiter that asks every 0.5 s (and hurries the watcher
+    whenever the record moves, as Generation.wait does): one batched query each time,
+    at most 30 in all, every change seen within 60 s, finished jobs never asked again."""
+    from autopipec_hpc.scheduler.watcher import StateWatcher
+    from autopipec_hpc.states import JobState
+
+    train, evaluate = _job("12", "train"), _job("13", "evaluate")
+    # (from time, state) of each job: the truth the scheduler would report
+    story = {train: [(0, "PENDING"), (5, "RUNNING"), (590, "COMPLETED")],
+             evaluate: [(0, "PENDING"), (590, "RUNNING"), (598, "COMPLETED")]}
+    record_moves = [7, 591, 599]  # RUNNING, then SUCCEEDED... as a record would
+
+    def truth(job, at):
+        return JobState([state for since, state in story[job] if since <= at][-1])
+
+    clock = _FakeClock()
+    asked: list[tuple[float, int]] = []
+
+    def query(jobs):
+        asked.append((clock.now, len(jobs)))
+        return {job: truth(job, clock.now) for job in jobs}
+
+    watcher = StateWatcher(query, clock=clock)
+    seen_at: dict[tuple, float] = {}
+    while clock.now <= 600:
+        if any(abs(clock.now - t) < 1e-9 for t in record_moves):
+            watcher.soon()
+        for job, state in zip((train, evaluate), watcher.states([train, evaluate])):
+            seen_at.setdefault((job.job_id, state), clock.now)
+        clock.now = round(clock.now + 0.5, 6)
+    print(f"{len(asked)} queries in 600 s at {[t for t, _ in asked]}")
+    assert len(asked) <= 30
+    assert all(n <= 2 for _, n in asked)  # one query for both jobs, never one per job
+    for job, changes in story.items():
+        for since, state in changes:
+            assert seen_at[(job.job_id, state)] - since <= 60, (job.role, state, seen_at)
+    after = len(asked)
+    clock.now = 10_000
+    assert watcher.states([train, evaluate]) == [JobState.COMPLETED, JobState.COMPLETED]
+    assert len(asked) == after  # final states are kept, never asked again
+
+
+def test_the_watcher_backs_off_to_its_longest_delay_while_nothing_changes():
+    from autopipec_hpc.scheduler.watcher import StateWatcher
+    from autopipec_hpc.states import JobState
+
+    clock = _FakeClock()
+    times: list[float] = []
+
+    def query(jobs):
+        times.append(clock.now)
+        return {job: JobState.RUNNING for job in jobs}
+
+    watcher = StateWatcher(query, clock=clock, min_delay_s=2, max_delay_s=60)
+    job = _job("7")
+    while clock.now < 600:
+        watcher.state(job)
+        clock.now += 0.25
+    gaps = [b - a for a, b in zip(times, times[1:])]
+    assert gaps[:6] == [2, 4, 8, 16, 32, 60] and set(gaps[5:]) == {60}
+    assert len(times) <= 15
+    watcher.refresh(force=True)  # an explicit refresh asks at once, and starts the delays again
+    clock.now += 2
+    watcher.state(job)
+    assert times[-2:] == [clock.now - 2, clock.now]
+
+
+def test_sacct_rows_of_another_job_with_the_same_id_are_not_adopted():
+    """After a cluster restart, id 12 names another folder's job too: only the row with
+    this job's name counts; a job whose own row is missing is UNKNOWN, never the other's."""
+    from autopipec_hpc.scheduler.slurm import parse_sacct
+
+    ours = _job("12", "train")
+    theirs_only = _job("12", "train", name="autopipec-g1-train-ffffffff")
+    legacy = _job("13", "evaluate", name="")  # a jobs.json from before names had tokens
+    out = ("12|autopipec-g1-train-deadbeef|COMPLETED\n"
+           "12|autopipec-g1-train-0123abcd|CANCELLED by 0\n"
+           "13|autopipec-g1-evaluate-deadbeef|RUNNING\n")
+    states = parse_sacct(out, [ours, theirs_only, legacy])
+    assert states[ours] == "CANCELLED"
+    assert states[theirs_only] == "UNKNOWN"
+    assert states[legacy] == "RUNNING"  # trusted by id alone, as before
+    assert parse_sacct("12|autopipec-g1-train-deadbeef|FAILED\n", [ours]) == {ours: "UNKNOWN"}
+
+
+def _fake_slurm(tmp_path, monkeypatch, sacct_rows: str):
+    """sacct and scancel that log their arguments (one line per call)."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    log = tmp_path / "calls.log"
+    for name, body in (("sacct", f"printf '%s' '{sacct_rows}'"), ("scancel", "true")):
+        script = bin_dir / name
+        script.write_text(f'#!/bin/sh\necho "{name} $*" >> {log}\n{body}\n')
+        script.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}:/usr/bin:/bin")
+    return log
+
+
+def test_the_slurm_backend_asks_sacct_once_for_all_jobs_and_cancels_by_name(tmp_path, monkeypatch, local_site):
+    from autopipec_hpc.scheduler.slurm import SlurmScheduler
+
+    log = _fake_slurm(tmp_path, monkeypatch, "12|autopipec-g1-train-0123abcd|RUNNING\n"
+                                             "13|autopipec-g1-evaluate-0123abcd|PENDING\n"
+                                             "14|autopipec-g2-train-0123abcd|RUNNING\n")
+    scheduler = SlurmScheduler(local_site().model_copy(update={"scheduler": "slurm"}))
+    train, evaluate = _job("12", "train"), _job("13", "evaluate")
+    other = _job("14", "train", name="autopipec-g2-train-99999999")  # id 14 is another job's now
+    assert scheduler.states([train, evaluate, other]) == ["RUNNING", "PENDING", "UNKNOWN"]
+    assert scheduler.states([train, evaluate]) == ["RUNNING", "PENDING"]  # from the cache
+    calls = log.read_text().splitlines()
+    assert calls == ["sacct -n -X -P -j 12,13,14 -o JobID,JobName,State"]
+    scheduler.cancel(evaluate, train)
+    assert log.read_text().splitlines()[1:] == ["scancel -n autopipec-g1-evaluate-0123abcd 13",
+                                                "scancel -n autopipec-g1-train-0123abcd 12"]
+
+
+def test_job_names_carry_a_token_of_the_folder_and_the_submission_time(tmp_path):
+    from autopipec_hpc.scheduler.base import job_name
+
+    name = job_name(3, "train", tmp_path / "gen-0003", submitted_at=1.0)
+    assert name.startswith("autopipec-g3-train-") and len(name.rsplit("-", 1)[1]) == 8
+    assert name == job_name(3, "train", tmp_path / "gen-0003", submitted_at=1.0)
+    assert name != job_name(3, "train", tmp_path / "gen-0003-r2", submitted_at=1.0)
+    assert name != job_name(3, "train", tmp_path / "gen-0003", submitted_at=2.0)

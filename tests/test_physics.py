@@ -16,7 +16,7 @@ from autopipec_hpc.physics import (
     fit_reference_energies,
 )
 from autopipec_hpc.testing.lammps_zbl import lammps_available, lammps_zbl
-from tests.conftest import random_cell
+from tests.helpers import random_cell
 
 
 def dimer(symbol: str, r: float) -> Atoms:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -31,9 +30,9 @@ from autopipec_hpc.processes import pid_alive
 from autopipec_hpc.generation import cancel_generation, job_states, wait_for_generation
 from autopipec_hpc.submission import submit_generation, train_generation
 from autopipec_hpc.testing.fault_pacemaker import make_fault_pacemaker
+from tests.helpers import CLI
 
-PACEMAKER = Path(sys.executable).parent / "pacemaker"
-pytestmark = pytest.mark.skipif(not PACEMAKER.exists(), reason="pip install -e .[pacemaker]")
+pytestmark = pytest.mark.pacemaker
 
 
 @pytest.mark.slow
@@ -88,14 +87,13 @@ def test_submit_trains_evaluates_and_registers_a_real_potential(tmp_path, exampl
         submit_generation(example_db, site, tiny_train_config(), generation=1)
 
     # Status and results from a new process.
-    cli = [sys.executable, "-m", "autopipec_hpc.cli"]
     site_file = tmp_path / "site.yaml"
     site_file.write_text(json.dumps(site.model_dump(mode="json")))
-    out = subprocess.run([*cli, "results", "--site", str(site_file), "--generation", "1"],
+    out = subprocess.run([*CLI, "results", "--site", str(site_file), "--generation", "1"],
                          capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert "SUCCEEDED" in out.stdout and "fcc_rattled" in out.stdout
-    out = subprocess.run([*cli, "status", "--site", str(site_file)], capture_output=True, text=True, timeout=120)
+    out = subprocess.run([*CLI, "status", "--site", str(site_file)], capture_output=True, text=True, timeout=120)
     assert "COMPLETED" in out.stdout
 
 
@@ -154,6 +152,8 @@ def test_crashing_trainer_fails_with_log_tail_and_publishes_nothing(tmp_path, ex
     assert _no_potential(site)
     assert not (Path(sub.spec.run_dir) / "evaluation").exists()
     assert job_states(Path(sub.spec.run_dir)) == {"train": "FAILED", "evaluate": "FAILED"}
+    # the local `afterok`: the evaluation ended FAILED naming its dependency, its body never ran
+    assert f"the train job {sub.jobs.train.job_id} it depends on ended FAILED" in sub.jobs.evaluate.stderr.read_text()
 
 
 def test_diverging_fit_is_recorded_and_not_published(tmp_path, example_db, local_site):

@@ -113,9 +113,11 @@ def test_staged_files_and_manifest(tmp_path):
 
 
 def small_potential(path: Path) -> Path:
-    """An untrained but valid ACE potential: pyace's own basis for a tiny config, random coefficients."""
-    yaml = pytest.importorskip("yaml")
-    pyace = pytest.importorskip("pyace")
+    """An untrained but valid ACE potential: pyace's own basis for a tiny config, random coefficients
+    (for tests with the ``pacemaker`` marker)."""
+    import pyace
+    import yaml
+
     from autopipec_hpc.example_data import tiny_train_config
     from autopipec_hpc.pacemaker.files import render_input
 
@@ -126,6 +128,7 @@ def small_potential(path: Path) -> Path:
     return path
 
 
+@pytest.mark.pacemaker
 def test_load_calculator_is_ace_plus_zbl_plus_reference_energies(tmp_path):
     potential = small_potential(tmp_path / "fit.yaml")
     from pyace import PyACECalculator

@@ -76,3 +76,23 @@ def test_run_spec_round_trips_through_its_folder(tmp_path):
     assert RunFolder(tmp_path).spec_file.exists()
     assert RunSpec.load(tmp_path) == spec
     assert spec.dataset_dir == Path(tmp_path) / "dataset" and spec.folder.path == Path(tmp_path)
+
+
+def test_jobs_json_of_either_format_loads(tmp_path):
+    """jobs.json as written now (each job with its name), and as written before names
+    carried a token (ids only): the old one is followed by id alone."""
+    import json
+
+    from autopipec_hpc.scheduler.base import SubmittedJob, SubmittedJobs
+
+    (tmp_path / "jobs.json").write_text(json.dumps({"scheduler": "slurm", "folder": "/x/submitit",
+                                                    "train": "12", "evaluate": "13"}))
+    old = SubmittedJobs.load(tmp_path)
+    assert (old.train.job_id, old.evaluate.job_id, old.train.name, old.scheduler) == ("12", "13", "", "slurm")
+    assert old.evaluate.role == "evaluate" and old.train.folder == "/x/submitit"
+    new = SubmittedJobs(train=SubmittedJob(scheduler="local", folder="/f", job_id="1", role="train",
+                                           name="autopipec-g1-train-0123abcd", time_minutes=5),
+                        evaluate=SubmittedJob(scheduler="local", folder="/f", job_id="2", role="evaluate",
+                                              name="autopipec-g1-evaluate-0123abcd", time_minutes=9))
+    new.save(tmp_path)
+    assert SubmittedJobs.load(tmp_path) == new

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -20,13 +19,11 @@ from autopipec_hpc.cli import main
 from autopipec_hpc.config import JobResources
 from autopipec_hpc.store import DatabaseManager
 from autopipec_hpc.active.selection_folder import SelectionFolder
-from tests.test_active_learning import _copy_db, far_candidates, near_candidates, needs_pacemaker, trained  # noqa: F401
 from autopipec_hpc.scheduler.slurm import sacct_state
-from tests.test_slurm import ci_site, slurm_cluster  # noqa: F401  (the cluster fixture)
+from tests.helpers import CLI, ci_site, copy_db, far_candidates, near_candidates
 
-pytestmark = [pytest.mark.slurm, pytest.mark.slow, needs_pacemaker]
-CLI = [sys.executable, "-m", "autopipec_hpc.cli"]
-JOB_NAME = "autopipec-g1-select"
+pytestmark = [pytest.mark.slurm, pytest.mark.slow, pytest.mark.pacemaker]
+JOB_NAME = "autopipec-g1-select"  # then "-" and a token of the job's own (job.json keeps the whole name)
 # The select job's own resources (the site's `select:` section), told apart from evaluate's.
 SELECT_RESOURCES = {"partition": "cpu", "cpus": 1, "mem_gb": 1, "time_minutes": 7}
 
@@ -45,16 +42,22 @@ def _site_file(tmp_path: Path, **changes) -> Path:
     return path
 
 
-def _wait_state(job_id: str, wanted: set[str], timeout_s: float = 60) -> str:
+def _job_name(folder: SelectionFolder) -> str:
+    name = json.loads(folder.job_file.read_text())["name"]
+    assert name.startswith(f"{JOB_NAME}-") and len(name) == len(JOB_NAME) + 9, name
+    return name
+
+
+def _wait_state(job_id: str, wanted: set[str], name: str, timeout_s: float = 60) -> str:
     deadline = time.monotonic() + timeout_s
-    state = sacct_state(job_id, JOB_NAME)
+    state = sacct_state(job_id, name)
     while state not in wanted and time.monotonic() < deadline:
         time.sleep(1)
-        state = sacct_state(job_id, JOB_NAME)
+        state = sacct_state(job_id, name)
     return state
 
 
-def _sacct(job_id: str, name: str = JOB_NAME) -> list[str]:
+def _sacct(job_id: str, name: str) -> list[str]:
     """sacct's name|partition|state of job ``job_id`` named ``name``, once it has ended (job ids
     restart with the shared cluster: accounting may list an older job of the same id too)."""
     deadline = time.monotonic() + 60
@@ -69,7 +72,7 @@ def _sacct(job_id: str, name: str = JOB_NAME) -> list[str]:
 
 
 def test_select_on_a_slurm_site_runs_as_one_job_and_writes_pyaces_gamma(trained, tmp_path, capsys):
-    database = _copy_db(trained, tmp_path)
+    database = copy_db(trained, tmp_path)
     near, far = _candidates(database)
     start = time.monotonic()
     code = main(["select", "--site", str(_site_file(tmp_path)), "--db", database, "--generation", "1",
@@ -84,9 +87,9 @@ def test_select_on_a_slurm_site_runs_as_one_job_and_writes_pyaces_gamma(trained,
     assert folder.path == Path(trained[2].potential_path).parent.parent / "selections" / "gen-1"
     job = json.loads(folder.job_file.read_text())
     assert job["scheduler"] == "slurm" and f"select job {job['job_id']} submitted" in out
-    assert "autopipec-g1-select|cpu|COMPLETED" in _sacct(job["job_id"])
+    assert f"{_job_name(folder)}|cpu|COMPLETED" in _sacct(job["job_id"], job["name"])
     script = folder.job_script().read_text()
-    assert "#SBATCH --job-name=autopipec-g1-select" in script and "#SBATCH --partition=cpu" in script
+    assert f"#SBATCH --job-name={job['name']}" in script and "#SBATCH --partition=cpu" in script
     assert "#SBATCH --time=7" in script and "compute-node preamble (select job of" in script
     assert folder.submitted_pickle().exists() and Path(job["folder"]).is_dir()
     # the same summary table as in-process, read back from the job's summary
@@ -116,7 +119,7 @@ def _gated_select(tmp_path: Path, database: str, gate: Path) -> tuple[subprocess
         time.sleep(0.2)
     assert folder.job_file.exists(), command.communicate(timeout=30)
     job_id = json.loads(folder.job_file.read_text())["job_id"]
-    assert _wait_state(job_id, {"RUNNING"}) == "RUNNING"  # waiting at the gate
+    assert _wait_state(job_id, {"RUNNING"}, _job_name(folder)) == "RUNNING"  # waiting at the gate
     return command, folder, job_id
 
 
@@ -127,7 +130,7 @@ def _no_false_state(database: str, candidates: list[int]) -> None:
 
 
 def test_a_select_job_that_fails_ends_the_command_with_its_error_and_requests_nothing(trained, tmp_path):
-    database = _copy_db(trained, tmp_path)
+    database = copy_db(trained, tmp_path)
     near, far = _candidates(database)
     gate = tmp_path / "go"
     command, folder, job_id = _gated_select(tmp_path, database, gate)
@@ -144,14 +147,14 @@ def test_a_select_job_that_fails_ends_the_command_with_its_error_and_requests_no
     [line] = stderr.strip().splitlines()
     assert line.startswith(f"error: select job {job_id} failed: generation 1: ")
     assert "potential.yaml is missing" in line and str(folder.path / "submitit") in line
-    assert _wait_state(job_id, {"FAILED"}) == "FAILED"
+    assert _wait_state(job_id, {"FAILED"}, _job_name(folder)) == "FAILED"
     assert "potential.yaml is missing" in folder.failure()
     assert not folder.summary_file.exists()
     _no_false_state(database, near + far)
 
 
 def test_a_cancelled_select_job_ends_the_command_with_one_line_and_requests_nothing(trained, tmp_path):
-    database = _copy_db(trained, tmp_path)
+    database = copy_db(trained, tmp_path)
     near, far = _candidates(database)
     command, folder, job_id = _gated_select(tmp_path, database, tmp_path / "never")
     subprocess.run(["scancel", job_id], check=True, timeout=30)
@@ -160,7 +163,8 @@ def test_a_cancelled_select_job_ends_the_command_with_one_line_and_requests_noth
     assert command.returncode == 2, stdout + stderr
     [line] = stderr.strip().splitlines()
     assert line.startswith(f"error: select job {job_id} ended CANCELLED without a selection")
-    assert any(line.startswith("autopipec-g1-select|cpu|CANCELLED") for line in _sacct(job_id))
+    name = _job_name(folder)
+    assert any(line.startswith(f"{name}|cpu|CANCELLED") for line in _sacct(job_id, name))
     _no_false_state(database, near + far)
 
 
@@ -168,7 +172,7 @@ def test_the_loop_on_a_slurm_site_selects_with_the_same_job(trained, tmp_path, m
     from autopipec_hpc.active import loop
     from autopipec_hpc.example_data import tiny_train_config
 
-    database = _copy_db(trained, tmp_path)
+    database = copy_db(trained, tmp_path)
     near, far = _candidates(database)
     site = ci_site(tmp_path, database=database).model_copy(update={"select": JobResources(**SELECT_RESOURCES)})
 
@@ -178,18 +182,19 @@ def test_the_loop_on_a_slurm_site_selects_with_the_same_job(trained, tmp_path, m
     monkeypatch.setattr(loop, "label_requested", interrupted)
     said: list[str] = []
     with pytest.raises(KeyboardInterrupt):
-        loop.run_loop(site, database, tiny_train_config(), generations=2, select_max=3,
-                                 calculator="ase.calculators.emt:EMT", timeout_s=300, notify=said.append)
+        settings = loop.LoopSettings(generations=2, select=3, calculator="ase.calculators.emt:EMT")
+        loop.run_loop(site, DatabaseManager(database), tiny_train_config(), settings, timeout_s=300,
+                      notify=said.append)
     db = DatabaseManager(database)
     [marker] = db.markers("selection", 1)
     job = json.loads(SelectionFolder(marker.folder).job_file.read_text())
-    assert "autopipec-g1-select|cpu|COMPLETED" in _sacct(job["job_id"])
+    assert f"{_job_name(SelectionFolder(marker.folder))}|cpu|COMPLETED" in _sacct(job["job_id"], job["name"])
     assert any(f"select job {job['job_id']} submitted (slurm)" in line for line in said), said
     assert sorted(r.id for r in db.iter_rows(status="DFT_REQUESTED")) == sorted(far)
 
 
 def test_select_no_wait_prints_the_job_and_where_its_summary_will_be(trained, tmp_path, capsys):
-    database = _copy_db(trained, tmp_path)
+    database = copy_db(trained, tmp_path)
     _candidates(database)
     gate = tmp_path / "go"
     site_file = _site_file(tmp_path, setup=[f"while [ ! -e {gate} ]; do sleep 0.2; done"])
@@ -201,6 +206,7 @@ def test_select_no_wait_prints_the_job_and_where_its_summary_will_be(trained, tm
     assert f"select job {job_id} submitted (slurm)" in printed
     assert f"its summary will be {out / 'selection.json'}" in printed
     gate.touch()
-    assert "autopipec-g1-select|cpu|COMPLETED" in _sacct(job_id)
+    name = _job_name(SelectionFolder(out))
+    assert f"{name}|cpu|COMPLETED" in _sacct(job_id, name)
     assert sorted(json.loads((out / "selection.json").read_text())["selected_ids"]) == \
         sorted(r.id for r in DatabaseManager(database).iter_rows(status="DFT_REQUESTED"))

@@ -6,70 +6,23 @@ fail rather than skip there. `bash scripts/slurm/up.sh && pytest -m slurm` runs 
 
 from __future__ import annotations
 
-import os
-import shutil
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 
-from autopipec_hpc.config import SiteConfig
 from autopipec_hpc.store import DatabaseManager
 from autopipec_hpc.errors import PreflightError, TrainingFailedError
 from autopipec_hpc.example_data import tiny_train_config
 from autopipec_hpc.registry import potentials_root
 from autopipec_hpc.processes import pid_alive
-from autopipec_hpc.scheduler.slurm import sacct_state
 from autopipec_hpc.generation import cancel_generation, job_states, wait_for_generation
 from autopipec_hpc.submission import submit_generation
 from autopipec_hpc.testing.fault_pacemaker import make_fault_pacemaker
+from tests.helpers import CLI, ci_site, wait_state
 
-pytestmark = pytest.mark.slurm
-CI_SITE = Path(__file__).resolve().parents[1] / "site_configs" / "slurm-ci.yaml"
-
-
-def _cluster_up() -> str | None:
-    if shutil.which("sinfo") is None:
-        return "SLURM client commands are not installed"
-    try:
-        done = subprocess.run(["sinfo", "-h", "-p", "gpu", "-o", "%a"], capture_output=True, text=True, timeout=10)
-    except subprocess.TimeoutExpired:
-        return "sinfo did not answer"
-    if done.returncode != 0 or "up" not in done.stdout:
-        return f"no SLURM cluster with a gpu partition answers ({done.stderr.strip()})"
-    return None
-
-
-@pytest.fixture(scope="module", autouse=True)
-def slurm_cluster():
-    problem = _cluster_up()
-    if problem:
-        if os.environ.get("AUTOPIPEC_REQUIRE_SLURM") == "1":
-            pytest.fail(f"AUTOPIPEC_REQUIRE_SLURM=1 but {problem}")
-        pytest.skip(f"{problem}: start one with `bash scripts/slurm/up.sh`")
-
-
-def ci_site(root: Path, **changes) -> SiteConfig:
-    """slurm-ci.yaml with folders of this test's own (job ids restart with the cluster)."""
-    base = SiteConfig.from_yaml(CI_SITE).model_dump(mode="json")
-    base.update(work_dir=str(root / "runs"), output_dir=str(root / "output"), database=str(root / "structures.db"))
-    for key, value in changes.items():
-        if isinstance(value, dict):
-            base[key] = {**base[key], **value}
-        else:
-            base[key] = value
-    return SiteConfig.model_validate(base)
-
-
-def _wait_state(job_id: str, wanted: set[str], timeout_s: float = 60) -> str:
-    deadline = time.monotonic() + timeout_s
-    state = sacct_state(job_id)
-    while state not in wanted and time.monotonic() < deadline:
-        time.sleep(1)
-        state = sacct_state(job_id)
-    return state
+pytestmark = [pytest.mark.slurm, pytest.mark.pacemaker]  # every test submits: preflight imports pyace
 
 
 @pytest.mark.slow
@@ -95,15 +48,15 @@ def test_real_fit_on_the_gpu_partition_then_dependent_evaluation(tmp_path, examp
     train_script = (run / "train.sbatch").read_text()
     assert "#SBATCH --partition=gpu" in train_script and "#SBATCH --gres=gpu:1" in train_script
     eval_script = (run / "evaluate.sbatch").read_text()
-    assert f"--dependency=afterok:{sub.jobs.train}" in eval_script
+    assert f"--dependency=afterok:{sub.jobs.train.job_id}" in eval_script
     assert "--kill-on-invalid-dep=yes" in eval_script and "#SBATCH --partition=cpu" in eval_script
     assert job_states(run) == {"train": "COMPLETED", "evaluate": "COMPLETED"}
     # status from a new process re-attaches through the run folder and sacct
     site_file = tmp_path / "site.yaml"
     site_file.write_text(__import__("json").dumps(site.model_dump(mode="json")))
-    out = subprocess.run([sys.executable, "-m", "autopipec_hpc.cli", "status", "--site", str(site_file)],
+    out = subprocess.run([*CLI, "status", "--site", str(site_file)],
                          capture_output=True, text=True, timeout=60)
-    assert "SUCCEEDED" in out.stdout and f"{sub.jobs.train} COMPLETED" in out.stdout
+    assert "SUCCEEDED" in out.stdout and f"{sub.jobs.train.job_id} COMPLETED" in out.stdout
 
 
 def test_failing_training_cancels_the_evaluation_and_records_failed(tmp_path, example_db):
@@ -113,8 +66,8 @@ def test_failing_training_cancels_the_evaluation_and_records_failed(tmp_path, ex
     with pytest.raises(TrainingFailedError, match="exited with code 1") as info:
         wait_for_generation(Path(sub.spec.run_dir), timeout_s=300)
     assert "bad_alloc" in info.value.log_tail
-    assert _wait_state(sub.jobs.train, {"FAILED"}) == "FAILED"
-    assert _wait_state(sub.jobs.evaluate, {"CANCELLED"}) == "CANCELLED"  # not left pending
+    assert wait_state(sub.jobs.train.job_id, {"FAILED"}) == "FAILED"
+    assert wait_state(sub.jobs.evaluate.job_id, {"CANCELLED"}) == "CANCELLED"  # not left pending
     record = DatabaseManager(example_db).get_record(1)
     assert record.status == "FAILED" and "bad_alloc" in record.data["log_tail"]
     assert not (potentials_root(site.output_dir) / "1").exists()
@@ -125,7 +78,7 @@ def test_cancel_removes_both_jobs_and_records_cancelled(tmp_path, example_db):
                                                  "evaluator": "pyace"})
     sub = submit_generation(example_db, site, tiny_train_config())
     attempt = Path(sub.spec.run_dir) / "attempt-1"
-    assert _wait_state(sub.jobs.train, {"RUNNING"}) == "RUNNING"
+    assert wait_state(sub.jobs.train.job_id, {"RUNNING"}) == "RUNNING"
     deadline = time.monotonic() + 60
     while not (attempt / "grandchild.pid").exists() and time.monotonic() < deadline:
         time.sleep(0.5)  # cancel while the trainer runs, the case that must not leave processes
@@ -134,7 +87,7 @@ def test_cancel_removes_both_jobs_and_records_cancelled(tmp_path, example_db):
     assert DatabaseManager(example_db).get_record(1).status == "CANCELLED"
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:  # CANCELLED in sacct; gone from the queue once SLURM has cleaned up
-        queue = subprocess.run(["squeue", "-h", "-j", f"{sub.jobs.train},{sub.jobs.evaluate}"],
+        queue = subprocess.run(["squeue", "-h", "-j", f"{sub.jobs.train.job_id},{sub.jobs.evaluate.job_id}"],
                                capture_output=True, text=True).stdout
         if not queue.strip():
             break
@@ -189,7 +142,7 @@ def test_kept_job_script_can_be_resubmitted_by_hand(tmp_path, example_db):
                          timeout=30, cwd=tmp_path)
     assert out.returncode == 0, out.stderr
     job_id = out.stdout.strip().split(";")[0]
-    assert _wait_state(job_id, {"FAILED", "COMPLETED"}, timeout_s=120) == "FAILED"  # the crash, once more
+    assert wait_state(job_id, {"FAILED", "COMPLETED"}, timeout_s=120) == "FAILED"  # the crash, once more
     assert (run / "attempt-2" / "pacemaker.out").exists()  # the same TrainJob ran again, a fresh attempt
 
 
@@ -207,5 +160,5 @@ def test_gpu_job_whose_tensorflow_sees_no_gpu_fails_at_once_without_fallback(tmp
     record = DatabaseManager(example_db).get_record(1)
     assert record.status == "FAILED" and "sees no GPU" in record.reason
     assert not (Path(sub.spec.run_dir) / "attempt-1").exists()  # pacemaker never started
-    assert _wait_state(sub.jobs.evaluate, {"CANCELLED"}) == "CANCELLED"
+    assert wait_state(sub.jobs.evaluate.job_id, {"CANCELLED"}) == "CANCELLED"
     assert not (potentials_root(site.output_dir) / "1").exists()

@@ -9,7 +9,6 @@ import os
 import shutil
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -21,11 +20,9 @@ from autopipec_hpc.example_data import tiny_train_config, write_example_database
 from autopipec_hpc.registry import potentials_root
 from autopipec_hpc.generation import cancel_generation, wait_for_generation
 from autopipec_hpc.submission import submit_generation
-from tests.test_slurm import _wait_state, ci_site, slurm_cluster  # noqa: F401  (the cluster fixture)
-from tests.test_state import _postgres_database
+from tests.helpers import CLI, ci_site, postgres_database, wait_state
 
-pytestmark = pytest.mark.slurm
-CLI = [sys.executable, "-m", "autopipec_hpc.cli"]
+pytestmark = [pytest.mark.slurm, pytest.mark.pacemaker]  # every test submits: preflight imports pyace
 
 
 def _status(tmp_path: Path, site, generation: int, env: dict | None = None) -> subprocess.CompletedProcess:
@@ -45,9 +42,9 @@ def _first_iteration(run_dir: Path, timeout_s: float = 180) -> None:
 def test_scancel_of_the_evaluation_while_training_runs_ends_failed(tmp_path, example_db):
     site = ci_site(tmp_path, pacemaker={"evaluator": "pyace"})
     sub = submit_generation(example_db, site, tiny_train_config())
-    assert _wait_state(sub.jobs.train, {"RUNNING"}) == "RUNNING"
-    subprocess.run(["scancel", sub.jobs.evaluate], check=True, timeout=30)
-    assert _wait_state(sub.jobs.train, {"COMPLETED", "FAILED"}, timeout_s=300) == "COMPLETED"
+    assert wait_state(sub.jobs.train.job_id, {"RUNNING"}) == "RUNNING"
+    subprocess.run(["scancel", sub.jobs.evaluate.job_id], check=True, timeout=30)
+    assert wait_state(sub.jobs.train.job_id, {"COMPLETED", "FAILED"}, timeout_s=300) == "COMPLETED"
     deadline = time.monotonic() + 60
     while True:
         done = _status(tmp_path, site, 1)
@@ -56,7 +53,7 @@ def test_scancel_of_the_evaluation_while_training_runs_ends_failed(tmp_path, exa
             break
         time.sleep(1)
     assert record.status == RecordState.FAILED, (record, done.stdout)
-    assert f"evaluation job {sub.jobs.evaluate} CANCELLED" in record.reason
+    assert f"evaluation job {sub.jobs.evaluate.job_id} CANCELLED" in record.reason
     assert not (potentials_root(site.output_dir) / "1").exists()
 
 
@@ -65,8 +62,8 @@ def test_scancel_of_the_training_by_hand_ends_cancelled(tmp_path, example_db):
     site = ci_site(tmp_path, pacemaker={"evaluator": "pyace"})
     sub = submit_generation(example_db, site, tiny_train_config().model_copy(update={"maxiter": 200}))
     _first_iteration(Path(sub.spec.run_dir))
-    subprocess.run(["scancel", sub.jobs.train], check=True, timeout=30)
-    assert _wait_state(sub.jobs.train, {"CANCELLED", "COMPLETED", "FAILED"}, timeout_s=120) == "CANCELLED"
+    subprocess.run(["scancel", sub.jobs.train.job_id], check=True, timeout=30)
+    assert wait_state(sub.jobs.train.job_id, {"CANCELLED", "COMPLETED", "FAILED"}, timeout_s=120) == "CANCELLED"
     started = time.monotonic()
     while True:
         done = _status(tmp_path, site, 1)
@@ -75,8 +72,8 @@ def test_scancel_of_the_training_by_hand_ends_cancelled(tmp_path, example_db):
             break
         time.sleep(1)
     assert record.status == RecordState.CANCELLED, (record, done.stdout)
-    assert f"training job {sub.jobs.train} CANCELLED" in record.reason
-    assert _wait_state(sub.jobs.evaluate, {"CANCELLED", "COMPLETED", "FAILED"}, timeout_s=60) == "CANCELLED"
+    assert f"training job {sub.jobs.train.job_id} CANCELLED" in record.reason
+    assert wait_state(sub.jobs.evaluate.job_id, {"CANCELLED", "COMPLETED", "FAILED"}, timeout_s=60) == "CANCELLED"
     assert not (potentials_root(site.output_dir) / "1").exists()
 
 
@@ -86,7 +83,7 @@ def test_a_requeue_started_by_slurm_is_never_a_failure(tmp_path, example_db):
     sub = submit_generation(example_db, site, tiny_train_config().model_copy(update={"maxiter": 60}))
     run = Path(sub.spec.run_dir)
     _first_iteration(run)
-    subprocess.run(["scontrol", "requeue", sub.jobs.train], check=True, timeout=30)
+    subprocess.run(["scontrol", "requeue", sub.jobs.train.job_id], check=True, timeout=30)
     seen = set()
     deadline = time.monotonic() + 900
     db = DatabaseManager(example_db)
@@ -109,7 +106,7 @@ def test_a_partition_that_is_down_is_named_and_status_says_why_it_waits(tmp_path
         said: list[str] = []
         sub = submit_generation(example_db, site, tiny_train_config(), notify=said.append)
         assert any("partition 'gpu' is down" in line for line in said), said
-        assert _wait_state(sub.jobs.train, {"PENDING"}) == "PENDING"
+        assert wait_state(sub.jobs.train.job_id, {"PENDING"}) == "PENDING"
         time.sleep(3)  # let the scheduler give its reason
         out = _status(tmp_path, site, 1).stdout
         assert "PENDING (" in out, out
@@ -144,7 +141,7 @@ def test_status_shows_every_record_when_accounting_cannot_answer(tmp_path, examp
 
 @pytest.mark.slow
 def test_a_whole_slurm_run_through_postgresql(tmp_path):
-    url = _postgres_database()
+    url = postgres_database()
     write_example_database(DatabaseManager(url))
     site = ci_site(tmp_path, database=url, pacemaker={"evaluator": "pyace"})
     sub = submit_generation(url, site, tiny_train_config())
@@ -194,13 +191,13 @@ def test_a_node_set_down_while_training_runs_is_a_requeue_and_ends_succeeded(tmp
     sub = submit_generation(example_db, site, tiny_train_config())
     run = Path(sub.spec.run_dir)
     _first_iteration(run)
-    _alone_on_the_cluster(sub.jobs.train, sub.jobs.evaluate)
+    _alone_on_the_cluster(sub.jobs.train.job_id, sub.jobs.evaluate.job_id)
     try:
         subprocess.run(["scontrol", "update", f"nodename={NODE}", "state=down", "reason=autopipec-test"],
                        check=True, timeout=30)
-        subprocess.run(["scontrol", "hold", sub.jobs.train], check=True, timeout=30)
-        assert _wait_state(sub.jobs.train, {"PENDING"}) == "PENDING"  # requeued, not failed
-        runs = subprocess.run(["sacct", "-n", "-X", "-P", "-D", "-j", sub.jobs.train, "-o", "State"],
+        subprocess.run(["scontrol", "hold", sub.jobs.train.job_id], check=True, timeout=30)
+        assert wait_state(sub.jobs.train.job_id, {"PENDING"}) == "PENDING"  # requeued, not failed
+        runs = subprocess.run(["sacct", "-n", "-X", "-P", "-D", "-j", sub.jobs.train.job_id, "-o", "State"],
                               capture_output=True, text=True, timeout=30).stdout.split()
         assert "NODE_FAIL" in runs, runs
         time.sleep(31)  # REQUEUE_EVIDENCE_S: from then on a RUNNING record is known to be stale
@@ -210,7 +207,7 @@ def test_a_node_set_down_while_training_runs_is_a_requeue_and_ends_succeeded(tmp
     finally:
         # ReturnToService=2 may have resumed it already ("Invalid node state"): fine
         subprocess.run(["scontrol", "update", f"nodename={NODE}", "state=resume"], capture_output=True, timeout=30)
-        subprocess.run(["scontrol", "release", sub.jobs.train], timeout=30)
+        subprocess.run(["scontrol", "release", sub.jobs.train.job_id], timeout=30)
     record, seen, took, out = _until_final(tmp_path, site, timeout_s=900)
     print(f"node down and back: {record.status} {took:.0f} s after the job was released; seen {sorted(set(seen))}")
     assert record.status == RecordState.SUCCEEDED, (record, seen, out)
@@ -278,7 +275,7 @@ def test_status_while_slurmdbd_is_stopped_then_the_record_ends_true(tmp_path, ex
     _first_iteration(Path(sub.spec.run_dir))
     _stop_slurmdbd()
     try:
-        os.kill(_job_process(sub.jobs.train, "python"), signal.SIGKILL)
+        os.kill(_job_process(sub.jobs.train.job_id, "python"), signal.SIGKILL)
         time.sleep(5)  # the training job has failed by now, and SLURM cancelled the evaluation
         start = time.monotonic()
         done = _status(tmp_path, site, 1)
@@ -291,7 +288,7 @@ def test_status_while_slurmdbd_is_stopped_then_the_record_ends_true(tmp_path, ex
     record, seen, took, out = _until_final(tmp_path, site, timeout_s=300)
     print(f"slurmdbd back: {record.status} after {took:.0f} s: {record.reason}")
     assert record.status == RecordState.FAILED, (record, out)
-    assert f"training job {sub.jobs.train} FAILED" in record.reason, record.reason
+    assert f"training job {sub.jobs.train.job_id} FAILED" in record.reason, record.reason
     assert not (potentials_root(site.output_dir) / "1").exists()
 
 
@@ -304,18 +301,18 @@ def test_a_job_process_killed_with_sigkill_ends_failed_with_the_reason(tmp_path,
     maxiter = 20 if victim == "evaluation python" else 200
     sub = submit_generation(example_db, site, tiny_train_config().model_copy(update={"maxiter": maxiter}))
     if victim == "evaluation python":
-        pid = _job_process(sub.jobs.evaluate, "python")
+        pid = _job_process(sub.jobs.evaluate.job_id, "python")
     else:
         _first_iteration(Path(sub.spec.run_dir))
-        pid = _job_process(sub.jobs.train, "pacemaker" if victim == "pacemaker" else "python")
+        pid = _job_process(sub.jobs.train.job_id, "pacemaker" if victim == "pacemaker" else "python")
     os.kill(pid, signal.SIGKILL)
     record, seen, took, out = _until_final(tmp_path, site, timeout_s=180)
     print(f"kill -9 of the {victim}: {record.status} after {took:.0f} s: {record.reason}")
     assert record.status == RecordState.FAILED, (record, out)
     expected = {
-        "training python": f"training job {sub.jobs.train} FAILED",
+        "training python": f"training job {sub.jobs.train.job_id} FAILED",
         "pacemaker": "pacemaker exited with code -9",
-        "evaluation python": f"evaluation job {sub.jobs.evaluate} FAILED",
+        "evaluation python": f"evaluation job {sub.jobs.evaluate.job_id} FAILED",
     }[victim]
     assert expected in record.reason, record.reason
     assert not (potentials_root(site.output_dir) / "1").exists()

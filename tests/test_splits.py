@@ -11,7 +11,7 @@ from ase import Atoms
 
 from autopipec_hpc.dataset_prep import DatasetBuilder, DatasetManifest, DatasetSettings
 from autopipec_hpc.splits import fingerprint_draw, holdout_quota, split_by_draws
-from tests.conftest import labelled
+from tests.helpers import labelled
 
 from autopipec_hpc.store import DatabaseManager
 

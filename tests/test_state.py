@@ -4,7 +4,6 @@ the claim, on SQLite and on PostgreSQL, with real concurrent processes."""
 from __future__ import annotations
 
 import multiprocessing
-import os
 import subprocess
 import sys
 import time
@@ -16,25 +15,7 @@ from autopipec_hpc.states import RecordState
 from autopipec_hpc.store import DatabaseManager
 from autopipec_hpc.errors import ClaimError, DatabaseError
 
-PG_URL = os.environ.get("AUTOPIPEC_TEST_POSTGRES")
-
-
-def _postgres_database() -> str:
-    """A fresh database on the test server of scripts/postgres/up.sh."""
-    if not PG_URL:
-        if os.environ.get("AUTOPIPEC_REQUIRE_POSTGRES") == "1":
-            pytest.fail("AUTOPIPEC_REQUIRE_POSTGRES=1 but AUTOPIPEC_TEST_POSTGRES is not set")
-        pytest.skip("no PostgreSQL: start one with `bash scripts/postgres/up.sh` and source its env.sh")
-    from autopipec_hpc.testing.postgres import new_database
-
-    return new_database(PG_URL)
-
-
-@pytest.fixture(params=["sqlite", "postgresql"])
-def database(request, tmp_path) -> str:
-    if request.param == "sqlite":
-        return str(tmp_path / "records.db")
-    return _postgres_database()
+# ``database`` (conftest.py): each test here runs on SQLite and on PostgreSQL.
 
 
 def _claim(args: tuple[str, int | None, str, int]) -> tuple[str, int | None, str]:

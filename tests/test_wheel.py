@@ -87,6 +87,7 @@ def test_site_template_loads_as_a_site_config(tmp_path, capsys, slurm):
     assert site.scheduler == ("slurm" if slurm else "local")
 
 
+@pytest.mark.pacemaker  # python-ace's version is what it records
 def test_manifest_records_the_software_versions(tmp_path):
     """potential.json names autopipec-hpc's and pacemaker's (python-ace) versions."""
     import importlib.metadata

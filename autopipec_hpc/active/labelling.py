@@ -46,18 +46,35 @@ def load_calculator_class(spec: str, kwargs_json: str | None = None) -> tuple[ty
     return cls, kwargs
 
 
+@dataclass(frozen=True)
+class Labeller:
+    """An ASE calculator named ``MODULE:CLASS`` with its keyword arguments, checked once."""
+
+    spec: str
+    cls: type
+    kwargs: dict[str, Any]
+
+    @classmethod
+    def load(cls, spec: str, kwargs_json: str | None = None) -> "Labeller":
+        """LabellingError naming ``--calculator`` or ``--kwargs`` if either is wrong."""
+        calculator, kwargs = load_calculator_class(spec, kwargs_json)
+        return cls(spec, calculator, kwargs)
+
+    def calculator(self):
+        return self.cls(**self.kwargs)
+
+
 @dataclass
 class LabelResult:
     labelled: list[int]
 
 
 def label_requested(
-    database: str, spec: str, kwargs_json: str | None = None, notify: Callable[[str], None] | None = None
+    db: DatabaseManager, labeller: Labeller, notify: Callable[[str], None] | None = None
 ) -> LabelResult:
-    """Label every DFT_REQUESTED row with ``MODULE:CLASS(**kwargs)`` and make it TRAINING_READY.
+    """Label every DFT_REQUESTED row with the labeller's calculator and make it TRAINING_READY.
     Each row is written as soon as it is labelled, so an interrupted run loses nothing."""
-    cls, kwargs = load_calculator_class(spec, kwargs_json)
-    db = DatabaseManager(database)
+    spec = labeller.spec
     say = notify or (lambda message: None)
     done: list[int] = []
     ids = [row.id for row in db.iter_rows(status=StructureStatus.DFT_REQUESTED)]
@@ -66,7 +83,7 @@ def label_requested(
         if row.get("status") != StructureStatus.DFT_REQUESTED:
             continue
         atoms = row.toatoms()
-        atoms.calc = cls(**kwargs)
+        atoms.calc = labeller.calculator()
         try:
             energy = float(atoms.get_potential_energy())
             forces = np.asarray(atoms.get_forces(), dtype=float)

@@ -8,36 +8,66 @@ at the first unfinished step.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
-from autopipec_hpc.active.labelling import label_requested, load_calculator_class
+from dataclasses import dataclass, field
+
+from autopipec_hpc.active.labelling import Labeller, label_requested
 from autopipec_hpc.active.select_job import run_selection
-from autopipec_hpc.active.selection import check_selection_args
+from autopipec_hpc.active.selection_folder import SelectionRequest
+from autopipec_hpc.config import SiteConfig, TrainConfig
 from autopipec_hpc.errors import ConfigError
-from autopipec_hpc.states import RecordState, StructureStatus
+from autopipec_hpc.states import LoopAction, RecordState, Strategy, StructureStatus
 from autopipec_hpc.store import DatabaseManager
 from autopipec_hpc.store.structures import SELECTION_RECORD
 
 
-# -- the loop -----------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class LoopSettings:
+    """What the loop is asked, checked once when it is made (before any database is opened
+    or file written), each setting named by its ``loop`` option."""
+
+    generations: int  # stop once this generation is published
+    select: int  # structures to label per generation at most
+    calculator: str  # MODULE:CLASS that labels
+    kwargs: str | None = None  # its keyword arguments, a JSON object
+    gamma_min: float = 1.0
+    strategy: Strategy = Strategy.D_OPTIMAL
+    warm: bool = True  # each generation warm-started from the one before
+    labeller: Labeller = field(init=False, compare=False, repr=False)
+
+    def __post_init__(self) -> None:
+        if self.generations < 1:
+            raise ConfigError(f"--generations must be at least 1, got {self.generations}")
+        strategy = self.selection(1).strategy  # checks --select, --gamma-min, --strategy
+        object.__setattr__(self, "strategy", strategy)
+        object.__setattr__(self, "labeller", Labeller.load(self.calculator, self.kwargs))
+
+    def selection(self, generation: int) -> SelectionRequest:
+        return SelectionRequest(generation=generation, max_select=self.select, gamma_min=self.gamma_min,
+                                strategy=self.strategy, max_option="--select")
+
+
+_DESCRIPTIONS = {
+    LoopAction.WAIT: "wait for generation {g}, already submitted",
+    LoopAction.SELECT: "select candidates with generation {g}",
+    LoopAction.LABEL: "label the structures generation {g} requested",
+    LoopAction.DONE: "done: generation {g} is published",
+    LoopAction.CONVERGED: "stop: generation {g} selected nothing to label",
+}
+
+
 @dataclass(frozen=True)
 class LoopStep:
     """What the loop does next, decided from the database alone."""
 
-    action: str  # wait, train, select, label, done, converged
+    action: LoopAction
     generation: int
     parent: int | None = None
 
     def describe(self) -> str:
-        if self.action == "train":
+        if self.action == LoopAction.TRAIN:
             start = f"warm start from generation {self.parent}" if self.parent else "cold start"
             return f"train generation {self.generation} ({start})"
-        return {
-            "wait": f"wait for generation {self.generation}, already submitted",
-            "select": f"select candidates with generation {self.generation}",
-            "label": f"label the structures generation {self.generation} requested",
-            "done": f"done: generation {self.generation} is published",
-            "converged": f"stop: generation {self.generation} selected nothing to label",
-        }[self.action]
+        return _DESCRIPTIONS[self.action].format(g=self.generation)
 
 
 def next_step(db: DatabaseManager, generations: int, warm: bool = True) -> LoopStep:
@@ -48,67 +78,55 @@ def next_step(db: DatabaseManager, generations: int, warm: bool = True) -> LoopS
     records = db.records()
     for r in records:
         if r.status.is_active:
-            return LoopStep("wait", r.generation)
+            return LoopStep(LoopAction.WAIT, r.generation)
     done = [r.generation for r in records if r.status == RecordState.SUCCEEDED]
     if not done:
-        return LoopStep("train", 1)
+        return LoopStep(LoopAction.TRAIN, 1)
     last = max(done)
     if last >= generations:
-        return LoopStep("done", last)
+        return LoopStep(LoopAction.DONE, last)
     markers = db.markers(SELECTION_RECORD, last)
     if not markers:
-        return LoopStep("select", last)
+        return LoopStep(LoopAction.SELECT, last)
     if db.count(status=StructureStatus.DFT_REQUESTED):
-        return LoopStep("label", last)
+        return LoopStep(LoopAction.LABEL, last)
     if int(markers[-1].get("n_selected", 0)) == 0:
-        return LoopStep("converged", last)
-    return LoopStep("train", last + 1, parent=last if warm else None)
+        return LoopStep(LoopAction.CONVERGED, last)
+    return LoopStep(LoopAction.TRAIN, last + 1, parent=last if warm else None)
 
 
 def run_loop(
-    site,
-    database: str,
-    config,
-    generations: int,
-    select_max: int,
-    calculator: str,
-    kwargs_json: str | None = None,
-    gamma_min: float = 1.0,
-    strategy: str = "d-optimal",
-    warm: bool = True,
+    site: SiteConfig,
+    db: DatabaseManager,
+    config: TrainConfig,
+    settings: LoopSettings,
     timeout_s: float | None = None,
     notify: Callable[[str], None] | None = None,
 ) -> list[LoopStep]:
-    """Run the loop until ``generations`` generations are published (or nothing is left
-    to select); returns the steps it took. Resumable: see ``next_step``."""
+    """Run the loop until ``settings.generations`` generations are published (or nothing is
+    left to select); returns the steps it took. Resumable: see ``next_step``."""
     from autopipec_hpc.generation import find_run, wait_for_generation
     from autopipec_hpc.submission import submit_generation
 
-    if generations < 1:
-        raise ConfigError(f"--generations must be at least 1, got {generations}")
-    check_selection_args(select_max, gamma_min, strategy, 1, max_option="--select")
-    load_calculator_class(calculator, kwargs_json)
     say = notify or (lambda message: None)
-    db = DatabaseManager(database)
     timeout = site.result_timeout_s if timeout_s is None else timeout_s
     taken: list[LoopStep] = []
     while True:
-        step = next_step(db, generations, warm)
+        step = next_step(db, settings.generations, settings.warm)
         say(f"loop: {step.describe()}")
-        if step.action in ("done", "converged"):
+        if step.action in (LoopAction.DONE, LoopAction.CONVERGED):
             return taken
         taken.append(step)
-        if step.action == "wait":
-            wait_for_generation(find_run(site, step.generation, database), timeout)
-        elif step.action == "train":
+        if step.action == LoopAction.WAIT:
+            wait_for_generation(find_run(site, step.generation, db.target), timeout)
+        elif step.action == LoopAction.TRAIN:
             cfg = config.model_copy(update={"warm_start": step.parent, "reference_energies": None}
                                     if step.parent else {"warm_start": None})
-            sub = submit_generation(database, site, cfg, step.generation, notify=say)
+            sub = submit_generation(db.target, site, cfg, step.generation, notify=say)
             wait_for_generation(sub.spec.path, timeout)
-        elif step.action == "select":
-            result = run_selection(site, database, step.generation, select_max, gamma_min, strategy,
-                                   timeout_s=timeout, notify=say)
+        elif step.action == LoopAction.SELECT:
+            result = run_selection(site, db, settings.selection(step.generation), timeout_s=timeout, notify=say)
             say(f"loop: {len(result.selected_ids)} of {result.scored} candidates requested "
-                f"({result.above} with gamma > {gamma_min:g}); {result.folder}")
-        elif step.action == "label":
-            label_requested(database, calculator, kwargs_json, notify=say)
+                f"({result.above} with gamma > {settings.gamma_min:g}); {result.folder}")
+        elif step.action == LoopAction.LABEL:
+            label_requested(db, settings.labeller, notify=say)

@@ -6,23 +6,20 @@ The job's folder is the selection's summary folder (``selection_folder.py``).
 
 from __future__ import annotations
 
-from autopipec_hpc.errors import one_line
-
 from collections.abc import Callable
-from dataclasses import asdict
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-import json
 import time
-from autopipec_hpc.active.selection import SelectionResult, check_selection_args, published_potential, select_candidates
-from autopipec_hpc.active.selection_folder import SELECT_ROLE, SelectionFolder, SelectionRequest, default_selection_dir
+
+from autopipec_hpc.active.selection import SelectionResult, published_potential, select_candidates
+from autopipec_hpc.active.selection_folder import SelectionFolder, SelectionRequest, default_selection_dir
 from autopipec_hpc.config import SiteConfig
-from autopipec_hpc.errors import SchedulerError, SelectionError
+from autopipec_hpc.errors import SchedulerError, SelectionError, one_line
 from autopipec_hpc.files import fresh_dir
 from autopipec_hpc.processes import die_with_local_controller
-from autopipec_hpc.scheduler.base import SubmittedTask
-from autopipec_hpc.states import FINISHED, JobState
+from autopipec_hpc.scheduler.base import SubmittedJob, job_name
+from autopipec_hpc.states import FINISHED, JobRole, JobState
 from autopipec_hpc.store import DatabaseManager
 from autopipec_hpc.store.database import absolute_target
 
@@ -41,14 +38,11 @@ def selects_in_a_job(site: SiteConfig) -> bool:
 
 @dataclass(frozen=True)
 class SelectionSubmission:
-    """A submitted select job: what it was asked and where it runs."""
+    """A submitted select job: what it was asked, its folder and its job."""
 
     request: SelectionRequest
-    task: SubmittedTask
-
-    @property
-    def folder(self) -> SelectionFolder:
-        return SelectionFolder(self.request.folder)
+    folder: SelectionFolder
+    task: SubmittedJob
 
 
 class SelectJob:
@@ -62,63 +56,51 @@ class SelectJob:
             raise SelectionError(f"{selection.path} holds a finished selection; select again for a new one")
         selection.failure_file.unlink(missing_ok=True)  # a resubmission by hand starts clean
         try:
-            request = SelectionRequest.load(folder)
-            result = select_candidates(
-                request.database, request.generation, request.max_select, request.gamma_min, request.strategy,
-                request.batch, request.seed, notify=lambda message: print(message, flush=True),
-                folder_made=selection,
-            )
+            database, request = SelectionRequest.load(folder)
+            # The job's own handle, opened from its saved request: one per job.
+            result = select_candidates(DatabaseManager(database), request,
+                                       notify=lambda message: print(message, flush=True), folder_made=selection)
         except Exception as exc:
             selection.record_failure(one_line(exc))
             raise
-        return asdict(result)
-
+        return result.model_dump(mode="json")
 
 
 def submit_selection(
     site: SiteConfig,
-    database: str,
-    generation: int,
-    max_select: int = 20,
-    gamma_min: float = 1.0,
-    strategy: str = "d-optimal",
-    batch: int = 200,
-    seed: int = 0,
-    out_dir: str | Path | None = None,
+    db: DatabaseManager,
+    request: SelectionRequest,
     notify: Callable[[str], None] | None = None,
 ) -> SelectionSubmission:
-    """Check the arguments, the published potential and the scheduler here, then submit one
-    select job (``SelectJob``) with the site's ``select`` resources. Its folder, the
-    summary folder (``selection_folder.py``), keeps the request, the job script and log."""
+    """Check the published potential and the scheduler here, then submit one select job
+    (``SelectJob``) with the site's ``select`` resources. Its folder, the summary folder
+    (``selection_folder.py``), keeps the request, the job script and log."""
     from autopipec_hpc.scheduler import scheduler_for
 
-    check_selection_args(max_select, gamma_min, strategy, batch)
     say = notify or (lambda message: None)
-    database = absolute_target(database)
-    potential = published_potential(DatabaseManager(database), generation)
+    generation = request.generation
+    potential = published_potential(db, generation)
     scheduler = scheduler_for(site)
     for warning in scheduler.check():
         say(f"warning: {warning}")
-    target = Path(out_dir).resolve() if out_dir else default_selection_dir(potential.parent.parent, generation)
+    target = request.out_dir.resolve() if request.out_dir else default_selection_dir(potential.parent.parent,
+                                                                                     generation)
     folder = SelectionFolder(fresh_dir(target))
-    request = SelectionRequest(database=database, generation=generation, max_select=max_select,
-                               gamma_min=gamma_min, strategy=strategy, batch=batch, seed=seed,
-                               folder=str(folder.path))
-    request.save()
+    # The job opens the database from this string on its compute node.
+    request.save(folder, absolute_target(db.target))
     try:
-        task = scheduler.submit_task(SelectJob(), folder, SELECT_ROLE, f"autopipec-g{generation}-{SELECT_ROLE}",
-                                     site.select_resources)
+        task = scheduler.submit(SelectJob(), str(folder.path), folder=folder, role=JobRole.SELECT,
+                                name=job_name(generation, JobRole.SELECT, folder.path),
+                                resources=site.select_resources)
     except BaseException as exc:
         folder.record_failure(f"not submitted: {one_line(exc)}")
         raise
     task.save(folder.job_file)
-    return SelectionSubmission(request, task)
+    return SelectionSubmission(request, folder, task)
 
 
 def read_selection(folder: SelectionFolder) -> SelectionResult:
-    data = json.loads(folder.summary_file.read_text())
-    data["skipped"] = {int(k): v for k, v in data["skipped"].items()}  # JSON keys are strings
-    return SelectionResult(**data)
+    return SelectionResult.from_json(folder.summary_file.read_text())
 
 
 def wait_for_selection(
@@ -135,7 +117,7 @@ def wait_for_selection(
 
     say = notify or (lambda message: None)
     selection = SelectionFolder(folder)
-    task = SubmittedTask.load(selection.job_file)
+    task = SubmittedJob.load(selection.job_file)
     scheduler = scheduler_for(site)
     deadline = time.monotonic() + timeout_s
     ended_at: float | None = None
@@ -146,7 +128,7 @@ def wait_for_selection(
         error = selection.failure()
         if error is not None:
             raise SelectionError(f"select job {task.job_id} failed: {error} (log {task.stderr})")
-        state = scheduler.task_state(task)
+        [state] = scheduler.states([task])
         if state != last_state:
             say(f"select job {task.job_id}: {state}")
             last_state = state
@@ -172,25 +154,17 @@ def _log_end(path: Path) -> str:
 
 def run_selection(
     site: SiteConfig,
-    database: str,
-    generation: int,
-    max_select: int = 20,
-    gamma_min: float = 1.0,
-    strategy: str = "d-optimal",
-    batch: int = 200,
-    seed: int = 0,
-    out_dir: str | Path | None = None,
+    db: DatabaseManager,
+    request: SelectionRequest,
     timeout_s: float | None = None,
     notify: Callable[[str], None] | None = None,
 ) -> SelectionResult:
     """``select`` where the site runs it (``selects_in_a_job``): in this process, or as a job
     that this call submits and waits for."""
     if not selects_in_a_job(site):
-        return select_candidates(database, generation, max_select, gamma_min, strategy, batch, seed, out_dir,
-                                 notify=notify)
+        return select_candidates(db, request, notify=notify)
     say = notify or (lambda message: None)
-    sub = submit_selection(site, database, generation, max_select, gamma_min, strategy, batch, seed, out_dir,
-                           notify=say)
+    sub = submit_selection(site, db, request, notify=say)
     say(f"select job {sub.task.job_id} submitted ({sub.task.scheduler}); folder {sub.folder.path}")
     timeout = site.result_timeout_s if timeout_s is None else timeout_s
     return wait_for_selection(site, sub.folder.path, timeout, notify=say)

@@ -9,7 +9,7 @@ A selection folder holds the whole story of one ``select`` (its summary folder):
       submitit/            the job's log and pickles
       select.failed        the job's error, for the command that waits for it
       selection.json       the summary, written once the selection is committed
-      gamma_<type>.png     a histogram of the candidates' max gamma per config_type
+      gamma.png            the candidates' max gamma, one panel per config_type
 
 In-process selections write only the last two.
 """
@@ -17,17 +17,19 @@ In-process selections write only the last two.
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass
+import math
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from autopipec_hpc.errors import ConfigError
 from autopipec_hpc.files import atomic_write_text
 from autopipec_hpc.run_folder import submitted_pickle_name
+from autopipec_hpc.states import JobRole, Strategy
 
 SELECTIONS_DIR = "selections"
 SUMMARY_FILE = "selection.json"
-# The role of the select job in job names, script names and the kept pickle.
-SELECT_ROLE = "select"
+HISTOGRAM_FILE = "gamma.png"
 
 
 class SelectionFolder:
@@ -52,6 +54,10 @@ class SelectionFolder:
         return self.path / SUMMARY_FILE
 
     @property
+    def histogram_file(self) -> Path:
+        return self.path / HISTOGRAM_FILE
+
+    @property
     def failure_file(self) -> Path:
         return self.path / "select.failed"
 
@@ -59,10 +65,10 @@ class SelectionFolder:
     def submitit_dir(self) -> Path:
         return self.path / "submitit"
 
-    def job_script(self, role: str = SELECT_ROLE) -> Path:
+    def job_script(self, role: str = JobRole.SELECT) -> Path:
         return self.path / f"{role}.sbatch"
 
-    def submitted_pickle(self, role: str = SELECT_ROLE) -> Path:
+    def submitted_pickle(self, role: str = JobRole.SELECT) -> Path:
         """submitit's pickle of the job, kept under its role's name for a resubmission by hand."""
         return self.submitit_dir / submitted_pickle_name(role)
 
@@ -81,23 +87,55 @@ def default_selection_dir(output_dir: str | Path, generation: int) -> Path:
     return Path(output_dir) / SELECTIONS_DIR / f"gen-{generation}"
 
 
+def _strategy(value: str) -> Strategy:
+    try:
+        return Strategy(value)
+    except ValueError:
+        known = ", ".join(s.value for s in Strategy)
+        raise ConfigError(f"--strategy must be one of {known}, got {value!r}") from None
+
+
 @dataclass(frozen=True)
 class SelectionRequest:
-    """What a ``select`` was asked, saved as ``request.json`` for the job that runs it."""
+    """What a ``select`` is asked, checked once when it is made: bad settings are refused
+    by the option the user typed (``max_option``: ``loop`` and ``demo --loop`` call the
+    budget ``--select``), before any database is opened or file written.
 
-    database: str
+    ``out_dir`` is the summary folder asked for (None: ``<output>/selections/gen-N``, made
+    fresh). Saved as ``request.json`` with the database for the job that runs it."""
+
     generation: int
-    max_select: int
-    gamma_min: float
-    strategy: str
-    batch: int
-    seed: int
-    folder: str
+    max_select: int = 20
+    gamma_min: float = 1.0
+    strategy: Strategy = Strategy.D_OPTIMAL
+    batch: int = 200
+    seed: int = 0
+    out_dir: Path | None = None
+    max_option: str = field(default="--max", compare=False, repr=False)
 
-    def save(self) -> None:
-        atomic_write_text(SelectionFolder(self.folder).request_file, json.dumps(asdict(self), indent=2))
+    def __post_init__(self) -> None:
+        if self.max_select < 1:
+            raise ConfigError(f"{self.max_option} must be at least 1, got {self.max_select}")
+        if not math.isfinite(self.gamma_min) or self.gamma_min < 0:
+            raise ConfigError(f"--gamma-min must be a finite number >= 0, got {self.gamma_min}")
+        if self.batch < 1:
+            raise ConfigError(f"batch size must be at least 1, got {self.batch}")
+        object.__setattr__(self, "strategy", _strategy(self.strategy))
+        if self.out_dir is not None:
+            object.__setattr__(self, "out_dir", Path(self.out_dir))
+
+    def save(self, folder: SelectionFolder, database: str) -> None:
+        """``request.json`` in ``folder``: this request, the database the job opens, and the folder."""
+        data = {"database": database, "generation": self.generation, "max_select": self.max_select,
+                "gamma_min": self.gamma_min, "strategy": str(self.strategy), "batch": self.batch,
+                "seed": self.seed, "folder": str(folder.path)}
+        atomic_write_text(folder.request_file, json.dumps(data, indent=2))
 
     @classmethod
-    def load(cls, folder: str | Path) -> "SelectionRequest":
+    def load(cls, folder: str | Path) -> tuple[str, "SelectionRequest"]:
+        """The database and the request saved in ``folder`` (``save``)."""
         data: dict[str, Any] = json.loads(SelectionFolder(folder).request_file.read_text())
-        return cls(**data)
+        request = cls(generation=int(data["generation"]), max_select=int(data["max_select"]),
+                      gamma_min=float(data["gamma_min"]), strategy=data["strategy"], batch=int(data["batch"]),
+                      seed=int(data["seed"]), out_dir=Path(data["folder"]))
+        return str(data["database"]), request

@@ -3,15 +3,20 @@
 from __future__ import annotations
 
 import sys
+import time
 
 from rich.console import Console
 from rich.table import Table
-import time
-from autopipec_hpc.dataset_prep import DatasetManifest
-from autopipec_hpc.generation import GenerationProgress
+from typing import TYPE_CHECKING
+
 from autopipec_hpc.states import RecordState
-from autopipec_hpc.store import DatabaseManager
-from autopipec_hpc.store.records import TrainingRecord
+
+if TYPE_CHECKING:  # annotations only: a command imports what it prints when it runs
+    from autopipec_hpc.active.selection import SelectionResult
+    from autopipec_hpc.dataset_prep import DatasetManifest
+    from autopipec_hpc.generation import GenerationProgress
+    from autopipec_hpc.store import DatabaseManager
+    from autopipec_hpc.store.records import TrainingRecord
 
 
 # Piped output (logs, CI, grep) gets wide tables instead of rich's 80 columns.
@@ -58,25 +63,26 @@ def print_common_holdout(db: DatabaseManager) -> None:
     console.print(table)
 
 
-def print_selection(result) -> None:
+def print_selection(result: SelectionResult) -> None:
     table = Table(title=f"candidates scored by generation {result.generation} ({result.strategy}, "
                         f"gamma > {result.gamma_min:g}, at most {result.max_select})")
     for col in ("config_type", "scored", "median max gamma", "largest gamma", "gamma > min", "gamma > 5",
                 "selected"):
         table.add_column(col, justify="right" if col != "config_type" else "left")
     for ctype, c in result.by_config_type.items():
-        table.add_row(ctype, str(c["scored"]), _fmt(c["gamma_max_median"]), _fmt(c["gamma_max_max"]),
-                      str(c["above_gamma_min"]), str(c["above_5"]), str(c["selected"]))
+        table.add_row(ctype, str(c.scored), _fmt(c.gamma_max_median), _fmt(c.gamma_max_max),
+                      str(c.above_gamma_min), str(c.above_5), str(c.selected))
     table.add_row("[b]total", f"[b]{result.scored}", "", "", f"[b]{result.above}",
-                  f"[b]{sum(c['above_5'] for c in result.by_config_type.values())}",
+                  f"[b]{sum(c.above_5 for c in result.by_config_type.values())}",
                   f"[b]{len(result.selected_ids)}")
     console.print(table)
     if result.skipped:
         named = ", ".join(f"id={i} ({'/'.join(els)})" for i, els in sorted(result.skipped.items()))
         console.print(f"skipped {len(result.skipped)} candidates with elements the potential does not know: {named}",
                       highlight=False)
-    console.print(f"{len(result.selected_ids)} structures now DFT_REQUESTED; summary and gamma histograms in "
-                  f"{result.folder}", highlight=False)
+    figures = ", ".join(result.histograms) or "no figure"
+    console.print(f"{len(result.selected_ids)} structures now DFT_REQUESTED; summary and gamma histograms "
+                  f"({figures}) in {result.folder}", highlight=False)
 
 
 # -- presentation ---------------------------------------------------------------

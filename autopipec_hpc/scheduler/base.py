@@ -1,52 +1,110 @@
-"""The scheduler contract every backend implements: job states, submitted job ids, the protocol.
+"""The scheduler contract every backend implements: run a callable as a job, follow it, cancel it.
 
-A scheduler takes a prepared ``RunSpec`` and submits two jobs, training and
-an evaluation that runs only after training succeeded. It records the job
-ids in the run folder (``RunFolder.jobs_file``) so that status and cancel work
-from any later process. It also submits one standalone job (``submit_task``:
-a selection) into a folder that keeps its script and log (``TaskFolder``).
+A backend runs any picklable callable (``Scheduler.submit(fn, *args, ...)``, as
+submitit's ``Executor.submit`` does), optionally after another job succeeded
+(``after``), and answers job states through its one ``StateWatcher``. It knows
+nothing of what the callables do: the job bodies (``jobs.py``, ``active/select_job.py``)
+are handed over by the login side (``submission.py``).
+
+Every submitted job is a ``SubmittedJob`` (scheduler, submitit folder, id, role and a
+name only it has): an id alone is not trusted, since ids start again after a
+cluster's controller state is lost. A run folder saves its two jobs as ``jobs.json``
+(``SubmittedJobs``); a selection folder its one job as ``job.json``.
 """
 
 from __future__ import annotations
 
-from autopipec_hpc.states import JobState
-
+import hashlib
 import json
-from collections.abc import Callable
-from dataclasses import asdict, dataclass
+import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
+from pydantic import BaseModel, ConfigDict
 from submitit.core.utils import JobPaths
 
 from autopipec_hpc.config import JobResources
 from autopipec_hpc.errors import SchedulerError
 from autopipec_hpc.files import atomic_write_text
-from autopipec_hpc.run_folder import RunFolder, RunSpec
+from autopipec_hpc.run_folder import RunFolder
+from autopipec_hpc.scheduler.watcher import StateWatcher
+from autopipec_hpc.states import JobRole, JobState
+
+def job_name(generation: int, role: JobRole, folder: str | Path, submitted_at: float | None = None) -> str:
+    """``autopipec-g{N}-{role}-{token}``: the token (8 hex of sha256 of the folder and the
+    submission time) is this job's alone, so a job of another folder that got the same id
+    (ids restart with a cluster's state) is never taken for it."""
+    at = time.time() if submitted_at is None else submitted_at
+    token = hashlib.sha256(f"{Path(folder).resolve()}\0{at!r}".encode()).hexdigest()[:8]
+    return f"autopipec-g{generation}-{role}-{token}"
 
 
-@dataclass(frozen=True)
-class SubmittedJobs:
-    """The scheduler and job ids of one generation, saved in its run folder."""
+class SubmittedJob(BaseModel):
+    """One submitted job, saved as JSON so that any later process can follow or cancel it."""
+
+    model_config = ConfigDict(frozen=True, extra="ignore")
 
     scheduler: str
-    folder: str
-    train: str
-    evaluate: str
+    folder: str  # submitit's folder: logs and pickles
+    job_id: str
+    role: JobRole
+    # The job's name as the scheduler lists it; "" only in a jobs.json written before
+    # names carried a token (trusted by id alone, as it was then).
+    name: str = ""
+    time_minutes: int = 0  # its time limit (a local dependent job waits within its own)
 
-    def save(self, run_dir: Path) -> None:
-        atomic_write_text(RunFolder(run_dir).jobs_file, json.dumps(asdict(self), indent=2))
+    @property
+    def stderr(self) -> Path:
+        """The job's log of errors (submitit names it after the job id)."""
+        return JobPaths(self.folder, self.job_id).stderr
+
+    def save(self, path: Path) -> None:
+        atomic_write_text(path, self.model_dump_json(indent=2))
+
+    @classmethod
+    def load(cls, path: Path) -> "SubmittedJob":
+        if not path.exists():
+            raise SchedulerError(f"{path.parent} has no {path.name}: no job was submitted from it")
+        return cls.model_validate_json(path.read_text())
+
+
+class SubmittedJobs(BaseModel):
+    """The two jobs of one generation (training, then its evaluation), saved in its run folder."""
+
+    model_config = ConfigDict(frozen=True)
+
+    train: SubmittedJob
+    evaluate: SubmittedJob
+
+    @property
+    def scheduler(self) -> str:
+        return self.train.scheduler
+
+    @property
+    def all(self) -> tuple[SubmittedJob, SubmittedJob]:
+        return (self.train, self.evaluate)
+
+    def by_role(self, role: JobRole) -> SubmittedJob:
+        return {JobRole.TRAIN: self.train, JobRole.EVALUATE: self.evaluate}[JobRole(role)]
+
+    def save(self, run_dir: str | Path) -> None:
+        atomic_write_text(RunFolder(run_dir).jobs_file, self.model_dump_json(indent=2))
 
     @classmethod
     def load(cls, run_dir: str | Path) -> "SubmittedJobs":
         path = RunFolder(run_dir).jobs_file
         if not path.exists():
             raise SchedulerError(f"{run_dir} has no {path.name}: nothing was submitted from it")
-        return cls(**json.loads(path.read_text()))
+        data: dict[str, Any] = json.loads(path.read_text())
+        if isinstance(data.get("train"), str):  # the format before jobs had names: ids only
+            data = {role: {"scheduler": data["scheduler"], "folder": data["folder"], "job_id": data[role],
+                           "role": role} for role in (JobRole.TRAIN, JobRole.EVALUATE)}
+        return cls.model_validate(data)
 
 
-class TaskFolder(Protocol):
-    """Where a standalone job keeps its scheduler files (``SelectionFolder`` is one)."""
+class JobFolder(Protocol):
+    """Where a job keeps its scheduler files (``RunFolder`` and ``SelectionFolder`` are ones)."""
 
     @property
     def path(self) -> Path: ...
@@ -59,64 +117,38 @@ class TaskFolder(Protocol):
     def submitted_pickle(self, role: str) -> Path: ...
 
 
-@dataclass(frozen=True)
-class SubmittedTask:
-    """The scheduler and job id of one standalone job, saved in its folder."""
-
-    scheduler: str
-    folder: str  # submitit's folder: logs and pickles
-    job_id: str
-    role: str
-    name: str  # the job's name, as the scheduler lists it
-
-    def save(self, path: Path) -> None:
-        atomic_write_text(path, json.dumps(asdict(self), indent=2))
-
-    @classmethod
-    def load(cls, path: Path) -> "SubmittedTask":
-        if not path.exists():
-            raise SchedulerError(f"{path.parent} has no {path.name}: no job was submitted from it")
-        return cls(**json.loads(path.read_text()))
-
-    @property
-    def stderr(self) -> Path:
-        """The job's log of errors (submitit names it after the job id)."""
-        return JobPaths(self.folder, self.job_id).stderr
-
-
-# A standalone job's body (picklable): called with its folder's path on the compute node.
-Task = Callable[[str], Any]
-
-
 class Scheduler(Protocol):
-    """Where the job bodies run. A new scheduler is one new module implementing this."""
+    """Where job bodies run. A new scheduler is one new module implementing this."""
 
     name: str
     # What ``check`` verifies, as the preflight names it in an error.
     check_name: str
+    # The one watcher of this backend's job states (scheduler/watcher.py).
+    watcher: StateWatcher
 
     def check(self) -> list[str]:
         """Raise SchedulerError if this machine cannot submit jobs and follow them;
         return warnings (a partition that is down) that do not stop a submission."""
         ...
 
-    def pending_reason(self, jobs: SubmittedJobs, which: str) -> str | None:
+    def pending_reason(self, job: SubmittedJob) -> str | None:
         """Why a pending job waits, as the scheduler says (None where it does not say)."""
         ...
 
-    def job_preamble(self, run_dir: Path, role: str, folder: Path) -> list[str]:
+    def job_preamble(self, job_dir: Path, role: JobRole, folder: Path) -> list[str]:
         """The lines a job script runs before the job body (none where there is no script)."""
         ...
 
-    def submit(self, spec: RunSpec) -> SubmittedJobs: ...
-
-    def state(self, jobs: SubmittedJobs, which: str) -> JobState: ...
-
-    def cancel(self, jobs: SubmittedJobs) -> None: ...
-
-    def submit_task(self, task: Task, folder: TaskFolder, role: str, name: str,
-                    resources: JobResources) -> SubmittedTask:
-        """Submit ``task(str(folder.path))`` as one job named ``name``, with ``resources``."""
+    def submit(self, fn: Callable[..., Any], *args: Any, folder: JobFolder, role: JobRole, name: str,
+               resources: JobResources, after: SubmittedJob | None = None) -> SubmittedJob:
+        """Run ``fn(*args)`` as one job named ``name`` with ``resources``; with ``after``, only
+        once that job COMPLETED (it ends without running ``fn`` if that job did not)."""
         ...
 
-    def task_state(self, task: SubmittedTask) -> JobState: ...
+    def states(self, jobs: Sequence[SubmittedJob]) -> list[JobState]:
+        """The jobs' states, from the watcher (one batched query where one is due)."""
+        ...
+
+    def cancel(self, *jobs: SubmittedJob) -> None:
+        """Cancel ``jobs``, each only if it is still the job of that name."""
+        ...

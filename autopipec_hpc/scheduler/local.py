@@ -1,9 +1,10 @@
 """The local scheduler: submitit's LocalExecutor on this machine.
 
-submitit's local executor has no job dependencies, so the evaluation job
-starts at once and waits for the training job's verdict in the run folder
-(or for the training process to vanish): the same contract as SLURM's
-``afterok`` with ``kill_invalid_depend``.
+submitit's local executor has no job dependencies, so a job submitted ``after``
+another starts at once inside ``AfterJob``: it waits until that job's state is final
+(its result pickle, or its process gone) and runs its body only if that job
+COMPLETED, else it ends FAILED naming the dependency, never running the body: the
+same contract as SLURM's ``afterok`` with ``kill_invalid_depend``.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import pickle
 import signal
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,47 +24,17 @@ import submitit
 from submitit.core.utils import JobPaths
 
 from autopipec_hpc.config import JobResources, SiteConfig
+from autopipec_hpc.errors import SchedulerError
 from autopipec_hpc.processes import die_with_local_controller, pid_alive  # noqa: F401  (tests import pid_alive from here)
-from autopipec_hpc.errors import SchedulerError, TrainingFailedError
-from autopipec_hpc.jobs import EvaluateJob, TrainJob, record_failure, training_verdict
-from autopipec_hpc.run_folder import RunSpec
-from autopipec_hpc.scheduler.base import SubmittedJobs, SubmittedTask, Task, TaskFolder
-from autopipec_hpc.states import JobState
+from autopipec_hpc.scheduler.base import JobFolder, SubmittedJob
+from autopipec_hpc.scheduler.watcher import StateWatcher
+from autopipec_hpc.states import FINISHED, JobRole, JobState
 
-
-def wait_for_training(run_dir: str, train_alive: Callable[[], bool], poll_s: float = 1.0) -> dict[str, Any]:
-    """The local executor's ``afterok``: block until training has a verdict, or its job is gone."""
-    path = Path(run_dir)
-    while True:
-        verdict = training_verdict(path)
-        if verdict is not None:
-            return verdict
-        if not train_alive():
-            time.sleep(poll_s)  # the verdict may land just after the process ends
-            verdict = training_verdict(path)
-            if verdict is not None:
-                return verdict
-            spec = RunSpec.load(run_dir)
-            record_failure(spec, "FAILED", "the training job ended without a result")
-            return {"ok": False, "reason": "the training job ended without a result"}
-        time.sleep(poll_s)
-
-
-
-@dataclass(frozen=True)
-class EvaluateAfterTraining:
-    """The evaluation job body with the local ``afterok`` in front of it (picklable)."""
-
-    train_pid: int
-
-    def __call__(self, run_dir: str) -> dict:
-        die_with_local_controller()
-        verdict = wait_for_training(run_dir, lambda: pid_alive(self.train_pid))
-        if not verdict.get("ok"):
-            raise TrainingFailedError(
-                f"evaluation not run: training did not succeed ({verdict.get('reason', 'unknown')})"
-            )
-        return EvaluateJob()(run_dir)
+# Local checks are a file and /proc: cheap, so the watcher backs off only to a few seconds.
+LOCAL_MIN_DELAY_S = 0.5
+LOCAL_MAX_DELAY_S = 4.0
+# A job's result pickle may land just after its process is gone (a shared filesystem).
+RESULT_GRACE_S = 1.0
 
 
 def result_state(folder: Path, job_id: str) -> JobState | None:
@@ -109,21 +80,61 @@ def _stdio_to_devnull() -> Iterator[None]:
             os.close(fd)
 
 
+@dataclass(frozen=True)
+class AfterJob:
+    """The local ``afterok`` (picklable): wait for ``after`` to end, then run ``fn(*args)``
+    only if it COMPLETED."""
+
+    after: SubmittedJob
+    fn: Callable[..., Any]
+    poll_s: float = 1.0
+
+    def __call__(self, *args: Any) -> Any:
+        die_with_local_controller()
+        state = wait_until_final(self.after, self.poll_s)
+        if state != JobState.COMPLETED:
+            raise SchedulerError(
+                f"not run: the {self.after.role} job {self.after.job_id} it depends on ended {state}"
+            )
+        return self.fn(*args)
+
+
+def wait_until_final(job: SubmittedJob, poll_s: float = 1.0) -> JobState:
+    """Block until ``job``'s local state is final; a process gone without a result gets
+    ``RESULT_GRACE_S`` for its pickle to appear."""
+    folder = Path(job.folder)
+    while True:
+        state = job_state(folder, job.job_id)
+        if state in FINISHED:
+            if result_state(folder, job.job_id) is None:
+                time.sleep(RESULT_GRACE_S)
+                state = job_state(folder, job.job_id)
+            return state
+        time.sleep(poll_s)
+
+
+def local_states(jobs: Sequence[SubmittedJob]) -> dict[SubmittedJob, JobState]:
+    """The watcher's query on this machine: each job's result pickle and process."""
+    return {job: job_state(Path(job.folder), job.job_id) for job in jobs}
+
+
 class LocalScheduler:
     name = "local"
     check_name = "local executor"
 
-    def __init__(self, site: SiteConfig) -> None:
+    def __init__(self, site: SiteConfig, watcher: StateWatcher | None = None) -> None:
         self.site = site
+        self.watcher = watcher or StateWatcher(local_states, min_delay_s=LOCAL_MIN_DELAY_S,
+                                               max_delay_s=LOCAL_MAX_DELAY_S)
 
     def check(self) -> list[str]:
         """Nothing to check: the jobs are processes on this machine."""
         return []
 
-    def pending_reason(self, jobs: SubmittedJobs, which: str) -> str | None:
+    def pending_reason(self, job: SubmittedJob) -> str | None:
         return None  # local jobs start at once
 
-    def job_preamble(self, run_dir: Path, role: str, folder: Path) -> list[str]:
+    def job_preamble(self, job_dir: Path, role: JobRole, folder: Path) -> list[str]:
         return []  # no job script: submitit starts the job body directly
 
     def _executor(self, folder: Path, minutes: int) -> submitit.LocalExecutor:
@@ -131,39 +142,32 @@ class LocalScheduler:
         executor.update_parameters(timeout_min=minutes, signal_delay_s=self.site.signal_delay_s)
         return executor
 
-    def submit(self, spec: RunSpec) -> SubmittedJobs:
-        folder = spec.folder.submitit_dir
+    def submit(self, fn: Callable[..., Any], *args: Any, folder: JobFolder, role: JobRole, name: str,
+               resources: JobResources, after: SubmittedJob | None = None) -> SubmittedJob:
+        """One job process on this machine (``name`` and partitions mean nothing here). A job
+        ``after`` another waits inside its own time limit: the other's limit plus its own."""
+        minutes = resources.time_minutes
+        body: Callable[..., Any] = fn
+        if after is not None:
+            body = AfterJob(after, fn)
+            minutes += after.time_minutes
         with _stdio_to_devnull():
-            return self._submit(spec, folder)
+            job = self._executor(folder.submitit_dir, minutes).submit(body, *args)
+        submitted = SubmittedJob(scheduler=self.name, folder=str(folder.submitit_dir), job_id=str(job.job_id),
+                                 role=role, name=name, time_minutes=minutes)
+        self.watcher.register(submitted)
+        self.watcher.soon()
+        return submitted
 
-    def _submit(self, spec: RunSpec, folder: Path) -> SubmittedJobs:
-        train = self._executor(folder, self.site.train.time_minutes).submit(TrainJob(), spec.run_dir)
-        evaluate = self._executor(
-            folder, self.site.train.time_minutes + self.site.evaluate.time_minutes
-        ).submit(EvaluateAfterTraining(int(train.job_id)), spec.run_dir)
-        jobs = SubmittedJobs(self.name, str(folder), str(train.job_id), str(evaluate.job_id))
-        jobs.save(spec.path)
-        return jobs
+    def states(self, jobs: Sequence[SubmittedJob]) -> list[JobState]:
+        return self.watcher.states(jobs)
 
-    def submit_task(self, task: Task, folder: TaskFolder, role: str, name: str,
-                    resources: JobResources) -> SubmittedTask:
-        """One job process on this machine (``name`` and partitions mean nothing here)."""
-        with _stdio_to_devnull():
-            job = self._executor(folder.submitit_dir, resources.time_minutes).submit(task, str(folder.path))
-        return SubmittedTask(self.name, str(folder.submitit_dir), str(job.job_id), role, name)
-
-    def task_state(self, task: SubmittedTask) -> JobState:
-        return job_state(Path(task.folder), task.job_id)
-
-    def state(self, jobs: SubmittedJobs, which: str) -> JobState:
-        return job_state(Path(jobs.folder), getattr(jobs, which))
-
-    def cancel(self, jobs: SubmittedJobs) -> None:
-        for job_id in (jobs.evaluate, jobs.train):
-            pid = int(job_id)
-            if not pid_alive(pid):
-                continue
-            (Path(jobs.folder) / f"{job_id}.cancelled").touch()
+    def cancel(self, *jobs: SubmittedJob) -> None:
+        for job in jobs:
+            pid = int(job.job_id)
+            if not pid_alive(pid) or result_state(Path(job.folder), job.job_id) is not None:
+                continue  # ended already (and its pid may be another process's by now)
+            (Path(job.folder) / f"{job.job_id}.cancelled").touch()
             try:
                 # submitit's local controller forwards SIGTERM to the job process,
                 # whose handler ends pacemaker's process group.
@@ -172,3 +176,4 @@ class LocalScheduler:
                 continue
             except PermissionError as exc:
                 raise SchedulerError(f"cannot cancel local job {pid}: {exc}") from exc
+        self.watcher.soon()

@@ -1,10 +1,13 @@
 """The SLURM scheduler: submitit's SlurmExecutor, built from a SiteConfig.
 
-Training goes to the site's training partition (with its GPUs); evaluation
-follows with ``afterok`` and ``--kill-on-invalid-dep=yes``, so a failed
-training removes it instead of leaving it pending forever. Job state is read
-with ``sacct`` under a timeout: a cluster without accounting gives a clear
-error, never a hang. The scripts that run are kept in the run folder
+Each job goes to its role's partition (training with its GPUs); a job submitted
+``after`` another gets ``afterok`` and ``--kill-on-invalid-dep=yes``, so a failed
+training removes its evaluation instead of leaving it pending forever. Job states
+are read with ONE ``sacct`` for all followed jobs (the watcher's query), by id AND
+name: after a cluster lost its state, an id may name another folder's job, whose
+state is never adopted (nor is that job cancelled: ``scancel`` names the job too).
+Every command runs under a timeout: a cluster without accounting gives a clear
+error, never a hang. The scripts that ran are kept in the job's folder
 (``RunFolder.job_script``) and can be resubmitted by hand.
 """
 
@@ -13,17 +16,19 @@ from __future__ import annotations
 import shlex
 import shutil
 import subprocess
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 import submitit
 
 from autopipec_hpc.config import JobResources, SiteConfig
 from autopipec_hpc.errors import SchedulerError
-from autopipec_hpc.jobs import EvaluateJob, TrainJob
+from autopipec_hpc.run_folder import submitted_pickle_name
+from autopipec_hpc.scheduler.base import JobFolder, SubmittedJob
+from autopipec_hpc.scheduler.watcher import StateWatcher
+from autopipec_hpc.states import JobRole, JobState
 from autopipec_hpc.templates import template_environment
-from autopipec_hpc.run_folder import RunSpec, submitted_pickle_name
-from autopipec_hpc.scheduler.base import SubmittedJobs, SubmittedTask, Task, TaskFolder
-from autopipec_hpc.states import JobState
 
 COMMAND_TIMEOUT_S = 30
 # sacct's states -> ours. A requeued job reads PENDING/REQUEUED until it runs again.
@@ -54,15 +59,42 @@ def run_command(args: list[str], what: str) -> str:
     return done.stdout
 
 
+def parse_sacct(out: str, jobs: Sequence[SubmittedJob]) -> dict[SubmittedJob, JobState]:
+    """``jobs``' states from ``sacct -P -o JobID,JobName,State`` rows. A row counts for a job
+    only with the job's id AND name: a row of the same id under another name is another
+    job (ids restart after a cluster lost its state), so that job is UNKNOWN, never given
+    the other's state. A job saved without a name (an old jobs.json) goes by id alone."""
+    rows: dict[tuple[str, str], str] = {}
+    by_id: dict[str, str] = {}
+    for line in out.splitlines():
+        fields = line.strip().split("|")
+        if len(fields) < 3 or not fields[0]:
+            continue
+        job_id, name, state = fields[0], "|".join(fields[1:-1]), fields[-1]
+        word = state.split()[0].rstrip("+") if state.split() else ""
+        rows[(job_id, name)] = word  # the last row of a pair is the newest
+        by_id[job_id] = word
+    found = {}
+    for job in jobs:
+        word = rows.get((job.job_id, job.name)) if job.name else by_id.get(job.job_id)
+        found[job] = STATE_MAP.get(word, JobState.UNKNOWN) if word else JobState.UNKNOWN
+    return found
+
+
+def sacct_states(jobs: Sequence[SubmittedJob]) -> dict[SubmittedJob, JobState]:
+    """The states of ``jobs`` from one ``sacct`` call (UNKNOWN where accounting has not seen one)."""
+    if not jobs:
+        return {}
+    ids = ",".join(sorted({job.job_id for job in jobs}, key=lambda i: (len(i), i)))
+    out = run_command(["sacct", "-n", "-X", "-P", "-j", ids, "-o", "JobID,JobName,State"], "reading job states")
+    return parse_sacct(out, jobs)
+
+
 def sacct_state(job_id: str, name: str | None = None) -> JobState:
-    """The state of ``job_id`` (of the job named ``name``: accounting may also list an older
-    job of the same id, from before the cluster was restarted)."""
-    by_name = ["--name", name] if name else []
-    out = run_command(["sacct", "-n", "-X", "-P", "-j", job_id, *by_name, "-o", "State"], "reading job state")
-    lines = [line.split()[0] for line in out.splitlines() if line.strip()]
-    if not lines:
-        return JobState.UNKNOWN  # accounting has not seen it yet
-    return STATE_MAP.get(lines[-1].rstrip("+"), JobState.UNKNOWN)
+    """The state of one job ``job_id`` (named ``name``, where given), asked now: for tests
+    and scripts; the scheduler itself asks through its watcher."""
+    job = SubmittedJob(scheduler="slurm", folder="", job_id=job_id, role=JobRole.TRAIN, name=name or "")
+    return sacct_states([job])[job]
 
 
 def setup_lines(site: SiteConfig, run_dir: Path, role: str, folder: Path) -> list[str]:
@@ -73,7 +105,7 @@ def setup_lines(site: SiteConfig, run_dir: Path, role: str, folder: Path) -> lis
     return [line for line in text.splitlines() if line.strip()]
 
 
-def keep_job_files(job: submitit.Job, folder: TaskFolder, role: str) -> None:
+def keep_job_files(job: submitit.Job, folder: JobFolder, role: str) -> None:
     """Keep a job's script and pickle beside its story: readable, and `sbatch <role>.sbatch`
     reruns the same job (the preamble gives a hand-submitted job id its pickle)."""
     shutil.copy2(job.paths.submitted_pickle, folder.submitted_pickle(role))
@@ -84,8 +116,9 @@ class SlurmScheduler:
     name = "slurm"
     check_name = "SLURM with accounting"
 
-    def __init__(self, site: SiteConfig) -> None:
+    def __init__(self, site: SiteConfig, watcher: StateWatcher | None = None) -> None:
         self.site = site
+        self.watcher = watcher or StateWatcher(sacct_states)
 
     def check(self) -> list[str]:
         """sbatch must exist, sacct must answer (submitit follows jobs only through it),
@@ -122,16 +155,17 @@ class SlurmScheduler:
                                 f"{'/'.join(sorted({n for _, n in states}))}: its jobs will wait until one is back")
         return warnings
 
-    def pending_reason(self, jobs: SubmittedJobs, which: str) -> str | None:
+    def pending_reason(self, job: SubmittedJob) -> str | None:
+        by_name = ["-n", job.name] if job.name else []
         try:
-            out = run_command(["squeue", "-h", "-j", getattr(jobs, which), "-o", "%r"], "reading why a job waits")
+            out = run_command(["squeue", "-h", "-j", job.job_id, *by_name, "-o", "%r"], "reading why a job waits")
         except SchedulerError:
             return None
         reason = out.strip().splitlines()[-1].strip() if out.strip() else ""
         return reason if reason and reason != "None" else None
 
-    def job_preamble(self, run_dir: Path, role: str, folder: Path) -> list[str]:
-        return setup_lines(self.site, run_dir, role, folder)
+    def job_preamble(self, job_dir: Path, role: JobRole, folder: Path) -> list[str]:
+        return setup_lines(self.site, job_dir, role, folder)
 
     def _executor(self, folder: Path, name: str, role: str, job_dir: Path, res: JobResources,
                   extra: dict[str, str]) -> submitit.SlurmExecutor:
@@ -159,34 +193,24 @@ class SlurmScheduler:
         executor.update_parameters(**params)
         return executor
 
-    def _run_executor(self, spec: RunSpec, role: str, res: JobResources, extra: dict[str, str]) -> submitit.SlurmExecutor:
-        return self._executor(spec.folder.submitit_dir, f"autopipec-g{spec.generation}-{role}", role, spec.path,
-                              res, extra)
-
-    def submit(self, spec: RunSpec) -> SubmittedJobs:
-        train = self._run_executor(spec, "train", self.site.train, {}).submit(TrainJob(), spec.run_dir)
-        evaluate = self._run_executor(
-            spec, "evaluate", self.site.evaluate,
-            {"dependency": f"afterok:{train.job_id}", "kill-on-invalid-dep": "yes"},
-        ).submit(EvaluateJob(), spec.run_dir)
-        for role, job in (("train", train), ("evaluate", evaluate)):
-            keep_job_files(job, spec.folder, role)
-        jobs = SubmittedJobs(self.name, str(spec.folder.submitit_dir), str(train.job_id), str(evaluate.job_id))
-        jobs.save(spec.path)
-        return jobs
-
-    def submit_task(self, task: Task, folder: TaskFolder, role: str, name: str,
-                    resources: JobResources) -> SubmittedTask:
-        executor = self._executor(folder.submitit_dir, name, role, folder.path, resources, {})
-        job = executor.submit(task, str(folder.path))
+    def submit(self, fn: Callable[..., Any], *args: Any, folder: JobFolder, role: JobRole, name: str,
+               resources: JobResources, after: SubmittedJob | None = None) -> SubmittedJob:
+        extra = {} if after is None else {"dependency": f"afterok:{after.job_id}", "kill-on-invalid-dep": "yes"}
+        executor = self._executor(folder.submitit_dir, name, role, folder.path, resources, extra)
+        job = executor.submit(fn, *args)
         keep_job_files(job, folder, role)
-        return SubmittedTask(self.name, str(folder.submitit_dir), str(job.job_id), role, name)
+        submitted = SubmittedJob(scheduler=self.name, folder=str(folder.submitit_dir), job_id=str(job.job_id),
+                                 role=role, name=name, time_minutes=resources.time_minutes)
+        self.watcher.register(submitted)
+        self.watcher.soon()
+        return submitted
 
-    def task_state(self, task: SubmittedTask) -> JobState:
-        return sacct_state(task.job_id, task.name)
+    def states(self, jobs: Sequence[SubmittedJob]) -> list[JobState]:
+        return self.watcher.states(jobs)
 
-    def state(self, jobs: SubmittedJobs, which: str) -> JobState:
-        return sacct_state(getattr(jobs, which))
-
-    def cancel(self, jobs: SubmittedJobs) -> None:
-        run_command(["scancel", jobs.evaluate, jobs.train], "cancelling jobs")
+    def cancel(self, *jobs: SubmittedJob) -> None:
+        """``scancel -n NAME ID``: SLURM cancels the job only if it still has that name."""
+        for job in jobs:
+            by_name = ["-n", job.name] if job.name else []
+            run_command(["scancel", *by_name, job.job_id], "cancelling jobs")
+        self.watcher.soon()

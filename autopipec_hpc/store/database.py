@@ -1,26 +1,27 @@
 """The database connection: which targets are accepted, one transaction per call, paged reads.
 
-A SQLite path by default, or any URL ``ase.db`` accepts (PostgreSQL through
-ase-db-backends). Errors from below become one DatabaseError naming the database,
-never with its password.
+A SQLite path (``.db``) by default, or any URL ``ase.db`` accepts (PostgreSQL through
+ase-db-backends); JSON files are refused. Every public method of the store is guarded:
+errors from below become one DatabaseError naming the database, never with its
+password. No lock is taken that would outlive a killed holder (not ase's ``<db>.lock``).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import TypeVar
-import time
-
 import functools
+import inspect
 import logging
 import math
 import re
 import sqlite3
-from collections.abc import Iterator
+import sys
+import time
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from enum import StrEnum
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
+from urllib.parse import quote
 
 import ase.db
 import numpy as np
@@ -38,20 +39,58 @@ def absolute_target(database: str) -> str:
 
 SQLITE_HEADER = b"SQLite format 3\x00"
 
+def _from_below(exc: BaseException) -> bool:
+    """Whether ``exc`` is the database's own failure (SQLite, PostgreSQL, the file system)."""
+    if isinstance(exc, (sqlite3.Error, OSError)):
+        return True
+    # psycopg2 is imported only where a PostgreSQL URL is used: no module, no such error.
+    psycopg2 = sys.modules.get("psycopg2")
+    return psycopg2 is not None and isinstance(exc, psycopg2.Error)
+
+
+def as_database_error(target: str, exc: BaseException) -> DatabaseError:
+    """The one-line error naming the database, busy or not, for a failure from below."""
+    busy = "locked" in str(exc) or "busy" in str(exc)
+    return (DatabaseBusyError if busy else DatabaseError)(describe_database_error(target, exc))
+
+
 def _guarded(method):
-    """Database errors from below (a locked, read-only or corrupt file) become one
-    DatabaseError naming the database."""
+    """Database errors from below (a locked, read-only or corrupt file, a server that
+    cannot be reached) become one DatabaseError naming the database; for a generator,
+    while it is iterated. Idempotent."""
+    if getattr(method, "_guarded", False):
+        return method
+    if inspect.isgeneratorfunction(method):
+        @functools.wraps(method)
+        def wrapper(self, *args, **kwargs):
+            try:
+                yield from method(self, *args, **kwargs)
+            except Exception as exc:
+                if not _from_below(exc):
+                    raise
+                raise as_database_error(self.target, exc) from exc
+    else:
+        @functools.wraps(method)
+        def wrapper(self, *args, **kwargs):
+            try:
+                return method(self, *args, **kwargs)
+            except Exception as exc:
+                if not _from_below(exc):
+                    raise
+                raise as_database_error(self.target, exc) from exc
 
-    @functools.wraps(method)
-    def wrapper(self, *args, **kwargs):
-        try:
-            return method(self, *args, **kwargs)
-        except (sqlite3.Error, OSError) as exc:
-            message = describe_database_error(self.target, exc)
-            busy = "locked" in str(exc) or "busy" in str(exc)
-            raise (DatabaseBusyError if busy else DatabaseError)(message) from exc
-
+    wrapper._guarded = True
     return wrapper
+
+
+def guard_public_methods(cls: type) -> type:
+    """Every public method ``cls`` defines, guarded (``_guarded``): a method added later
+    cannot be forgotten, as update_rows, set_labels, get_row, markers and
+    commit_selection once were."""
+    for name, value in list(vars(cls).items()):
+        if not name.startswith("_") and inspect.isfunction(value):
+            setattr(cls, name, _guarded(value))
+    return cls
 
 def describe_database_error(target: str, exc: BaseException) -> str:
     target = redact(target)
@@ -63,7 +102,12 @@ def describe_database_error(target: str, exc: BaseException) -> str:
     return f"database {target}: {text}"
 
 class Database:
-    """One ASE database: the connection that structure rows and training records share."""
+    """One ASE database: the connection that structure rows and training records share.
+    Every public method, here and in subclasses, is guarded (``guard_public_methods``)."""
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        guard_public_methods(cls)
 
     def __init__(self, target: str | Path, must_exist: bool = False) -> None:
         self.target = str(target)
@@ -74,18 +118,23 @@ class Database:
             )
         if not is_url(self.target):
             path = Path(self.target)
-            if path.suffix not in (".db", ".json"):
+            if path.suffix == ".json":
+                # ase's JSON backend has no transactions (an import could not be all or
+                # nothing) and its lock file outlives a killed writer, blocking every later one.
                 raise DatabaseError(
-                    f"database {self.target!r}: expected a .db (SQLite) or .json path, or a URL"
+                    f"database {self.target}: JSON databases are not supported (no transactions, no lock "
+                    "that dies with a killed writer); use a .db path (SQLite) or a PostgreSQL URL"
+                )
+            if path.suffix != ".db":
+                raise DatabaseError(
+                    f"database {self.target!r}: expected a .db (SQLite) path or a PostgreSQL URL"
                 )
             if path.is_dir():
                 raise DatabaseError(f"database {self.target}: is a directory")
             if must_exist and not path.exists():
                 raise DatabaseError(f"database {self.target} does not exist")
-            if path.suffix == ".db" and path.exists() and path.stat().st_size > 0:
-                with open(path, "rb") as handle:
-                    if handle.read(len(SQLITE_HEADER)) != SQLITE_HEADER:
-                        raise DatabaseError(f"database {self.target} is not a SQLite database")
+            if path.exists():
+                check_ase_sqlite(path, self.target, must_exist)
             try:
                 path.parent.mkdir(parents=True, exist_ok=True)
             except OSError as exc:
@@ -97,7 +146,10 @@ class Database:
                             self.target, network)
         self._lock_depth = 0
         try:
-            self._db = ase.db.connect(self.target, append=True)
+            # No ase lock file (``<db>.lock``): ase's Lock has no timeout and outlives a
+            # writer killed inside a write, and every later writer then waits for ever.
+            # SQLite's own locks die with their holder, and our writes are transactions.
+            self._db = ase.db.connect(self.target, append=True, use_lock_file=False)
         except Exception as exc:  # ase raises many kinds; the path is what the user needs
             raise DatabaseError(f"cannot open database {redact(self.target)!r}: {exc}") from exc
 
@@ -109,7 +161,6 @@ class Database:
     def get_row(self, row_id: int):
         return self._db.get(id=int(row_id))
 
-    @_guarded
     def count(self, **selection: Any) -> int:
         return self._db.count(**{k: str(v) if isinstance(v, StrEnum) else v for k, v in selection.items()})
 
@@ -120,8 +171,10 @@ class Database:
         while True:
             try:
                 rows = self._page(f"id>{last}", page, selection)
-            except (sqlite3.Error, OSError) as exc:
-                raise DatabaseError(describe_database_error(self.target, exc)) from exc
+            except Exception as exc:
+                if not _from_below(exc):
+                    raise
+                raise as_database_error(self.target, exc) from exc
             yield from rows
             if len(rows) < page:
                 return
@@ -154,6 +207,48 @@ class Database:
         finally:
             self._db.connection = None
             connection.close()
+
+guard_public_methods(Database)
+
+# A table every ASE SQLite database has (ase/db/sqlite.py: init_statements).
+ASE_TABLE = "systems"
+# How long the schema check waits for a writer's lock before leaving the check to the
+# calls that follow (which wait, and say so, as every call does).
+SCHEMA_CHECK_WAIT_S = 1.0
+
+
+def check_ase_sqlite(path: Path, target: str, must_exist: bool) -> None:
+    """Refuse a file that is not an ASE SQLite database, reading it only (ase.db would
+    write its schema into any SQLite file it opens). A file with no tables at all (empty)
+    is a database a writer may start; one that must exist already is refused."""
+    if path.stat().st_size == 0:
+        if must_exist:
+            raise DatabaseError(f"database {target} is empty (no ASE database yet): nothing to read")
+        return
+    with open(path, "rb") as handle:
+        if handle.read(len(SQLITE_HEADER)) != SQLITE_HEADER:
+            raise DatabaseError(f"database {target} is not a SQLite database")
+    try:
+        connection = sqlite3.connect(f"file:{quote(str(path.resolve()))}?mode=ro", uri=True,
+                                     timeout=SCHEMA_CHECK_WAIT_S)
+        try:
+            tables = [name for (name,) in connection.execute(
+                "SELECT name FROM sqlite_master WHERE type='table' ORDER BY name")]
+        finally:
+            connection.close()
+    except sqlite3.DatabaseError as exc:
+        if isinstance(exc, sqlite3.OperationalError):
+            return  # locked, or a hot journal to roll back: ase.db's own open deals with it
+        raise DatabaseError(describe_database_error(target, exc)) from None
+    if ASE_TABLE in tables:
+        return
+    if tables:
+        shown = ", ".join(tables[:8]) + (", ..." if len(tables) > 8 else "")
+        raise DatabaseError(f"database {target} is a SQLite file but not an ASE database (its tables: {shown}); "
+                            "nothing was written to it")
+    if must_exist:
+        raise DatabaseError(f"database {target} is empty (no ASE database yet): nothing to read")
+
 
 NETWORK_FILESYSTEMS = ("nfs", "nfs4", "cifs", "smb3", "smbfs", "lustre", "gpfs", "beegfs", "fuse.sshfs",
                        "glusterfs", "ceph", "9p")

@@ -21,14 +21,16 @@ from ase import Atoms
 from ase.calculators.singlepoint import SinglePointCalculator
 
 from autopipec_hpc.errors import ImportDataError
-from autopipec_hpc.frames import labels_of, read_frames
-from autopipec_hpc.store.database import Database, _clean_value, _guarded
+from autopipec_hpc.frames import carried_labels, labels_of, read_frames
+from autopipec_hpc.store.database import Database, _clean_value
 
 # The marker row of a `select` run (active/selection.py): a record written with the rows it changed.
 SELECTION_RECORD = "selection"
 
 
 MAX_LABEL_LENGTH = 200
+
+_LABEL_WORDS = {"energy": "an energy", "forces": "forces"}
 
 
 _STATUS_WORD = re.compile(r"^[A-Za-z][A-Za-z0-9_]{0,63}$")
@@ -114,7 +116,6 @@ def provenance_of(info: dict[str, Any]) -> dict[str, Any]:
 
 class StructureRows(Database):
     # -- structures ---------------------------------------------------------
-    @_guarded
     def import_files(
         self,
         paths: Sequence[str | Path],
@@ -168,7 +169,6 @@ class StructureRows(Database):
                     count += 1
         return count
 
-    @_guarded
     def add_structure(
         self,
         atoms: Atoms,
@@ -193,22 +193,41 @@ class StructureRows(Database):
     def import_candidates(self, paths: Sequence[str | Path], config_type: str | None = None) -> int:
         """Add every frame of ``paths`` as an unlabelled CANDIDATE row; all or nothing.
 
-        Labels in the file are not kept (a candidate is labelled by `label`); each
-        frame's ``config_type`` and its other scalar ``info`` entries (provenance:
+        Two passes over the files, as ``import_files``: every frame is checked, then the
+        rows are written in one transaction; no more than one frame is held at a time.
+        Each frame's ``config_type`` and its other scalar ``info`` entries (provenance:
         the generator, MD step, temperature...) become key-value pairs.
+
+        A frame that carries an energy or forces is refused: they are DFT labels (then
+        TRAINING_READY is the status, and dropping them would waste that DFT) or a model's
+        predictions (then keeping them as the row's labels would pass them off as DFT).
+        Only the user knows which.
         """
-        frames = []
         for path in paths:
+            frames = 0
             for index, atoms in read_frames(path):
-                check_label(config_type or str(atoms.info.get("config_type", "default")), f"{path}: frame {index}")
-                frames.append((Path(path).name, index, atoms))
-            if not frames:
+                where = f"{path}: frame {index}"
+                check_label(config_type or str(atoms.info.get("config_type", "default")), where)
+                carried = carried_labels(atoms)
+                if carried:
+                    raise ImportDataError(
+                        f"{where} carries {' and '.join(_LABEL_WORDS[k] for k in carried)}, which a CANDIDATE "
+                        "row does not keep (`label` labels it): if they are DFT labels, import with "
+                        "--status TRAINING_READY; if they are a model's, write the frames without them; "
+                        "nothing was imported"
+                    )
+                frames += 1
+            if frames == 0:
                 raise ImportDataError(f"{path}: holds no structures; nothing was imported")
+        count = 0
         with self._transaction() as db:
-            for source, index, atoms in frames:
-                ctype = config_type or str(atoms.info.get("config_type", "default"))
-                self._write_candidate(db, atoms, ctype, provenance_of(atoms.info), source=source, frame=index)
-        return len(frames)
+            for path in paths:
+                for index, atoms in read_frames(path):
+                    ctype = config_type or str(atoms.info.get("config_type", "default"))
+                    self._write_candidate(db, atoms, ctype, provenance_of(atoms.info), source=Path(path).name,
+                                          frame=index)
+                    count += 1
+        return count
 
     def add_candidate(self, atoms: Atoms, config_type: str, **provenance: Any) -> int:
         """Write one unlabelled structure as a CANDIDATE row."""
@@ -299,7 +318,6 @@ class StructureRows(Database):
                 atoms.arrays["force_mask"] = np.asarray(mask)
             yield atoms
 
-    @_guarded
     def mark_used(self, generation: int, train_ids: Sequence[int], test_ids: Sequence[int]) -> None:
         """Record which generation trained (or tested) on each structure, in one transaction."""
         with self._transaction() as db:
