@@ -87,7 +87,7 @@ def _reclaim_for_rerun(spec: RunSpec) -> bool:
     log.warning("generation %s: %s ran again after it %s; claiming the generation anew",
                 spec.generation, spec.run_dir, record.status)
     spec.folder.train_verdict.unlink(missing_ok=True)
-    patiently(lambda: db.claim(spec.generation, lambda _: spec.path, data={"config": spec.config}),
+    patiently(lambda: db.claim(spec.generation, lambda _: spec.path, data={"config": spec.config.model_dump(mode="json")}),
               f"generation {spec.generation}: claiming it again")
     return True
 
@@ -99,8 +99,8 @@ class TrainJob(submitit.helpers.Checkpointable):
     def __call__(self, run_dir: str) -> dict[str, Any]:
         die_with_local_controller()
         spec = RunSpec.load(run_dir)
-        config = spec.train_config
-        site = spec.site_config
+        config = spec.config
+        site = spec.site
         folder = spec.folder
         folder.requeue_marker.unlink(missing_ok=True)
         previous = folder.attempts()
@@ -162,7 +162,7 @@ class TrainJob(submitit.helpers.Checkpointable):
     def checkpoint(self, run_dir: str) -> submitit.helpers.DelayedSubmission | None:
         spec = RunSpec.load(run_dir)
         restarts = max(0, len(spec.folder.attempts()) - 1)
-        if restarts >= spec.site_config.max_restarts:
+        if restarts >= spec.site.max_restarts:
             record_failure(spec, RecordState.FAILED, f"time limit reached after {restarts} restarts (max_restarts)")
             return None
         spec.folder.requeue_marker.touch()
@@ -220,8 +220,8 @@ class EvaluateJob:
 def evaluate_and_publish(spec: RunSpec, attempt: Path) -> dict[str, Any]:
     from pyace import PyACECalculator
 
-    config = spec.train_config
-    site = spec.site_config
+    config = spec.config
+    site = spec.site
     db = DatabaseManager(spec.database)
     patiently(lambda: _still_ours(db, spec), f"generation {spec.generation}: reading its record")
     manifest = DatasetManifest.load(spec.dataset_dir)

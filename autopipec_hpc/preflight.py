@@ -38,7 +38,7 @@ def pacemaker_interpreter(command: str) -> str:
 
 def _run_in_site_env(spec: RunSpec, argv: list[str], check: str) -> None:
     """Run ``argv`` after the site's setup lines, as a compute node would."""
-    setup = spec.site_config.setup
+    setup = spec.site.setup
     script = "\n".join([*setup, " ".join(shlex.quote(a) for a in argv)])
     try:
         done = subprocess.run(["bash", "-c", script], capture_output=True, text=True, timeout=CHECK_TIMEOUT_S)
@@ -50,11 +50,11 @@ def _run_in_site_env(spec: RunSpec, argv: list[str], check: str) -> None:
 
 
 def check_pacemaker(spec: RunSpec) -> tuple[str, BackendInfo]:
-    command = spec.site_config.pacemaker.command
+    command = spec.site.pacemaker.command
     interpreter = pacemaker_interpreter(command)
     _run_in_site_env(spec, [interpreter, "-c", "import pyace"], "pacemaker command")
     try:
-        backend = probe_backend(command, setup=spec.site_config.setup, timeout_s=CHECK_TIMEOUT_S)
+        backend = probe_backend(command, setup=spec.site.setup, timeout_s=CHECK_TIMEOUT_S)
     except TrainingFailedError as exc:
         raise PreflightError(f"check 'pacemaker command': {exc}") from None
     return interpreter, backend
@@ -108,7 +108,7 @@ def check_dataset_readable(spec: RunSpec, manifest: DatasetManifest, interpreter
 
 def check_database(spec: RunSpec) -> None:
     code = "import sys, ase.db, autopipec_hpc; ase.db.connect(sys.argv[1], append=True).count()"
-    _run_in_site_env(spec, [spec.site_config.python_executable, "-c", code, spec.database],
+    _run_in_site_env(spec, [spec.site.python_executable, "-c", code, spec.database],
                      "database reachable from the compute-node environment")
 
 
@@ -142,7 +142,7 @@ def run_preflight(spec: RunSpec, manifest: DatasetManifest, scheduler: Scheduler
         (warn or log.warning)(f"warning: {warning}")
     check_writable(spec)
     interpreter, backend = check_pacemaker(spec)
-    evaluator = resolve_evaluator(spec.site_config.pacemaker.evaluator, backend, interpreter)
+    evaluator = resolve_evaluator(spec.site.pacemaker.evaluator, backend, interpreter)
     check_dataset_readable(spec, manifest, interpreter)
     check_database(spec)
     return evaluator

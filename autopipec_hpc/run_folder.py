@@ -19,12 +19,10 @@ The files inside an attempt directory are pacemaker's, named in pacemaker_wrappe
 
 from __future__ import annotations
 
-import json
 import re
-from dataclasses import asdict, dataclass
-from functools import cached_property
 from pathlib import Path
-from typing import Any
+
+from pydantic import BaseModel, ConfigDict
 
 from autopipec_hpc.config import SiteConfig, TrainConfig
 from autopipec_hpc.files import atomic_write_text, fresh_dir
@@ -147,16 +145,18 @@ def latest_generation_folder(work_dir: str | Path, generation: int) -> RunFolder
     return RunFolder(folders[-1]) if folders else None
 
 
-@dataclass(frozen=True)
-class RunSpec:
-    """What was asked of one generation, saved as the run folder's ``run.json``."""
+class RunSpec(BaseModel):
+    """What was asked of one generation, saved as the run folder's ``run.json``: the
+    site and the training settings as validated models, checked once when loaded."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
 
     generation: int
     run_dir: str
     database: str
     output_dir: str
-    site: dict[str, Any]
-    config: dict[str, Any]
+    site: SiteConfig
+    config: TrainConfig
     force: bool = False
     # pacemaker's backend as resolved by the preflight (the site may say "auto").
     evaluator: str | None = None
@@ -169,22 +169,13 @@ class RunSpec:
     def folder(self) -> RunFolder:
         return RunFolder(self.run_dir)
 
-    # Validated once per spec (a preflight reads the site five times), not on every access.
-    @cached_property
-    def site_config(self) -> SiteConfig:
-        return SiteConfig.model_validate(self.site)
-
-    @cached_property
-    def train_config(self) -> TrainConfig:
-        return TrainConfig.model_validate(self.config)
-
     @property
     def dataset_dir(self) -> Path:
         return self.folder.dataset_dir
 
     def save(self) -> None:
-        atomic_write_text(self.folder.spec_file, json.dumps(asdict(self), indent=2))
+        atomic_write_text(self.folder.spec_file, self.model_dump_json(indent=2))
 
     @classmethod
     def load(cls, run_dir: str | Path) -> "RunSpec":
-        return cls(**json.loads(RunFolder(run_dir).spec_file.read_text()))
+        return cls.model_validate_json(RunFolder(run_dir).spec_file.read_text())

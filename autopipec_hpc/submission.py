@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 
 from autopipec_hpc.config import Evaluator, SiteConfig, TrainConfig
@@ -118,8 +118,8 @@ def prepare_run(
         run_dir=str(run_dir),
         database=absolute_target(database),
         output_dir=str(Path(site.output_dir).resolve()),
-        site=site.model_dump(mode="json"),
-        config=config.model_dump(mode="json"),
+        site=site,
+        config=config,
         force=force,
     )
     try:
@@ -163,7 +163,7 @@ def submit_generation(
         say(plan.describe())
         for warning in plan.warnings:
             say(f"warning: {warning}")
-        spec = replace(spec, evaluator=str(evaluator))
+        spec = spec.model_copy(update={"evaluator": str(evaluator)})
         spec.save()
         jobs = submit_jobs(scheduler, spec, site)
     except BaseException as exc:
