@@ -34,6 +34,8 @@ log = logging.getLogger(__name__)
 
 
 FAILURE_GRACE_S = 30.0
+# How long a waiter bears a scheduler that cannot say how its jobs are (accounting down).
+SCHEDULER_PATIENCE_S = 600.0
 # How often a waiter reads the record and progress.json (files and the database, not the
 # scheduler: the watcher decides when the scheduler is asked).
 WAIT_POLL_S = 2.0
@@ -137,6 +139,7 @@ class Generation:
         failed_at: float | None = None
         last_seen: tuple[int, float] | None = None
         last_status: RecordState | None = None
+        unanswered_since: float | None = None
         while True:
             if on_progress is not None:
                 current = self.progress()
@@ -154,7 +157,17 @@ class Generation:
             if status != last_status:
                 self.scheduler.watcher.soon()  # a record that moved: the jobs are about to
                 last_status = status
-            states = self.job_states()
+            try:
+                states = self.job_states()
+                unanswered_since = None
+            except SchedulerError:
+                # Accounting down for a while (slurmdbd restarting) is waited out, bounded:
+                # a scheduler that never answers must not hang the waiter.
+                unanswered_since = unanswered_since or time.monotonic()
+                if time.monotonic() - unanswered_since > SCHEDULER_PATIENCE_S or time.monotonic() > deadline:
+                    raise
+                time.sleep(poll_s)
+                continue
             jobs_done = all(s in FINISHED for s in states.values())
             final = record is not None and record.status.is_final
             if final and jobs_done:

@@ -39,6 +39,9 @@ class StateWatcher:
         self._asked: set[Hashable] = set()  # jobs a query was made for (answered or not)
         self._jobs: list[Hashable] = []
         self.queries = 0  # how many queries were made (benchmarks and tests read it)
+        # The scheduler's error if its last answer was one: until it answers again, what
+        # the cache holds is not knowledge, and callers must hear why.
+        self._failure: Exception | None = None
 
     def register(self, *jobs: Hashable) -> None:
         """Follow ``jobs`` from now on (their first ``states`` asks at once)."""
@@ -56,6 +59,8 @@ class StateWatcher:
             self.refresh(force=True)
         else:
             self.refresh()
+        if self._failure is not None:
+            raise self._failure
         return [self._states.get(job, JobState.UNKNOWN) for job in jobs]
 
     @property
@@ -80,7 +85,12 @@ class StateWatcher:
         self._due = now + self._delay
         self._asked.update(unfinished)
         self.queries += 1
-        answer = self._query(unfinished)
+        try:
+            answer = self._query(unfinished)
+        except Exception as exc:
+            self._failure = exc
+            raise
+        self._failure = None
         changed = False
         for job in unfinished:
             new = answer.get(job, JobState.UNKNOWN)
