@@ -505,3 +505,26 @@ def test_a_selection_request_refuses_bad_settings_by_the_option_typed():
         LoopSettings(generations=2, select=1, calculator="ase.calculators.emt:EMT", kwargs="[1]")
     settings = LoopSettings(generations=2, select=4, calculator="ase.calculators.emt:EMT", gamma_min=0.5)
     assert settings.selection(3) == SelectionRequest(3, max_select=4, gamma_min=0.5)
+
+
+def test_the_loop_reconciles_a_claim_whose_submitter_died_before_deciding(tmp_path):
+    """A loop killed between the claim and the job ids left generation 1 SUBMITTED with no
+    jobs.json; a rerun must not wait on it forever ("nothing was submitted from it")."""
+    import socket
+    import subprocess
+    import sys
+
+    from autopipec_hpc.active.loop import next_step
+    from autopipec_hpc.states import LoopAction, RecordState
+
+    database = str(tmp_path / "s.db")
+    db = DatabaseManager(database)
+    write_example_database(db)
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    db.claim(1, lambda n: (tmp_path / "runs" / "gen-0001").resolve())
+    db.add_values(1, (tmp_path / "runs" / "gen-0001").resolve(), {"claimed_by": f"{socket.gethostname()}:{dead.pid}"})
+    assert db.get_record(1).status == RecordState.SUBMITTED
+    step = next_step(db, generations=2)
+    assert db.get_record(1).status == RecordState.FAILED and "submitting process" in db.get_record(1).reason
+    assert step.action == LoopAction.TRAIN and step.generation == 1

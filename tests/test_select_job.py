@@ -19,8 +19,7 @@ from autopipec_hpc.cli import main
 from autopipec_hpc.config import JobResources
 from autopipec_hpc.store import DatabaseManager
 from autopipec_hpc.active.selection_folder import SelectionFolder
-from autopipec_hpc.scheduler.slurm import sacct_state
-from tests.helpers import CLI, ci_site, copy_db, far_candidates, near_candidates
+from tests.helpers import CLI, ci_site, copy_db, far_candidates, near_candidates, wait_state
 
 pytestmark = [pytest.mark.slurm, pytest.mark.slow, pytest.mark.pacemaker]
 JOB_NAME = "autopipec-g1-select"  # then "-" and a token of the job's own (job.json keeps the whole name)
@@ -47,14 +46,6 @@ def _job_name(folder: SelectionFolder) -> str:
     assert name.startswith(f"{JOB_NAME}-") and len(name) == len(JOB_NAME) + 9, name
     return name
 
-
-def _wait_state(job_id: str, wanted: set[str], name: str, timeout_s: float = 60) -> str:
-    deadline = time.monotonic() + timeout_s
-    state = sacct_state(job_id, name)
-    while state not in wanted and time.monotonic() < deadline:
-        time.sleep(1)
-        state = sacct_state(job_id, name)
-    return state
 
 
 def _sacct(job_id: str, name: str) -> list[str]:
@@ -119,7 +110,7 @@ def _gated_select(tmp_path: Path, database: str, gate: Path) -> tuple[subprocess
         time.sleep(0.2)
     assert folder.job_file.exists(), command.communicate(timeout=30)
     job_id = json.loads(folder.job_file.read_text())["job_id"]
-    assert _wait_state(job_id, {"RUNNING"}, _job_name(folder)) == "RUNNING"  # waiting at the gate
+    assert wait_state(job_id, {"RUNNING"}, name=_job_name(folder)) == "RUNNING"  # waiting at the gate
     return command, folder, job_id
 
 
@@ -147,7 +138,7 @@ def test_a_select_job_that_fails_ends_the_command_with_its_error_and_requests_no
     [line] = stderr.strip().splitlines()
     assert line.startswith(f"error: select job {job_id} failed: generation 1: ")
     assert "potential.yaml is missing" in line and str(folder.path / "submitit") in line
-    assert _wait_state(job_id, {"FAILED"}, _job_name(folder)) == "FAILED"
+    assert wait_state(job_id, {"FAILED"}, name=_job_name(folder)) == "FAILED"
     assert "potential.yaml is missing" in folder.failure()
     assert not folder.summary_file.exists()
     _no_false_state(database, near + far)

@@ -15,6 +15,7 @@ from autopipec_hpc.active.select_job import run_selection
 from autopipec_hpc.active.selection_folder import SelectionRequest
 from autopipec_hpc.config import SiteConfig, TrainConfig
 from autopipec_hpc.errors import ConfigError
+from autopipec_hpc.generation import reconcile_generation
 from autopipec_hpc.states import LoopAction, RecordState, Strategy, StructureStatus
 from autopipec_hpc.store import DatabaseManager
 from autopipec_hpc.store.structures import SELECTION_RECORD
@@ -76,9 +77,14 @@ def next_step(db: DatabaseManager, generations: int, warm: bool = True) -> LoopS
     database (a record, a selection row, row statuses), so an interrupted loop resumes
     at the first unfinished step and never repeats a finished one."""
     records = db.records()
-    for r in records:
+    for k, r in enumerate(records):
         if r.status.is_active:
-            return LoopStep(LoopAction.WAIT, r.generation)
+            # A record in flight may not be true (a loop killed between its claim and its
+            # job ids, jobs killed outright): brought in line with its jobs first, so a
+            # rerun does not wait on a generation that nothing runs.
+            records[k] = r = reconcile_generation(db, r.generation) or r
+            if r.status.is_active:
+                return LoopStep(LoopAction.WAIT, r.generation)
     done = [r.generation for r in records if r.status == RecordState.SUCCEEDED]
     if not done:
         return LoopStep(LoopAction.TRAIN, 1)
