@@ -528,3 +528,43 @@ def test_the_loop_reconciles_a_claim_whose_submitter_died_before_deciding(tmp_pa
     step = next_step(db, generations=2)
     assert db.get_record(1).status == RecordState.FAILED and "submitting process" in db.get_record(1).reason
     assert step.action == LoopAction.TRAIN and step.generation == 1
+
+
+def test_a_candidate_that_cannot_be_scored_is_named_not_fatal():
+    """Overlapping atoms, a NaN position, a collapsed periodic cell, no atoms: each named."""
+    from ase import Atoms
+
+    from autopipec_hpc.active.selection import unscorable
+
+    good = bulk("Cu", "fcc", a=3.61, cubic=True)
+    overlap = good.copy()
+    overlap.positions[1] = overlap.positions[0] + [0.05, 0, 0]
+    nan = good.copy()
+    nan.positions[2, 1] = float("nan")
+    flat = Atoms("Cu2", positions=[[0, 0, 0], [1.2, 0, 0]], cell=[[3, 0, 0], [0, 3, 0], [0, 0, 0]], pbc=True)
+    assert unscorable(good) is None
+    assert "overlapping" in unscorable(overlap)
+    assert "NaN" in unscorable(nan)
+    assert "no volume" in unscorable(flat)
+    assert "no atoms" in unscorable(Atoms())
+
+
+@pytest.mark.pacemaker
+@pytest.mark.slow
+def test_select_skips_and_names_unusable_candidates(trained, tmp_path, capsys):
+    database = copy_db(trained, tmp_path)
+    db = DatabaseManager(database)
+    near_ids = [db.add_candidate(a, "near") for a in near_candidates(3)]
+    bad = bulk("Cu", "fcc", a=3.61, cubic=True)
+    bad.positions[1] = bad.positions[0] + [0.02, 0, 0]
+    bad_id = db.add_candidate(bad, "collided")
+    code = main(["select", "--db", database, "--generation", "1", "--max", "2", "--gamma-min", "0",
+                 "--out", str(tmp_path / "sel")])
+    out = capsys.readouterr().out
+    assert code == 0, out
+    assert f"id={bad_id}" in out and "overlapping" in out
+    rows = {r.id: r for r in db.iter_rows()}
+    assert rows[bad_id].status == "CANDIDATE" and "gamma_max" not in rows[bad_id]
+    assert all(rows[i].scored_by_generation == 1 for i in near_ids)
+    summary = SelectionFolder(tmp_path / "sel").summary_file.read_text()
+    assert str(bad_id) in summary and "overlapping" in summary

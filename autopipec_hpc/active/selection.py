@@ -36,7 +36,7 @@ from autopipec_hpc import registry
 from autopipec_hpc.states import RecordState, Strategy, StructureStatus
 from autopipec_hpc.store import DatabaseManager
 from autopipec_hpc.store.structures import label_of
-from autopipec_hpc.errors import SelectionError
+from autopipec_hpc.errors import SelectionError, one_line
 from autopipec_hpc.files import atomic_write_text, fresh_dir
 from autopipec_hpc.active.selection_folder import SelectionFolder, SelectionRequest, default_selection_dir
 
@@ -72,6 +72,7 @@ class SelectionResult(BaseModel):
     above: int
     selected_ids: list[int]
     skipped: dict[int, list[str]]  # row id -> elements the potential does not know
+    unusable: dict[int, str] = {}  # row id -> why it cannot be scored (overlapping atoms, NaN, ...)
     by_config_type: dict[str, ConfigTypeSummary]
     histograms: list[str]
 
@@ -118,6 +119,26 @@ def published_potential(db: DatabaseManager, generation: int) -> Path:
         if not (folder / name).exists():
             raise SelectionError(f"generation {generation}: {folder / name} is missing; cannot score candidates")
     return folder
+
+
+# Closer than this, two atoms overlap: no physical structure, and no grade means anything.
+OVERLAP_A = 0.1
+
+
+def unscorable(atoms) -> str | None:
+    """Why a candidate cannot be scored (named in the summary), or None."""
+    if len(atoms) == 0:
+        return "it has no atoms"
+    if not np.all(np.isfinite(atoms.positions)) or not np.all(np.isfinite(atoms.cell.array)):
+        return "its positions or cell hold NaN or inf"
+    if atoms.pbc.any() and abs(atoms.cell.volume) < 1e-6:
+        return "its periodic cell has no volume"
+    from ase.neighborlist import neighbor_list
+
+    close = neighbor_list("d", atoms, OVERLAP_A)
+    if len(close):
+        return f"two atoms are {float(close.min()):.3f} A apart (overlapping)"
+    return None
 
 
 class GammaScorer:
@@ -203,6 +224,7 @@ def select_candidates(
     heap: list[tuple[float, int]] = []  # top-gamma or random keys
     summary: dict[str, _Tally] = defaultdict(_Tally)
     skipped: dict[int, list[str]] = {}
+    unusable: dict[int, str] = {}
     scored = above = 0
     for rows in _batches(db.iter_rows(status=StructureStatus.CANDIDATE), request.batch):
         updates, chunk = [], []
@@ -212,7 +234,18 @@ def select_candidates(
             if unknown:
                 skipped[row.id] = unknown
                 continue
-            g = scorer.gamma(atoms)
+            problem = unscorable(atoms)
+            if problem is None:
+                try:
+                    g = scorer.gamma(atoms)
+                    if not np.all(np.isfinite(g)):
+                        problem = "its extrapolation grade is not finite"
+                except Exception as exc:  # pyace raises what its C++ meets; one row never ends the step
+                    problem = f"scoring failed ({one_line(exc)[:160]})"
+            if problem is not None:
+                log.warning("candidate id=%s (%s) skipped: %s", row.id, label_of(row), problem)
+                unusable[row.id] = problem
+                continue
             gmax, gmean = float(g.max()), float(g.mean())
             s = summary[label_of(row)]
             s.scored += 1
@@ -246,7 +279,7 @@ def select_candidates(
     histograms = _histogram(summary, SelectionFolder(out), generation, gamma_min)
     result = SelectionResult(
         generation=generation, strategy=strategy, max_select=max_select, gamma_min=gamma_min, folder=str(out),
-        scored=scored, above=above, selected_ids=sorted(chosen), skipped=skipped,
+        scored=scored, above=above, selected_ids=sorted(chosen), skipped=skipped, unusable=unusable,
         by_config_type={ct: s.summary() for ct, s in sorted(summary.items())}, histograms=histograms,
     )
     db.commit_selection(
@@ -254,6 +287,7 @@ def select_candidates(
         values={"strategy": str(strategy), "n_scored": scored, "n_above": above, "n_selected": len(chosen),
                 "gamma_min": gamma_min, "max_select": max_select, "folder": str(out)},
         data={"selected_ids": sorted(chosen), "skipped": {str(k): v for k, v in skipped.items()},
+              "unusable": {str(k): v for k, v in unusable.items()},
               "by_config_type": {ct: c.model_dump() for ct, c in result.by_config_type.items()}},
     )
     # Written after the commit, so that a summary always tells of a selection that happened.

@@ -76,6 +76,10 @@ def print_selection(result: SelectionResult) -> None:
                   f"[b]{sum(c.above_5 for c in result.by_config_type.values())}",
                   f"[b]{len(result.selected_ids)}")
     console.print(table)
+    if result.unusable:
+        named = "; ".join(f"id={i}: {why}" for i, why in sorted(result.unusable.items()))
+        console.print(f"skipped {len(result.unusable)} candidates that cannot be scored: {named}",
+                      highlight=False, markup=False)
     if result.skipped:
         named = ", ".join(f"id={i} ({'/'.join(els)})" for i, els in sorted(result.skipped.items()))
         console.print(f"skipped {len(result.skipped)} candidates with elements the potential does not know: {named}",
