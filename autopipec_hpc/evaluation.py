@@ -17,6 +17,7 @@ from autopipec_hpc.states import RecordState
 from autopipec_hpc.store import DatabaseManager
 
 import json
+import logging
 import math
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -27,6 +28,8 @@ from ase.calculators.calculator import Calculator
 
 from autopipec_hpc.dataset_files import read_pickle
 from autopipec_hpc.files import atomic_output, atomic_write_text
+
+log = logging.getLogger(__name__)
 
 FORCE_ERROR_CONVENTION = "per Cartesian component"
 
@@ -253,9 +256,17 @@ def common_holdout(db: DatabaseManager, generations: list[int] | None = None) ->
     for r in records:
         manifest = DatasetManifest.load(Path(r.potential_path))
         holdouts.append(set(manifest.test_ids))
-    common = sorted(set.intersection(*holdouts)) if holdouts else []
-    structures = [db.get_row(i).toatoms(add_additional_information=False) for i in common]
-    labels = [(db.get_row(i).energy, db.get_row(i).forces) for i in common]
+    shared = sorted(set.intersection(*holdouts)) if holdouts else []
+    common, structures, labels = [], [], []
+    for i in shared:
+        try:
+            row = db.get_row(i)
+        except KeyError:  # deleted since: compared on the rows that are left, and said so
+            log.warning("holdout row id=%s is no longer in %s; left out of the comparison", i, db.target)
+            continue
+        common.append(i)
+        structures.append(row.toatoms(add_additional_information=False))
+        labels.append((row.energy, row.forces))
     rows = []
     for r in records:
         calc = registry.load_calculator(Path(r.potential_path))

@@ -568,3 +568,17 @@ def test_select_skips_and_names_unusable_candidates(trained, tmp_path, capsys):
     assert all(rows[i].scored_by_generation == 1 for i in near_ids)
     summary = SelectionFolder(tmp_path / "sel").summary_file.read_text()
     assert str(bad_id) in summary and "overlapping" in summary
+
+
+@pytest.mark.pacemaker
+@pytest.mark.slow
+def test_common_holdout_compares_on_the_rows_left_when_one_was_deleted(trained, tmp_path):
+    from autopipec_hpc.dataset_prep import DatasetManifest
+    from autopipec_hpc.evaluation import common_holdout
+
+    db = DatabaseManager(copy_db(trained, tmp_path))
+    test_ids = DatasetManifest.load(Path(trained[2].potential_path)).test_ids
+    assert len(test_ids) >= 2
+    db._db.delete([test_ids[0]])
+    common, rows = common_holdout(db)
+    assert common == sorted(test_ids[1:]) and rows[0].structures == len(test_ids) - 1
