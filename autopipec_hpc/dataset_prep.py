@@ -32,7 +32,7 @@ import numpy as np
 from ase import Atoms
 from ase.io.extxyz import write_xyz
 
-from autopipec_hpc.errors import ConfigError, InsufficientDataError, StructureError
+from autopipec_hpc.errors import ConfigError, DatasetError, InsufficientDataError, StructureError, one_line
 from autopipec_hpc.files import atomic_write_text
 from autopipec_hpc.physics import ZBLCalculator, fit_reference_energies_from_counts, per_atom_reference
 from autopipec_hpc.splits import TEST, TRAIN, fingerprint_draw, persisted_side, split_by_draws
@@ -111,12 +111,18 @@ class DatasetManifest:
 
     @classmethod
     def load(cls, directory: str | Path) -> "DatasetManifest":
-        raw = json.loads((Path(directory) / MANIFEST).read_text())
-        raw["skipped"] = [SkippedStructure(**s) for s in raw["skipped"]]
-        for key in ("zbl_energy_range", "zbl_energy_per_atom_range", "target_energy_per_atom_range"):
-            raw[key] = tuple(raw[key])
-        raw["directory"] = str(directory)
-        return cls(**raw)
+        path = Path(directory) / MANIFEST
+        try:
+            raw = json.loads(path.read_text())
+            raw["skipped"] = [SkippedStructure(**s) for s in raw["skipped"]]
+            for key in ("zbl_energy_range", "zbl_energy_per_atom_range", "target_energy_per_atom_range"):
+                raw[key] = tuple(raw[key])
+            raw["directory"] = str(directory)
+            return cls(**raw)
+        except FileNotFoundError:
+            raise DatasetError(f"{path}: no such file (no dataset was prepared there)") from None
+        except (ValueError, TypeError, KeyError) as exc:  # truncated, garbage, another shape
+            raise DatasetError(f"{path}: not a dataset manifest ({one_line(exc)[:160]})") from None
 
 
 @dataclass(slots=True)

@@ -23,7 +23,7 @@ from ase.calculators.mixing import SumCalculator
 from ase.data import atomic_numbers
 
 from autopipec_hpc.config import resolve_command
-from autopipec_hpc.errors import PublicationError
+from autopipec_hpc.errors import PublicationError, one_line
 from autopipec_hpc.physics import ReferenceEnergyCalculator, ZBLCalculator
 
 POTENTIAL_YAML = "potential.yaml"
@@ -210,7 +210,10 @@ def read_manifest(directory: str | Path) -> PotentialManifest:
     path = Path(directory) / MANIFEST
     if not path.exists():
         raise PublicationError(f"{directory} holds no published potential ({MANIFEST} missing)")
-    return PotentialManifest(**json.loads(path.read_text()))
+    try:
+        return PotentialManifest(**json.loads(path.read_text()))
+    except (ValueError, TypeError) as exc:  # truncated, garbage, or keys of another shape
+        raise PublicationError(f"{path}: not a potential manifest ({one_line(exc)[:160]})") from None
 
 
 def load_calculator(directory: str | Path) -> SumCalculator:

@@ -241,3 +241,39 @@ def test_labels_survive_into_the_database_and_every_file(tmp_path, label):
     for xyz in (tmp_path / "ds").glob("*.extxyz"):
         frames = ase.io.read(xyz, ":")
         assert frames and {str(f.info["config_type"]) for f in frames} == {label}
+
+
+def _published_by_hand(tmp_path, files: dict[str, str]) -> str:
+    """A database whose generation 1 is SUCCEEDED and points at a folder holding ``files``."""
+    from autopipec_hpc.states import RecordState
+    from autopipec_hpc.store import DatabaseManager
+
+    database = str(tmp_path / "s.db")
+    db = DatabaseManager(database)
+    folder = tmp_path / "potentials" / "1"
+    folder.mkdir(parents=True)
+    for name, text in files.items():
+        (folder / name).write_text(text)
+    run = (tmp_path / "runs" / "gen-0001").resolve()
+    db.claim(1, lambda n: run)
+    db.update_record(1, run, RecordState.SUCCEEDED, values={"potential_path": str(folder)})
+    return database
+
+
+def test_a_garbage_dataset_manifest_is_named_in_one_line(tmp_path, capsys):
+    from autopipec_hpc.cli import main
+
+    database = _published_by_hand(tmp_path, {"dataset.json": '{"train_files": ['})
+    assert main(["results", "--db", database, "--common-holdout"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "dataset.json" in err and "not a dataset manifest" in err, err
+
+
+@pytest.mark.pacemaker
+def test_a_garbage_potential_manifest_is_named_in_one_line(tmp_path, capsys):
+    from autopipec_hpc.cli import main
+
+    database = _published_by_hand(tmp_path, {"potential.yaml": "x", "potential.asi": "x", "potential.json": "{{"})
+    assert main(["select", "--db", database, "--generation", "1", "--out", str(tmp_path / "sel")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "potential.json" in err, err

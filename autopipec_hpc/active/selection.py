@@ -147,9 +147,15 @@ class GammaScorer:
     def __init__(self, folder: Path) -> None:
         from pyace import PyACECalculator
 
-        self.calc = PyACECalculator(str(folder / registry.POTENTIAL_YAML))
-        self.calc.set_active_set(str(folder / registry.ACTIVE_SET))
         self.elements = set(registry.read_manifest(folder).elements)
+        try:
+            self.calc = PyACECalculator(str(folder / registry.POTENTIAL_YAML))
+        except Exception as exc:  # pyace's YAML and C++ readers raise whatever they meet
+            raise SelectionError(f"{folder / registry.POTENTIAL_YAML}: not a readable potential ({one_line(exc)[:160]})") from None
+        try:
+            self.calc.set_active_set(str(folder / registry.ACTIVE_SET))
+        except Exception as exc:
+            raise SelectionError(f"{folder / registry.ACTIVE_SET}: not a readable active set ({one_line(exc)[:160]})") from None
 
     def unknown(self, atoms) -> list[str]:
         return sorted(set(atoms.get_chemical_symbols()) - self.elements)
@@ -180,8 +186,11 @@ class _DOptimalChooser:
         from pyace import BBasisConfiguration
         from pyace.activelearning import compute_A_active_inverse, load_active_inverse_set
 
-        self.bconf = BBasisConfiguration(str(folder / registry.POTENTIAL_YAML))
-        self.extra = compute_A_active_inverse(load_active_inverse_set(str(folder / registry.ACTIVE_SET)))
+        try:
+            self.bconf = BBasisConfiguration(str(folder / registry.POTENTIAL_YAML))
+            self.extra = compute_A_active_inverse(load_active_inverse_set(str(folder / registry.ACTIVE_SET)))
+        except Exception as exc:
+            raise SelectionError(f"{folder}: its potential or active set cannot be read ({one_line(exc)[:160]})") from None
         self.max_select = max_select
         self.kept: list[tuple[int, Any]] = []  # (row id, atoms)
 
