@@ -12,7 +12,7 @@ from autopipec_hpc.states import StructureStatus
 import re
 import time
 import unicodedata
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -114,6 +114,32 @@ def provenance_of(info: dict[str, Any]) -> dict[str, Any]:
     return kept
 
 
+def _check_frames(paths: Sequence[str | Path], config_type: str | None,
+                  check: Callable[[Atoms, str], object]) -> None:
+    """An import's first pass: every frame of every file checked (its label, then
+    ``check``), a file with no frame named; nothing is held but the frame at hand."""
+    for path in paths:
+        frames = 0
+        for index, atoms in read_frames(path):
+            where = f"{path}: frame {index}"
+            check_label(config_type or str(atoms.info.get("config_type", "default")), where)
+            check(atoms, where)
+            frames += 1
+        if frames == 0:
+            raise ImportDataError(f"{path}: holds no structures; nothing was imported")
+
+
+def _refuse_labels(atoms: Atoms, where: str) -> None:
+    carried = carried_labels(atoms)
+    if carried:
+        raise ImportDataError(
+            f"{where} carries {' and '.join(_LABEL_WORDS[k] for k in carried)}, which a CANDIDATE "
+            "row does not keep (`label` labels it): if they are DFT labels, import with "
+            "--status TRAINING_READY; if they are a model's, write the frames without them; "
+            "nothing was imported"
+        )
+
+
 class StructureRows(Database):
     # -- structures ---------------------------------------------------------
     def import_files(
@@ -133,14 +159,7 @@ class StructureRows(Database):
             check_label(config_type, "--config-type")
         if str(status) == StructureStatus.CANDIDATE:
             return self.import_candidates(paths, config_type)
-        for path in paths:
-            frames = 0
-            for index, atoms in read_frames(path):
-                labels_of(atoms, f"{path}: frame {index}")
-                check_label(config_type or str(atoms.info.get("config_type", "default")), f"{path}: frame {index}")
-                frames += 1
-            if frames == 0:
-                raise ImportDataError(f"{path}: holds no structures; nothing was imported")
+        _check_frames(paths, config_type, lambda atoms, where: labels_of(atoms, where))
         count = 0
         with self._transaction() as db:
             for path in paths:
@@ -203,22 +222,7 @@ class StructureRows(Database):
         predictions (then keeping them as the row's labels would pass them off as DFT).
         Only the user knows which.
         """
-        for path in paths:
-            frames = 0
-            for index, atoms in read_frames(path):
-                where = f"{path}: frame {index}"
-                check_label(config_type or str(atoms.info.get("config_type", "default")), where)
-                carried = carried_labels(atoms)
-                if carried:
-                    raise ImportDataError(
-                        f"{where} carries {' and '.join(_LABEL_WORDS[k] for k in carried)}, which a CANDIDATE "
-                        "row does not keep (`label` labels it): if they are DFT labels, import with "
-                        "--status TRAINING_READY; if they are a model's, write the frames without them; "
-                        "nothing was imported"
-                    )
-                frames += 1
-            if frames == 0:
-                raise ImportDataError(f"{path}: holds no structures; nothing was imported")
+        _check_frames(paths, config_type, _refuse_labels)
         count = 0
         with self._transaction() as db:
             for path in paths:
