@@ -155,9 +155,7 @@ class LocalScheduler:
             job = self._executor(folder.submitit_dir, minutes).submit(body, *args)
         submitted = SubmittedJob(scheduler=self.name, folder=str(folder.submitit_dir), job_id=str(job.job_id),
                                  role=role, name=name, time_minutes=minutes)
-        self.watcher.register(submitted)
-        self.watcher.soon()
-        return submitted
+        return self.watcher.follow(submitted)
 
     def states(self, jobs: Sequence[SubmittedJob]) -> list[JobState]:
         return self.watcher.states(jobs)

@@ -201,9 +201,7 @@ class SlurmScheduler:
         keep_job_files(job, folder, role)
         submitted = SubmittedJob(scheduler=self.name, folder=str(folder.submitit_dir), job_id=str(job.job_id),
                                  role=role, name=name, time_minutes=resources.time_minutes)
-        self.watcher.register(submitted)
-        self.watcher.soon()
-        return submitted
+        return self.watcher.follow(submitted)
 
     def states(self, jobs: Sequence[SubmittedJob]) -> list[JobState]:
         return self.watcher.states(jobs)

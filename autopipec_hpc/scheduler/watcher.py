@@ -49,6 +49,12 @@ class StateWatcher:
             if job not in self._asked and job not in self._jobs:
                 self._jobs.append(job)
 
+    def follow(self, job: Hashable) -> Hashable:
+        """A job just submitted: followed from now on, and asked about at the next call."""
+        self.register(job)
+        self.soon()
+        return job
+
     def state(self, job: Hashable) -> JobState:
         return self.states([job])[0]
 
