@@ -20,11 +20,19 @@ from ase.data import chemical_symbols
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from autopipec_hpc.errors import ConfigError
+from autopipec_hpc.splits import FixedHoldout
 
 # Radial and angular budgets per body order (pacemaker's own UNARY defaults);
 # max_degree = body order - 1 selects how many of them are used.
 NRADMAX_BY_ORDERS = [15, 6, 4, 3, 2, 2]
 LMAX_BY_ORDERS = [0, 3, 3, 2, 2, 1]
+
+# python-ace issue #39: `pacemaker -p parent.yaml` with fit.ladder_step set throws the parent's
+# coefficients away and grows the ladder from an empty potential.
+LADDER_WARM_START = (
+    "ladder_step cannot be combined with a warm start (warm_start): pacemaker would start the ladder "
+    "from an empty potential, not the parent's (python-ace issue #39); unset one of them"
+)
 
 _NAME = re.compile(r"^[A-Za-z0-9_.-]+$")
 _PATH = re.compile(r"^[A-Za-z0-9_./~+-]+$")
@@ -58,6 +66,17 @@ class TrainConfig(_Strict):
     l1_coeffs: float = Field(1e-8, ge=0, description="L1 regularization")
     l2_coeffs: float = Field(1e-8, ge=0, description="L2 regularization")
     maxiter: int = Field(500, ge=1)
+    # Early stopping is pacemaker's own (fit.min_relative_test_loss_per_iter and
+    # fit.early_stopping_patience): it watches the loss on the dataset's test split, so it acts
+    # only where test_fraction > 0. A warm start begins near its optimum and would otherwise
+    # run all of maxiter (issue 19: warm generations took 2-3x the cold one).
+    early_stopping_min_improvement: float | None = Field(
+        1e-3, gt=0, lt=1, description="the fit stops once no stretch of early_stopping_patience iterations "
+        "lowered the test loss by more than this fraction per iteration; None runs all of maxiter",
+    )
+    early_stopping_patience: int = Field(
+        50, ge=1, description="iterations the test loss may go without that improvement before the fit stops"
+    )
     optimizer: Literal["BFGS", "L-BFGS-B"] = "BFGS"
     batch_size: int = Field(100, ge=1, description="structures per TensorFlow batch: a memory knob")
     batch_size_reduction: bool = Field(
@@ -84,6 +103,10 @@ class TrainConfig(_Strict):
     timeout_hours: float = Field(24.0, gt=0)
     warm_start: int | None = Field(
         None, ge=1, description="start pacemaker from this published generation's potential (warm_start.py)"
+    )
+    holdout: FixedHoldout | None = Field(
+        None, description="a fixed holdout, test in every generation and compared on: {config_type: NAME or "
+        "[NAMES]} and/or {file: EXTXYZ} (structures of the database with that content; splits.py)",
     )
 
     @model_validator(mode="before")
@@ -132,6 +155,8 @@ class TrainConfig(_Strict):
             raise ValueError(f"zbl_inner ({self.zbl_inner}) must be smaller than zbl_outer ({self.zbl_outer})")
         if self.energy_weight + self.force_weight == 0:
             raise ValueError("energy_weight and force_weight cannot both be 0")
+        if self.warm_start is not None and self.ladder_step is not None:
+            raise ValueError(LADDER_WARM_START)
         return self
 
     @property

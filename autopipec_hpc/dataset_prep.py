@@ -24,7 +24,7 @@ import tempfile
 from array import array
 from collections import Counter
 from collections.abc import Iterable, Mapping
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
@@ -35,7 +35,8 @@ from ase.io.extxyz import write_xyz
 from autopipec_hpc.errors import ConfigError, DatasetError, InsufficientDataError, StructureError, one_line
 from autopipec_hpc.files import atomic_write_text
 from autopipec_hpc.physics import ZBLCalculator, fit_reference_energies_from_counts, per_atom_reference
-from autopipec_hpc.splits import TEST, TRAIN, fingerprint_draw, persisted_side, split_by_draws
+from autopipec_hpc.splits import (TEST, TRAIN, FixedHoldout, check_holdout_found, content_key, fingerprint_draw,
+                                  holdout_file_keys, persisted_side, split_by_draws)
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +53,7 @@ class DatasetSettings:
     shard_atoms: int = 50_000
     shard_rows: int = 1_000
     write_extxyz: bool = True
+    holdout: FixedHoldout | None = None  # test in every generation (splits.py)
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.test_fraction < 1.0:
@@ -95,6 +97,8 @@ class DatasetManifest:
     has_force_weights: bool
     test_fraction: float
     seed: int
+    holdout_ids: list[int] = field(default_factory=list)  # the fixed holdout's rows (all in test_ids)
+    holdout: str = ""  # what names the fixed holdout (FixedHoldout.describe); "" where none was named
 
     @property
     def train_paths(self) -> list[Path]:
@@ -148,6 +152,8 @@ class _SeenTable:
         self.kinds, self.compositions = array("l"), array("l")
         self.energy_dft, self.energy_zbl, self.draws = array("d"), array("d"), array("d")
         self.kept = array("b")  # splits.persisted_side of each row
+        self.fixed = array("b")  # 1 for a row of the fixed holdout
+        self.holdout_matched: set[bytes] = set()  # the holdout file's content keys seen
         self.config_types: list[str] = []
         self.composition_table: list[tuple[tuple[str, int], ...]] = []
         self._kind_of: dict[str, int] = {}
@@ -159,7 +165,7 @@ class _SeenTable:
         return len(self.db_ids)
 
     def add(self, db_id: int, config_type: str, natoms: int, composition: tuple[tuple[str, int], ...],
-            energy_dft: float, energy_zbl: float, offset: int, draw: float, kept: int) -> None:
+            energy_dft: float, energy_zbl: float, offset: int, draw: float, kept: int, fixed: bool = False) -> None:
         self.db_ids.append(db_id)
         self.kinds.append(self._kind_of.setdefault(config_type, len(self._kind_of)))
         if len(self._kind_of) > len(self.config_types):
@@ -173,6 +179,7 @@ class _SeenTable:
         self.offsets.append(offset)
         self.draws.append(draw)
         self.kept.append(kept)
+        self.fixed.append(int(fixed))
 
     def column(self, name: str) -> np.ndarray:
         """A column as a numpy view (no copy)."""
@@ -244,6 +251,18 @@ class DatasetBuilder:
     def __init__(self, settings: DatasetSettings | None = None) -> None:
         self.settings = settings or DatasetSettings()
         self.zbl = ZBLCalculator(self.settings.zbl_inner, self.settings.zbl_outer)
+        holdout = self.settings.holdout
+        self.holdout_keys = holdout_file_keys(holdout.file) if holdout and holdout.file else {}
+
+    def _in_holdout(self, atoms: Atoms, ctype: str, seen: _SeenTable) -> bool:
+        holdout = self.settings.holdout
+        if holdout is None:
+            return False
+        key = content_key(atoms) if self.holdout_keys else b""
+        if key in self.holdout_keys:
+            seen.holdout_matched.add(key)
+            return True
+        return ctype in holdout.config_type
 
     def _scan(
         self, structures: Iterable[Atoms], spill: IO[bytes]
@@ -274,7 +293,9 @@ class DatasetBuilder:
             spill.write(np.ascontiguousarray(f_zbl, dtype=np.float64).tobytes())
             seen.add(int(db_id), ctype, len(atoms), tuple(sorted(Counter(atoms.get_chemical_symbols()).items())),
                      energy, e_zbl, offset, fingerprint_draw(atoms, self.settings.seed),
-                     persisted_side(atoms.info))
+                     persisted_side(atoms.info), self._in_holdout(atoms, ctype, seen))
+        if self.settings.holdout is not None:
+            check_holdout_found(self.settings.holdout, self.holdout_keys, seen.config_types, seen.holdout_matched)
         return seen, skipped, has_mask, float(min_distance)
 
     def prepare_dataset(self, structures: Iterable[Atoms], output_path: str | Path) -> DatasetManifest:
@@ -299,8 +320,9 @@ class DatasetBuilder:
         if not seen.ids_are_unique():
             raise InsufficientDataError("structure ids are not unique; cannot split reproducibly")
         ids, kinds = seen.column("db_ids"), seen.column("kinds")
+        fixed = seen.column("fixed").astype(bool)
         train_ids, test_ids, singles = split_by_draws(
-            ids, kinds, seen.config_types, seen.column("draws"), settings.test_fraction, seen.column("kept")
+            ids, kinds, seen.config_types, seen.column("draws"), settings.test_fraction, seen.column("kept"), fixed
         )
         if not train_ids:
             raise InsufficientDataError("no structures left for training after the split")
@@ -382,6 +404,8 @@ class DatasetBuilder:
             has_force_weights=has_mask,
             test_fraction=settings.test_fraction,
             seed=settings.seed,
+            holdout_ids=sorted(int(i) for i in ids[fixed]),
+            holdout=settings.holdout.describe() if settings.holdout else "",
         )
         manifest.save()
         return manifest

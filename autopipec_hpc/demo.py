@@ -34,7 +34,7 @@ def demo_config(site: SiteConfig, config_file: Path | None) -> TrainConfig:
 
 def seed_demo_database(db: DatabaseManager, data: Sequence[Path] | None) -> str | None:
     """Give an empty database something to train on: ``data`` (labelled files), else the
-    30 EMT copper cells. Returns what was written, or None if it had ready rows already."""
+    33 EMT copper cells. Returns what was written, or None if it had ready rows already."""
     if db.count(status=StructureStatus.TRAINING_READY):
         return None
     if data:
@@ -85,7 +85,7 @@ def demo_loop_site(site: SiteConfig) -> SiteConfig:
 
 
 def seed_demo_loop_database(db: DatabaseManager, pool: int) -> str | None:
-    """An empty database gets the 30 labelled cells and ``pool`` unlabelled candidates
+    """An empty database gets the 33 labelled cells and ``pool`` unlabelled candidates
     (imbalanced, as MD harvests are); returns what was written, or None if it had rows."""
     if db.count():
         return None  # a rerun: the loop resumes on what is there

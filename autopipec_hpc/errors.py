@@ -62,6 +62,15 @@ class TrainingInterrupted(TrainingFailedError):
     """pacemaker was stopped by a signal to its job (cancel, requeue, time limit)."""
 
 
+class JobStopped(TrainingInterrupted):
+    """A job body was told to stop (SIGTERM/SIGINT: a cancel, an scancel, a time limit's end)."""
+
+
+class WaitInterrupted(KeyboardInterrupt):
+    """Ctrl-C of a command that waits for jobs: the command ends, the jobs go on (the
+    message says how to follow them). A KeyboardInterrupt, so the exit code stays 130."""
+
+
 class GPUUnavailableError(TrainingFailedError):
     """A job that asked for a GPU runs where TensorFlow sees none."""
 

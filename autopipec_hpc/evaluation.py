@@ -242,9 +242,29 @@ class CommonHoldoutRow:
     force_max_mev: float
 
 
+@dataclass
+class CommonHoldout:
+    """What ``compare_on_common_holdout`` compared: the rows, each generation's errors on
+    them, and the fixed holdout they came from ("" where none was named: then the
+    intersection of the generations' holdouts) with its size."""
+
+    ids: list[int]
+    rows: list[CommonHoldoutRow]
+    fixed: str = ""
+    fixed_size: int = 0
+
+
 def common_holdout(db: DatabaseManager, generations: list[int] | None = None) -> tuple[list[int], list[CommonHoldoutRow]]:
+    """``compare_on_common_holdout``'s rows and errors."""
+    compared = compare_on_common_holdout(db, generations)
+    return compared.ids, compared.rows
+
+
+def compare_on_common_holdout(db: DatabaseManager, generations: list[int] | None = None) -> CommonHoldout:
     """Every published generation (or ``generations``) evaluated on the same rows: the
-    intersection of their holdouts (with the stable split, the first one's holdout).
+    intersection of their holdouts (with the stable split, the first one's holdout), cut
+    to the fixed holdout where the newest generation had one named (TrainConfig
+    ``holdout``): rows a generation trained on are never compared.
     The deployed model (ACE + ZBL + reference energies) against the stored labels:
     energy RMSE in meV/atom, force RMSE and largest error per Cartesian component in meV/A."""
     from autopipec_hpc.dataset_prep import DatasetManifest
@@ -252,11 +272,12 @@ def common_holdout(db: DatabaseManager, generations: list[int] | None = None) ->
     records = [r for r in db.records() if r.status == RecordState.SUCCEEDED and r.potential_path is not None]
     if generations is not None:
         records = [r for r in records if r.generation in generations]
-    holdouts = []
-    for r in records:
-        manifest = DatasetManifest.load(Path(r.potential_path))
-        holdouts.append(set(manifest.test_ids))
+    manifests = [DatasetManifest.load(Path(r.potential_path)) for r in records]
+    holdouts = [set(m.test_ids) for m in manifests]
     shared = sorted(set.intersection(*holdouts)) if holdouts else []
+    newest = manifests[-1] if manifests else None
+    if newest is not None and newest.holdout:
+        shared = sorted(set(shared) & set(newest.holdout_ids))
     common, structures, labels = [], [], []
     for i in shared:
         try:
@@ -284,4 +305,5 @@ def common_holdout(db: DatabaseManager, generations: list[int] | None = None) ->
             force_rmse_mev=1000 * float(np.sqrt(np.mean(df_a**2))) if len(df_a) else math.nan,
             force_max_mev=1000 * float(np.abs(df_a).max()) if len(df_a) else math.nan,
         ))
-    return common, rows
+    fixed = newest.holdout if newest is not None else ""
+    return CommonHoldout(common, rows, fixed, len(newest.holdout_ids) if fixed else 0)

@@ -1,7 +1,9 @@
 """A small labelled copper dataset for the demo and the tests, made on the spot.
 
 ASE's EMT stands in for DFT: energy-volume curves of fcc and bcc, strained and
-rattled fcc supercells. It takes about a second and needs nothing downloaded.
+rattled fcc supercells, and a few hot frames in which two atoms collided (a pair
+inside the ZBL outer cutoff, so the delta baseline is not zero everywhere). It
+takes about a second and needs nothing downloaded.
 """
 
 from __future__ import annotations
@@ -19,6 +21,9 @@ from autopipec_hpc.store import DatabaseManager
 FCC_A = 3.61
 # The demo loop's and the benchmark's candidate pool: imbalanced as MD harvests are,
 # mostly near-equilibrium frames and a few of the kinds a first potential has not seen.
+# The hot frames' closest pair, Angstrom: inside the default ZBL outer cutoff (2 A), where
+# the baseline is 0.01-0.2 eV, but not so close that a tiny fit cannot follow EMT there.
+COLLISION_DISTANCES = (1.85, 1.9, 1.95)
 CANDIDATE_SHARES = {"equilibrium": 0.80, "hot_md": 0.06, "vacancy": 0.05, "surface": 0.04, "compressed": 0.05}
 
 
@@ -40,6 +45,8 @@ def example_structures(seed: int = 7) -> list[tuple[Atoms, str]]:
         atoms.set_cell(atoms.cell[:] @ strain, scale_atoms=True)
         atoms.rattle(0.03, seed=int(rng.integers(1 << 30)))
         out.append((atoms, "fcc_strained"))
+    for distance in COLLISION_DISTANCES:
+        out.append((collision_frame(distance, rng), "fcc_hot_collision"))
     labelled = []
     for atoms, ctype in out:
         atoms.calc = EMT()
@@ -49,6 +56,18 @@ def example_structures(seed: int = 7) -> list[tuple[Atoms, str]]:
         row.calc = SinglePointCalculator(row, energy=energy, forces=forces)
         labelled.append((row, ctype))
     return labelled
+
+
+def collision_frame(distance: float, rng: np.random.Generator) -> Atoms:
+    """A rattled 32-atom fcc cell in which atom 0 was pushed along the line to its nearest
+    neighbour until the two are ``distance`` apart, as in a hot MD frame."""
+    atoms = bulk("Cu", "fcc", a=FCC_A, cubic=True).repeat(2)
+    atoms.rattle(0.05, seed=int(rng.integers(1 << 30)))
+    others = np.arange(1, len(atoms))
+    nearest = int(others[np.argmin(atoms.get_distances(0, others, mic=True))])
+    bond = atoms.get_distance(0, nearest, mic=True, vector=True)
+    atoms.positions[0] += bond * (1.0 - distance / np.linalg.norm(bond))
+    return atoms
 
 
 def write_example_database(db: DatabaseManager, seed: int = 7) -> int:

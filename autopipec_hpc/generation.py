@@ -20,12 +20,12 @@ from pathlib import Path
 from autopipec_hpc import registry
 from autopipec_hpc.config import SiteConfig
 from autopipec_hpc.errors import (DatabaseBusyError, SchedulerError, TrainingDivergenceError, TrainingFailedError,
-                                  one_line)
+                                  WaitInterrupted, one_line)
 from autopipec_hpc.pacemaker.files import LiveProgress
 from autopipec_hpc.processes import pid_alive
 from autopipec_hpc.run_folder import RunFolder, RunSpec, attempt_number, latest_generation_folder
 from autopipec_hpc.scheduler import scheduler_for
-from autopipec_hpc.scheduler.base import Scheduler, SubmittedJobs
+from autopipec_hpc.scheduler.base import Scheduler, SubmittedJobs, state_with_reason
 from autopipec_hpc.states import FINISHED, JobRole, JobState, RecordState
 from autopipec_hpc.store import DatabaseManager
 from autopipec_hpc.store.records import TrainingRecord
@@ -84,20 +84,22 @@ class Generation:
     submitted), the site's scheduler and the database."""
 
     def __init__(self, spec: RunSpec, jobs: SubmittedJobs | None, scheduler: Scheduler,
-                 db: DatabaseManager) -> None:
+                 db: DatabaseManager, follow: bool = True) -> None:
         self.spec = spec
         self.jobs = jobs
         self.scheduler = scheduler
         self.db = db
-        if jobs is not None:
+        if jobs is not None and follow:
             scheduler.watcher.register(*jobs.all)  # asked about together with every other followed job
 
     @classmethod
-    def open(cls, run_dir: str | Path, db: DatabaseManager | None = None) -> "Generation":
+    def open(cls, run_dir: str | Path, db: DatabaseManager | None = None, follow: bool = True) -> "Generation":
+        """The generation of ``run_dir``; with ``follow`` False (a final record's), its jobs
+        are not registered with the watcher, so no query ever names them."""
         spec = RunSpec.load(run_dir)
         folder = RunFolder(run_dir)
         jobs = SubmittedJobs.load(run_dir) if folder.jobs_file.exists() else None
-        return cls(spec, jobs, scheduler_for(spec.site), db or DatabaseManager(spec.database))
+        return cls(spec, jobs, scheduler_for(spec.site), db or DatabaseManager(spec.database), follow)
 
     @classmethod
     def find(cls, site: SiteConfig, generation: int, database: str | None = None) -> "Generation":
@@ -112,7 +114,8 @@ class Generation:
         return self.spec.folder
 
     def record(self) -> TrainingRecord | None:
-        return self.db.get_record(self.number)
+        # As this run ended: a failed retrain of a published generation puts its record back.
+        return self.db.run_record(self.number, self.spec.run_dir)
 
     def job_states(self) -> dict[JobRole, JobState]:
         """Both jobs' states: one watcher query where one is due, else its cache."""
@@ -134,7 +137,21 @@ class Generation:
         """Block until the record is final and the jobs are done; raise the pipeline's error
         if it failed, SchedulerError if nothing conclusive happened within ``timeout_s``.
         ``on_progress`` hears each new state of the fit while it runs. The record and the
-        progress are read every ``poll_s``; the jobs' states come from the watcher."""
+        progress are read every ``poll_s``; the jobs' states come from the watcher. A Ctrl-C
+        ends the wait only (WaitInterrupted): the jobs run in sessions of their own and go on."""
+        try:
+            return self._wait(timeout_s, poll_s, on_progress)
+        except KeyboardInterrupt as exc:
+            if isinstance(exc, WaitInterrupted):
+                raise
+            raise WaitInterrupted(
+                f"generation {self.number} goes on ({self.spec.site.scheduler} jobs are not stopped by a Ctrl-C): "
+                f"follow it with `autopipec-hpc status --generation {self.number}` (a rerun of `loop` waits for it), "
+                f"stop it with `autopipec-hpc cancel --generation {self.number}`"
+            ) from None
+
+    def _wait(self, timeout_s: float, poll_s: float,
+              on_progress: Callable[[GenerationProgress], None] | None) -> TrainingRecord:
         deadline = time.monotonic() + timeout_s
         failed_at: float | None = None
         last_seen: tuple[int, float] | None = None
@@ -240,10 +257,16 @@ class Generation:
         reason = (f"its jobs ended without a final record: training job {jobs.train.job_id} "
                   f"{states[JobRole.TRAIN]}, evaluation job {jobs.evaluate.job_id} {states[JobRole.EVALUATE]} "
                   f"({verdict})")
-        # Training cancelled outside autopipec-hpc (`scancel` by hand, a deadline): a cancel
-        # is CANCELLED whenever and however it lands. Its job wrote nothing on the signal,
-        # since only the scheduler knows a cancel from a requeue.
-        outcome = RecordState.CANCELLED if states[JobRole.TRAIN] == JobState.CANCELLED else RecordState.FAILED
+        # Training cancelled outside autopipec-hpc (`scancel` by hand, a deadline), or the
+        # evaluation cancelled while it ran (its stop marker; one cancelled while it waited
+        # never ran, and its generation FAILED): a cancel is CANCELLED whenever and however
+        # it lands. The job wrote nothing on the signal: only the scheduler knows a cancel.
+        evaluation_stopped = (states[JobRole.EVALUATE] == JobState.CANCELLED
+                              and self.folder.stop_marker(JobRole.EVALUATE).exists())
+        cancelled = states[JobRole.TRAIN] == JobState.CANCELLED or evaluation_stopped
+        outcome = RecordState.CANCELLED if cancelled else RecordState.FAILED
+        if outcome == RecordState.FAILED:
+            reason += _own_errors(jobs, states)
         orphan = _publication_of(self.spec)
         if orphan is not None:
             # Published, then killed before SUCCEEDED was written (publish_and_record's
@@ -263,14 +286,23 @@ class Generation:
             parts = []
             for role, state in self.job_states().items():
                 job = self.jobs.by_role(role)
-                text = f"{job.job_id} {state}"
-                if state in (JobState.PENDING, JobState.UNKNOWN):
-                    reason = self.scheduler.pending_reason(job)
-                    text += f" ({reason})" if reason else ""
-                parts.append(text)
+                parts.append(f"{job.job_id} {state_with_reason(self.scheduler, job, state)}")
             return " / ".join(parts)
         except (SchedulerError, OSError, ValueError) as exc:
             return f"unknown: {one_line(exc)[:120]}"
+
+
+def _own_errors(jobs: SubmittedJobs, states: dict[JobRole, JobState]) -> str:
+    """What the failed jobs wrote as their own last error (a full disk, a traceback's
+    last line), as '; <role> job: <error>' each: the cause, not only the state."""
+    parts = []
+    for role, state in states.items():
+        if state not in (JobState.FAILED, JobState.UNKNOWN):
+            continue
+        error = jobs.by_role(role).last_error()
+        if error:
+            parts.append(f"; {role} job's last error: {error}")
+    return "".join(parts)
 
 
 def _submitter_gone(db: DatabaseManager, record: TrainingRecord) -> TrainingRecord | None:
@@ -295,6 +327,12 @@ class FollowedRecord:
     problem: str = ""
 
     def describe_jobs(self) -> str:
+        """As ``Generation.describe_jobs``; for a final record only its job ids: what its
+        jobs did is decided, and asking the scheduler (slow, or hanging with slurmdbd)
+        would tell nothing the record does not."""
+        if self.generation is not None and self.record.status.is_final:
+            jobs = self.generation.jobs
+            return "not submitted" if jobs is None else f"{jobs.train.job_id} / {jobs.evaluate.job_id} (record final: not asked)"
         if self.generation is not None:
             return self.generation.describe_jobs()
         return f"unknown: {self.problem}" if self.problem else "not submitted"
@@ -313,7 +351,7 @@ def follow_records(db: DatabaseManager, generation: int | None = None) -> list[F
         handle, problem = None, ""
         if record.run_dir is not None and RunFolder(record.run_dir).spec_file.exists():
             try:
-                handle = Generation.open(record.run_dir, db)
+                handle = Generation.open(record.run_dir, db, follow=record.status.is_active)
             except (SchedulerError, OSError, ValueError) as exc:
                 problem = one_line(exc)[:120]
         followed.append(FollowedRecord(record, handle, problem))
@@ -391,13 +429,6 @@ def _publication_of(spec: RunSpec) -> Path | None:
     except (OSError, ValueError):
         return None
     return final if Path(attempt).parent == spec.path else None
-
-
-# A RUNNING record this old whose training job waits in the queue again was requeued
-# by the scheduler; a younger one may be a job that just started while accounting
-# still says PENDING.
-REQUEUE_EVIDENCE_S = 30.0
-
 
 
 def _requeued(db: DatabaseManager, record: TrainingRecord, jobs: SubmittedJobs) -> TrainingRecord | None:

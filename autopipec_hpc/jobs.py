@@ -23,17 +23,18 @@ from pydantic import BaseModel
 from autopipec_hpc import evaluation, registry
 from autopipec_hpc.dataset_prep import MANIFEST as DATASET_MANIFEST
 from autopipec_hpc.dataset_prep import DatasetManifest
-from autopipec_hpc.states import RecordState
+from autopipec_hpc.states import JobRole, RecordState
 from autopipec_hpc.store import DatabaseManager
 from autopipec_hpc.errors import (
     AutopipecError,
+    JobStopped,
     PublicationError,
     TrainingDivergenceError,
     TrainingFailedError,
     TrainingInterrupted,
 )
 from autopipec_hpc.files import atomic_write_text
-from autopipec_hpc.processes import die_with_local_controller
+from autopipec_hpc.processes import commit_point, die_with_local_controller, stop_on_signals
 from autopipec_hpc.pacemaker.files import FITTING_DATA_INFO, INTERIM_POTENTIAL, PACEMAKER_INPUT, TEST_PREDICTIONS, TrainingResult, iterations_done, learning_curve
 from autopipec_hpc.pacemaker.run import PacemakerWrapper, check_divergence
 from autopipec_hpc.run_folder import RunFolder, RunSpec, attempt_number
@@ -98,6 +99,8 @@ class TrainJob(submitit.helpers.Checkpointable):
 
     def __call__(self, run_dir: str) -> dict[str, Any]:
         die_with_local_controller()
+        # A stop before or after pacemaker is a TrainingInterrupted as one during it is.
+        stop_on_signals()
         spec = RunSpec.load(run_dir)
         config = spec.config
         site = spec.site
@@ -116,6 +119,8 @@ class TrainJob(submitit.helpers.Checkpointable):
         threads = job_threads(site)
         try:
             environment = check_backend(site, evaluator, threads)
+        except TrainingInterrupted:
+            raise  # a signal: only the scheduler knows a cancel from a requeue
         except TrainingFailedError as exc:
             record_failure(spec, RecordState.FAILED, str(exc))
             raise
@@ -210,6 +215,11 @@ class EvaluateJob:
     def __call__(self, run_dir: str) -> dict[str, Any]:
         die_with_local_controller()
         spec = RunSpec.load(run_dir)
+        marker = spec.folder.stop_marker(JobRole.EVALUATE)
+        marker.unlink(missing_ok=True)  # a requeued or resubmitted evaluation starts unstopped
+        # Told to stop, it publishes nothing and writes no record: the marker tells the
+        # reconciliation that this evaluation was cancelled while it ran (CANCELLED).
+        stop_on_signals(on_stop=marker.write_text)
         verdict = training_verdict(spec.path)
         if verdict is None or not verdict.ok or verdict.attempt is None:
             reason = verdict.reason if verdict is not None and verdict.reason else "training did not finish"
@@ -280,6 +290,9 @@ def evaluate_and_publish(spec: RunSpec, attempt: Path) -> dict[str, Any]:
         registry.discard(staging)
         record_failure(spec, RecordState.DIVERGED, str(exc))
         raise
+    except TrainingInterrupted:
+        registry.discard(staging)  # told to stop: the scheduler's CANCELLED tells the rest
+        raise
     except (PublicationError, AutopipecError) as exc:
         registry.discard(staging)
         update_record(spec, RecordState.FAILED, reason=f"evaluation/publication failed: {exc}")
@@ -320,21 +333,36 @@ def publish_and_record(db: DatabaseManager, spec: RunSpec, staging: Path, values
     takes the publication back."""
     metrics = json.loads((staging / registry.METRICS).read_text())
     with db.locked(timeout_s=JOB_DB_PATIENCE_S):
+        # Checked under the lock, so a stop received while it waited refuses too; one
+        # received from here on does not come between the publication and its record.
         try:
-            patiently(lambda: _still_ours(db, spec), f"generation {spec.generation}: reading its record")
-        except TrainingFailedError:
+            with commit_point(f"publishing generation {spec.generation}"):
+                final = _publish_as_ours(db, spec, staging, values, metrics)
+        except JobStopped:
             registry.discard(staging)
             raise
-        final = registry.publish(staging, spec.output_dir, spec.generation, force=spec.force)
-        try:
-            written = update_record(spec, RecordState.SUCCEEDED, reason="", values=values,
-                                    data={"metrics": metrics}, db=db)
-        except BaseException:
-            registry.discard(final)
-            raise
-        if not written:
-            registry.discard(final)
-            raise TrainingFailedError(f"generation {spec.generation}: the record refused SUCCEEDED; not published")
     patiently(lambda: db.mark_used(spec.generation, manifest.train_ids, manifest.test_ids),
               f"generation {spec.generation}: marking the structures it used")
+    return final
+
+
+def _publish_as_ours(db: DatabaseManager, spec: RunSpec, staging: Path, values: dict[str, Any],
+                     metrics: dict[str, Any]) -> Path:
+    """``publish_and_record``'s step under the lock: publish only while the generation is
+    this run's, and take the publication back where SUCCEEDED cannot be written."""
+    try:
+        patiently(lambda: _still_ours(db, spec), f"generation {spec.generation}: reading its record")
+    except TrainingFailedError:
+        registry.discard(staging)
+        raise
+    final = registry.publish(staging, spec.output_dir, spec.generation, force=spec.force)
+    try:
+        written = update_record(spec, RecordState.SUCCEEDED, reason="", values=values,
+                                data={"metrics": metrics}, db=db)
+    except BaseException:
+        registry.discard(final)
+        raise
+    if not written:
+        registry.discard(final)
+        raise TrainingFailedError(f"generation {spec.generation}: the record refused SUCCEEDED; not published")
     return final

@@ -12,14 +12,19 @@ import subprocess
 import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
+from importlib.util import find_spec
+from pathlib import Path
+
+import yaml
 
 from autopipec_hpc import registry
 from autopipec_hpc.config import Evaluator, SiteConfig
 from autopipec_hpc.dataset_prep import DatasetManifest
-from autopipec_hpc.errors import PreflightError, SchedulerError, TrainingFailedError
+from autopipec_hpc.errors import ConfigError, PreflightError, SchedulerError, TrainingFailedError, one_line
 from autopipec_hpc.run_folder import RunSpec
 from autopipec_hpc.scheduler.base import Scheduler
 from autopipec_hpc.pacemaker.environment import BackendInfo, pacemaker_python, probe_backend
+from autopipec_hpc.warm_start import Parent, stage_parent_potential
 
 log = logging.getLogger(__name__)
 
@@ -93,6 +98,28 @@ def local_evaluator(site: SiteConfig) -> LocalEvaluator:
     except TrainingFailedError as exc:
         return LocalEvaluator(site.pacemaker.evaluator, None, str(exc))
     return LocalEvaluator(resolve_evaluator(site.pacemaker.evaluator, backend, command), backend)
+
+
+def check_parent_potential(parent: Parent) -> str:
+    """The parent's potential.yaml as a warm start stages it, read and checked before the
+    generation is claimed: a garbage or truncated file found only after the claim left a
+    FAILED record and a run folder. ConfigError naming the file."""
+    source = parent.folder / registry.POTENTIAL_YAML
+    with tempfile.TemporaryDirectory(prefix="autopipec-warm-start-") as tmp:
+        staged = Path(tmp) / registry.POTENTIAL_YAML
+        try:
+            stage_parent_potential(parent, staged)
+            if not isinstance(yaml.safe_load(staged.read_text()).get("species"), list):
+                raise ValueError("no list of species")
+            if find_spec("pyace") is not None:  # pacemaker's own reader, where this side has it
+                from pyace import BBasisConfiguration
+
+                BBasisConfiguration(str(staged))
+        except (OSError, UnicodeDecodeError, yaml.YAMLError, AttributeError, TypeError, ValueError,
+                RuntimeError) as exc:
+            raise ConfigError(f"warm_start: generation {parent.generation}'s {source} is not a readable "
+                              f"potential ({one_line(exc)[:160]})") from None
+        return staged.read_text()
 
 
 def check_dataset_readable(spec: RunSpec, manifest: DatasetManifest, interpreter: str) -> None:

@@ -11,7 +11,6 @@ from __future__ import annotations
 import importlib.metadata
 import json
 import shutil
-import subprocess
 import tempfile
 import time
 from collections.abc import Mapping, Sequence
@@ -25,6 +24,7 @@ from ase.data import atomic_numbers
 from autopipec_hpc.config import resolve_command
 from autopipec_hpc.errors import PublicationError, one_line
 from autopipec_hpc.physics import ReferenceEnergyCalculator, ZBLCalculator
+from autopipec_hpc.processes import run_child
 
 POTENTIAL_YAML = "potential.yaml"
 POTENTIAL_YACE = "potential.yace"
@@ -130,7 +130,8 @@ def _tool(pacemaker_command: str, name: str) -> str:
 
 
 def _run_tool(args: list[str], cwd: Path) -> None:
-    done = subprocess.run(args, cwd=cwd, capture_output=True, text=True, timeout=3600)
+    # In its own process group, which a stop of the job ends (processes.run_child).
+    done = run_child(args, cwd=cwd, timeout_s=3600)
     if done.returncode != 0:
         tail = "\n".join((done.stdout + done.stderr).splitlines()[-15:])
         raise PublicationError(f"{Path(args[0]).name} failed (exit {done.returncode}):\n{tail}")

@@ -59,6 +59,11 @@ class RunFolder:
     def cancel_marker(self) -> Path:
         return self.path / "cancel.requested"
 
+    def stop_marker(self, role: str) -> Path:
+        """Written by a job body told to stop by a signal (its name inside): the evaluation
+        cancelled while it ran, where one cancelled while it waited has none."""
+        return self.path / f"{role}.stopped"
+
     @property
     def requeue_marker(self) -> Path:
         return self.path / "requeue.pending"

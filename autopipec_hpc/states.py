@@ -18,6 +18,11 @@ class StructureStatus(StrEnum):
     # and the ones chosen for labelling; `label` makes the latter TRAINING_READY.
     CANDIDATE = "CANDIDATE"
     DFT_REQUESTED = "DFT_REQUESTED"
+    # Claimed by one labeller (``label_claimed_by``) while its calculator runs, so that two
+    # labellers never compute a row twice; a failure puts the row back to DFT_REQUESTED with
+    # ``label_error``. LABEL_FAILED is for a row given up for good (labelling jobs, issue 17).
+    LABELLING = "LABELLING"
+    LABEL_FAILED = "LABEL_FAILED"
 
 
 class RecordState(StrEnum):
@@ -97,6 +102,8 @@ class LoopAction(StrEnum):
     """What the loop does next (``active/loop.py``)."""
 
     WAIT = "wait"
+    # Another process's (or an earlier loop's) selection of this generation is in flight.
+    WAIT_SELECTION = "wait-selection"
     TRAIN = "train"
     SELECT = "select"
     LABEL = "label"

@@ -15,18 +15,20 @@ from pathlib import Path
 from autopipec_hpc.config import Evaluator, SiteConfig, TrainConfig
 from autopipec_hpc.dataset_prep import DatasetBuilder, DatasetManifest, DatasetSettings
 from autopipec_hpc.errors import InsufficientDataError, one_line
+from autopipec_hpc.files import atomic_write_text
 from autopipec_hpc.generation import Generation, reconcile_generation
 from autopipec_hpc.jobs import EvaluateJob, TrainJob
 from autopipec_hpc.pacemaker.files import count_parameters
-from autopipec_hpc.preflight import run_preflight
+from autopipec_hpc.preflight import check_parent_potential, run_preflight
 from autopipec_hpc.run_folder import RunSpec, new_run_folder
 from autopipec_hpc.scheduler import scheduler_for
 from autopipec_hpc.scheduler.base import Scheduler, SubmittedJobs, job_name
+from autopipec_hpc.splits import check_holdout_found, content_key, holdout_file_keys
 from autopipec_hpc.states import JobRole, RecordState, StructureStatus
 from autopipec_hpc.store import DatabaseManager
 from autopipec_hpc.store.database import absolute_target, patiently
 from autopipec_hpc.store.records import TrainingRecord
-from autopipec_hpc.warm_start import check_warm_start, stage_parent_potential
+from autopipec_hpc.warm_start import check_warm_start
 
 log = logging.getLogger(__name__)
 
@@ -78,7 +80,28 @@ def dataset_settings(config: TrainConfig) -> DatasetSettings:
         zbl_inner=config.zbl_inner,
         zbl_outer=config.zbl_outer,
         reference_energies=config.reference_energies,
+        holdout=config.holdout,
     )
+
+
+def with_fixed_holdout(db: DatabaseManager, config: TrainConfig) -> TrainConfig:
+    """``config`` with its holdout file's path made absolute, after checking (one streamed
+    pass, before anything is claimed) that every holdout config type and every structure
+    of the holdout file is among the labelled rows; ConfigError naming what is not."""
+    holdout = config.holdout
+    if holdout is None:
+        return config
+    if holdout.file is not None:
+        holdout = holdout.model_copy(update={"file": holdout.file.expanduser().resolve()})
+    keys = holdout_file_keys(holdout.file) if holdout.file is not None else {}
+    config_types, matched = set(), set()
+    for atoms in db.iter_structures(StructureStatus.TRAINING_READY):
+        config_types.add(str(atoms.info["config_type"]))
+        key = content_key(atoms) if keys else b""
+        if key in keys:
+            matched.add(key)
+    check_holdout_found(holdout, keys, config_types, matched)
+    return config.model_copy(update={"holdout": holdout})
 
 
 def prepare_dataset_from_db(
@@ -106,6 +129,7 @@ def prepare_run(
         raise InsufficientDataError(
             f"no structures with status={StructureStatus.TRAINING_READY} in {db.target}; nothing written"
         )
+    config = with_fixed_holdout(db, config)  # a holdout named wrong is refused before the claim
     if generation is not None:
         reconcile_generation(db, generation)  # a stale record must not block the claim
     work = Path(site.work_dir).resolve()
@@ -149,14 +173,16 @@ def submit_generation(
 
     ``notify`` hears the training plan and its warnings before anything is queued."""
     say = notify or log.warning
-    parent = None
+    parent, parent_potential = None, ""
     if config.warm_start is not None:
-        config, parent = check_warm_start(database, config)  # refused by name before anything is written
+        # refused by name before anything is written: the settings, then the parent's file
+        config, parent = check_warm_start(database, config)
+        parent_potential = check_parent_potential(parent)
     spec, manifest = prepare_run(database, site, config, generation, force)
     scheduler = scheduler_for(site)
     try:
         if parent is not None:
-            stage_parent_potential(parent, spec.folder.warm_start_potential)
+            atomic_write_text(spec.folder.warm_start_potential, parent_potential)
             say(f"warm start from generation {parent.generation} ({parent.folder})")
         evaluator = run_preflight(spec, manifest, scheduler, warn=say)
         plan = plan_training(config, manifest.elements, evaluator)

@@ -24,7 +24,7 @@ import yaml
 from ase.data import chemical_symbols
 
 from autopipec_hpc import registry
-from autopipec_hpc.config import TrainConfig
+from autopipec_hpc.config import LADDER_WARM_START, TrainConfig
 from autopipec_hpc.states import RecordState, StructureStatus
 from autopipec_hpc.store import DatabaseManager
 from autopipec_hpc.errors import ConfigError
@@ -55,6 +55,9 @@ def check_warm_start(database: str, config: TrainConfig) -> tuple[TrainConfig, P
     ConfigError naming what differs. Reads only."""
     n = config.warm_start
     assert n is not None
+    if config.ladder_step is not None:
+        # The loop sets warm_start with model_copy, past TrainConfig's own check.
+        raise ConfigError(f"warm_start from generation {n}: {LADDER_WARM_START}")
     db = DatabaseManager(database)
     record = db.get_record(n)
     if record is None or record.status != RecordState.SUCCEEDED or record.potential_path is None:

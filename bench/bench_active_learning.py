@@ -36,7 +36,7 @@ import numpy as np
 from ase.calculators.emt import EMT
 
 from autopipec_hpc.active.loop import LoopSettings, run_loop
-from autopipec_hpc.active.selection import GammaScorer
+from autopipec_hpc.active.gamma import GammaScorer
 from autopipec_hpc.config import SiteConfig
 from autopipec_hpc.store import DatabaseManager
 from autopipec_hpc.example_data import CANDIDATE_SHARES, candidate_structure, demo_train_config

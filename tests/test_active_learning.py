@@ -13,7 +13,7 @@ from ase.calculators.emt import EMT
 
 from autopipec_hpc.cli import main
 from autopipec_hpc.config import SiteConfig
-from autopipec_hpc.example_data import tiny_train_config, write_example_database
+from autopipec_hpc.example_data import example_structures, tiny_train_config, write_example_database
 from autopipec_hpc.states import StructureStatus
 from autopipec_hpc.store import DatabaseManager
 from tests.helpers import copy_db, far_candidates, near_candidates, tiny_site
@@ -416,7 +416,7 @@ def test_interrupted_loop_resumes_without_repeating_a_finished_step(tmp_path, mo
     assert sorted(p.name for p in (tmp_path / "runs").iterdir()) == folders + ["gen-0002"]
     gen2 = db.get_record(2)
     assert gen2.status == "SUCCEEDED" and gen2.values["parent_generation"] == 1
-    assert gen2.values["n_train"] + gen2.values["n_test"] == 32
+    assert gen2.values["n_train"] + gen2.values["n_test"] == len(example_structures()) + 2  # + the two labelled
     assert run_loop(site, db, config, settings, timeout_s=900) == []  # finished: nothing repeats
 
     holdout1 = set(DatasetManifest.load(db.get_record(1).potential_path).test_ids)
@@ -458,6 +458,9 @@ class _FakeScorer:
 
     def gamma(self, atoms):
         return np.full(len(atoms), atoms.get_volume())
+
+    def gammas(self, batch):
+        return [self.gamma(atoms) for atoms in batch]
 
 
 def test_a_number_like_config_type_is_summarised_under_its_one_label(tmp_path, monkeypatch):
@@ -534,7 +537,7 @@ def test_a_candidate_that_cannot_be_scored_is_named_not_fatal():
     """Overlapping atoms, a NaN position, a collapsed periodic cell, no atoms: each named."""
     from ase import Atoms
 
-    from autopipec_hpc.active.selection import unscorable
+    from autopipec_hpc.active.gamma import unscorable
 
     good = bulk("Cu", "fcc", a=3.61, cubic=True)
     overlap = good.copy()

@@ -78,7 +78,9 @@ def test_demo_loop_runs_two_generations_and_a_rerun_resumes_as_done(tmp_path):
     db = DatabaseManager(str(tmp_path / "output" / "loop-demo" / "structures.db"))
     assert [(r.generation, str(r.status), r.values.get("parent_generation")) for r in db.records()] == [
         (1, "SUCCEEDED", None), (2, "SUCCEEDED", 1)]
-    assert db.count(status="TRAINING_READY") == 30 + 3  # the example cells and the 3 the loop labelled
+    from autopipec_hpc.example_data import example_structures
+    # the example cells and the 3 the loop labelled
+    assert db.count(status="TRAINING_READY") == len(example_structures()) + 3
     assert db.count(status="CANDIDATE") == 20 - 3 and db.count(status="DFT_REQUESTED") == 0
     assert (tmp_path / "output" / "loop-demo" / "potentials" / "2" / "potential.yaml").exists()
     assert not (tmp_path / "output" / "potentials").exists()  # the plain demo's registry is untouched
@@ -100,3 +102,26 @@ def test_bad_demo_loop_options_are_one_line_exit_2_nothing_written(tmp_path, cap
     err = capsys.readouterr().err.strip()
     assert code == 2 and len(err.splitlines()) == 1 and culprit in err, err
     assert not (tmp_path / "output").exists() and not (tmp_path / "runs").exists()
+
+
+def test_table_titles_stay_whole_on_a_narrow_terminal(tmp_path, example_db, monkeypatch):
+    # rich fitted each title to its table's width: at 60 columns the dataset folder came out
+    # as "runs/gen-0001/dat" / "aset". A title is now a line of its own, never broken.
+    import io
+
+    from rich.console import Console
+
+    from autopipec_hpc.cli import show
+    from autopipec_hpc.store import DatabaseManager
+    from autopipec_hpc.submission import dataset_settings, prepare_dataset_from_db
+    from autopipec_hpc.config import TrainConfig
+
+    out = tmp_path / "runs" / "gen-0001" / "dataset"
+    manifest = prepare_dataset_from_db(DatabaseManager(example_db), dataset_settings(TrainConfig()), out)
+    terminal = io.StringIO()
+    monkeypatch.setattr(show, "console", Console(file=terminal, width=60, force_terminal=True, color_system=None))
+    show.print_dataset_summary(manifest)
+    lines = terminal.getvalue().splitlines()
+    assert f"dataset in {out}" in lines  # the whole path on one line
+    table = lines[lines.index(f"dataset in {out}") + 1:]
+    assert table and max(len(line) for line in table[:8]) <= 60  # the table itself fits the terminal

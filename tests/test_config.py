@@ -141,3 +141,11 @@ def test_the_select_job_asks_for_the_evaluation_resources_unless_the_site_says(t
     assert list(site.job_resources()) == ["train", "evaluate", "select"]
     with pytest.raises(ConfigError, match="select.cpus"):
         SiteConfig.from_yaml(write(tmp_path, "select:\n  cpus: 0\n"))
+
+
+def test_ladder_step_with_a_warm_start_is_refused_by_name(tmp_path):
+    # python-ace issue #39: `pacemaker -p parent.yaml` with ladder_step grows the ladder from an
+    # empty potential, so the warm start would silently be a cold start.
+    with pytest.raises(ConfigError, match="ladder_step cannot be combined with a warm start"):
+        TrainConfig.from_yaml(write(tmp_path, "ladder_step: 10\nwarm_start: 1\n"))
+    assert TrainConfig(ladder_step=10).warm_start is None and TrainConfig(warm_start=1).ladder_step is None

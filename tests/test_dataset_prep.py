@@ -226,3 +226,19 @@ def test_pacemaker_dry_run_reads_the_pickle_and_keeps_the_energies(tmp_path):
         seen.loc[ours.index, "energy_corrected"], ours["energy_corrected"], rtol=0, atol=1e-12
     )
     assert np.abs(ours["energy_corrected"] / 32).max() < 1.0  # eV/atom, not -1640
+
+
+def test_example_dataset_shows_a_non_zero_zbl_baseline(tmp_path):
+    # The demo's showcase prints the baseline's range: frames with no pair inside the outer
+    # cutoff made it read "0 .. 0 eV", hiding the feature the project is built around.
+    from autopipec_hpc.example_data import example_structures
+
+    structures = []
+    for k, (atoms, ctype) in enumerate(example_structures()):
+        atoms.info.update(db_id=k + 1, config_type=ctype)
+        structures.append(atoms)
+    m = build(structures, tmp_path)
+    lo, hi = m.zbl_energy_range
+    assert lo == 0.0 and hi > 0.1  # most cells have no close pair; the hot ones do
+    assert m.min_distance < m.zbl_outer
+    assert m.zbl_energy_per_atom_range[1] > 0.0

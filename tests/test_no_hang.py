@@ -189,3 +189,80 @@ def test_job_names_carry_a_token_of_the_folder_and_the_submission_time(tmp_path)
     assert name == job_name(3, "train", tmp_path / "gen-0003", submitted_at=1.0)
     assert name != job_name(3, "train", tmp_path / "gen-0003-r2", submitted_at=1.0)
     assert name != job_name(3, "train", tmp_path / "gen-0003", submitted_at=2.0)
+
+
+# -- `status` while accounting hangs ---------------------------------------------------------
+def _records_with_slurm_jobs(site, statuses: dict[int, str]) -> None:
+    """Records of ``statuses`` (generation -> state), each with a run folder and the jobs.json
+    of two SLURM jobs (ids 10*g+1, 10*g+2), as `submit` leaves them."""
+    from autopipec_hpc.run_folder import RunSpec, new_run_folder
+    from autopipec_hpc.scheduler.base import SubmittedJob, SubmittedJobs
+
+    db = DatabaseManager(site.database)
+    for generation, status in statuses.items():
+        _, run_dir = db.claim(generation, lambda n: new_run_folder(site.work_dir, n).path)
+        RunSpec(generation=generation, run_dir=str(run_dir), database=site.database, output_dir=str(site.output_dir),
+                site=site, config=tiny_train_config()).save()
+        jobs = {role: SubmittedJob(scheduler="slurm", folder=str(run_dir / "submitit"), job_id=str(10 * generation + k),
+                                   role=role, name=f"autopipec-g{generation}-{role}-0123abcd")
+                for k, role in ((1, "train"), (2, "evaluate"))}
+        SubmittedJobs(**jobs).save(run_dir)
+        db.update_record(generation, run_dir, "RUNNING")
+        if status != "RUNNING":
+            db.update_record(generation, run_dir, status, reason="as it ended")
+
+
+def test_status_with_a_hanging_sacct_pays_it_once_and_never_asks_about_finished_records(tmp_path, monkeypatch,
+                                                                                        local_site):
+    """slurmdbd hanging: each sacct gives no answer until its timeout (2 s here, 30 s in
+    use). Before, `status` asked again for each record in flight and each row it showed,
+    finished ones included (6 queries, 12 s here); now one query, naming only the jobs of
+    records in flight."""
+    from autopipec_hpc.generation import follow_records
+    from autopipec_hpc.scheduler import slurm
+
+    monkeypatch.setattr(slurm, "COMMAND_TIMEOUT_S", 2)
+    fake = tmp_path / "bin"
+    fake.mkdir()
+    log = tmp_path / "sacct.log"
+    (fake / "sacct").write_text(f'#!/bin/sh\necho "$*" >> {log}\nexec sleep 30\n')
+    (fake / "sacct").chmod(0o755)
+    (fake / "squeue").write_text("#!/bin/sh\nexit 0\n")
+    (fake / "squeue").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{fake}:/usr/bin:/bin")
+    site = local_site().model_copy(update={"scheduler": "slurm"})
+    _records_with_slurm_jobs(site, {1: "FAILED", 2: "CANCELLED", 3: "RUNNING", 4: "RUNNING"})
+    start = time.monotonic()
+    followed = follow_records(DatabaseManager(site.database))  # what `status` does: reconcile, then describe
+    shown = {f.record.generation: f.describe_jobs() for f in followed}
+    took = time.monotonic() - start
+    calls = log.read_text().splitlines()
+    print(f"status with a hanging sacct: {took:.1f} s, {len(calls)} sacct call(s): {calls}")
+    assert len(calls) == 1, calls
+    assert "-j 31,32,41,42 " in calls[0], calls  # the records in flight only
+    assert took < 2 * 2, f"{took:.1f} s"
+    assert shown[1] == "11 / 12 (record final: not asked)" and shown[2] == "21 / 22 (record final: not asked)"
+    assert shown[3].startswith("unknown:") and "no answer within 2 s" in shown[3], shown
+    assert shown[4].startswith("unknown:"), shown
+    records = DatabaseManager(site.database).records()
+    assert [str(r.status) for r in records] == ["FAILED", "CANCELLED", "RUNNING", "RUNNING"]  # nothing judged blind
+
+
+def test_a_waiting_jobs_state_carries_slurms_pending_reason(tmp_path, monkeypatch, local_site):
+    """What a waiter shows of a pending job (`status`, and the select waiter through the same
+    call): squeue's %r, asked for that job's id and name."""
+    from autopipec_hpc.scheduler.base import state_with_reason
+    from autopipec_hpc.scheduler.slurm import SlurmScheduler
+    from autopipec_hpc.states import JobState
+
+    fake = tmp_path / "bin"
+    fake.mkdir()
+    log = tmp_path / "squeue.log"
+    (fake / "squeue").write_text(f'#!/bin/sh\necho "$*" >> {log}\necho "(Resources)" | tr -d "()"\n')
+    (fake / "squeue").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{fake}:/usr/bin:/bin")
+    scheduler = SlurmScheduler(local_site().model_copy(update={"scheduler": "slurm"}))
+    job = _job("12", "select", name="autopipec-g1-select-0123abcd")
+    assert state_with_reason(scheduler, job, JobState.PENDING) == "PENDING (Resources)"
+    assert state_with_reason(scheduler, job, JobState.RUNNING) == "RUNNING"
+    assert log.read_text().splitlines() == ["-h -j 12 -n autopipec-g1-select-0123abcd -o %r"]

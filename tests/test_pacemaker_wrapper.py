@@ -137,3 +137,49 @@ def test_missing_command_is_a_training_failure(dataset, tmp_path):
     with pytest.raises(TrainingFailedError, match="not found"):
         PacemakerWrapper(command="/nonexistent/pacemaker").run_training(
             dataset.train_paths, dataset.test_paths, tiny_train_config(), run_dir=tmp_path / "run")
+
+
+def test_warm_start_with_ladder_step_is_refused_before_the_database_is_read(tmp_path):
+    """`submit --from-generation N` and the loop set warm_start with model_copy, past
+    TrainConfig's validation: check_warm_start refuses the combination by name."""
+    from autopipec_hpc.errors import ConfigError
+    from autopipec_hpc.warm_start import check_warm_start
+
+    config = TrainConfig(ladder_step=10).model_copy(update={"warm_start": 1})
+    with pytest.raises(ConfigError, match="warm_start from generation 1: ladder_step cannot be combined"):
+        check_warm_start(str(tmp_path / "absent.db"), config)
+    assert not (tmp_path / "absent.db").exists()
+
+
+def test_the_wrapper_never_passes_a_start_potential_to_a_ladder_fit(dataset, tmp_path):
+    # A requeued ladder fit would resume with `-p interim_potential_0.yaml` and start from nothing.
+    fake = make_fault_pacemaker(tmp_path, "crash")
+    config = tiny_train_config().model_copy(update={"ladder_step": 4})
+    with pytest.raises(TrainingFailedError, match="ladder_step cannot be combined with a warm start"):
+        PacemakerWrapper(command=str(fake), evaluator="pyace").run_training(
+            dataset.train_paths, dataset.test_paths, config, run_dir=tmp_path / "run",
+            initial_potential=tmp_path / "parent.yaml")
+    assert not (tmp_path / "run" / "pacemaker.out").exists()  # pacemaker was never started
+
+
+def test_submit_refuses_a_ladder_warm_start_in_one_line(tmp_path):
+    from tests.helpers import run_cli
+
+    (tmp_path / "train.yaml").write_text("ladder_step: 10\n")
+    done = run_cli("submit", "--db", str(tmp_path / "s.db"), "--config", str(tmp_path / "train.yaml"),
+                   "--from-generation", "1", cwd=tmp_path)
+    assert done.returncode == 2, done.stderr
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and "ladder_step" in lines[0] and "warm start" in lines[0], done.stderr
+
+
+def test_loop_refuses_a_ladder_warm_start_before_generation_one(tmp_path):
+    from tests.helpers import run_cli
+
+    (tmp_path / "train.yaml").write_text("ladder_step: 10\n")
+    done = run_cli("loop", "--db", str(tmp_path / "s.db"), "--config", str(tmp_path / "train.yaml"),
+                   "--generations", "2", "--select", "2", "--calculator", "ase.calculators.emt:EMT", cwd=tmp_path)
+    assert done.returncode == 2, done.stderr
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and "ladder_step" in lines[0] and "--cold" in lines[0], done.stderr
+    assert not (tmp_path / "s.db").exists()

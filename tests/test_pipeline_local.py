@@ -58,7 +58,7 @@ def test_submit_trains_evaluates_and_registers_a_real_potential(tmp_path, exampl
     assert "repulsion" not in yaml.safe_load((published / "input.yaml").read_text())["fit"]
 
     metrics = json.loads((published / "metrics.json").read_text())
-    assert set(metrics["total_by_config_type"]) == {"bcc_ev", "fcc_ev", "fcc_rattled", "fcc_strained"}
+    assert set(metrics["total_by_config_type"]) == {"bcc_ev", "fcc_ev", "fcc_hot_collision", "fcc_rattled", "fcc_strained"}
     assert "per Cartesian component" in metrics["units"]["force"]
     # pacemaker's own holdout predictions (test_pred.pckl.gzip) agree with our residual view
     own = metrics["pacemaker_test_pred"]
@@ -94,7 +94,8 @@ def test_submit_trains_evaluates_and_registers_a_real_potential(tmp_path, exampl
     assert out.returncode == 0, out.stderr
     assert "SUCCEEDED" in out.stdout and "fcc_rattled" in out.stdout
     out = subprocess.run([*CLI, "status", "--site", str(site_file)], capture_output=True, text=True, timeout=120)
-    assert "COMPLETED" in out.stdout
+    # a final record's jobs are not asked about (engineer C, issue 19 section 6: slurmdbd hangs)
+    assert "SUCCEEDED" in out.stdout and "record final: not asked" in out.stdout
 
 
 def _no_potential(site: SiteConfig) -> bool:

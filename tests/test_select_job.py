@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from autopipec_hpc.active.selection import GammaScorer
+from autopipec_hpc.active.gamma import GammaScorer
 from autopipec_hpc.cli import main
 from autopipec_hpc.config import JobResources
 from autopipec_hpc.store import DatabaseManager

@@ -180,3 +180,67 @@ def test_fingerprint_follows_content_not_float_noise():
         change(other)
         assert fingerprint_draw(other, 42) != draw
 
+
+
+# -- a fixed holdout ---------------------------------------------------------------------------
+
+def test_fixed_holdout_rows_are_test_whatever_settled_them_and_the_rest_keeps_its_quota():
+    ids = np.arange(1, 41)
+    kinds = np.array([0] * 30 + [1] * 10)  # 30 "bulk", 10 "surface"
+    draws = np.random.default_rng(3).random(40)
+    kept = np.zeros(40, dtype=np.int8)
+    kept[:3] = 1  # trained on by an earlier generation (persisted "train", or selected)
+    fixed = np.zeros(40, dtype=bool)
+    fixed[:3] = True  # ... but now named in the fixed holdout
+    fixed[30:] = True  # and every "surface" row
+    train, test, singles = split_by_draws(ids, kinds, ["bulk", "surface"], draws, 0.1, kept, fixed)
+    assert set(ids[fixed]) <= set(test) and not set(ids[fixed]) & set(train)
+    # the 27 bulk rows outside the holdout still give round(0.1 * 27) = 3 to test
+    assert len(set(test) - set(ids[fixed])) == holdout_quota(27, 0.1) == 3
+    assert sorted(train + test) == ids.tolist() and singles == []
+    # with test_fraction 0 the test set is exactly the fixed holdout
+    train0, test0, _ = split_by_draws(ids, kinds, ["bulk", "surface"], draws, 0.0, kept, fixed)
+    assert test0 == sorted(ids[fixed].tolist()) and len(train0) == 27
+
+
+def test_fixed_holdout_by_config_type_and_by_file_in_every_generation(tmp_path):
+    import ase.io
+
+    from autopipec_hpc.splits import FixedHoldout
+
+    structures = [dimer(k, "bulk") for k in range(1, 21)] + [dimer(k, "rare") for k in range(21, 24)]
+    file = tmp_path / "holdout.extxyz"
+    ase.io.write(file, [structures[k] for k in (4, 9)], format="extxyz")  # two bulk rows, by content
+    holdout = FixedHoldout(config_type="rare", file=file)
+    first = build(structures, tmp_path, "g1", holdout=holdout)
+    expected = [5, 10, 21, 22, 23]
+    assert first.holdout_ids == expected and set(expected) <= set(first.test_ids)
+    assert first.holdout == f"config_type rare; file {file}"
+    # the next generation, with rows added and the sides of the first persisted, and a row
+    # active learning chose in "rare": the holdout is still test, all of it
+    more = with_sides(structures, first) + [dimer(k, "bulk") for k in range(24, 40)] + [dimer(40, "rare",
+                                                                                        selected_by_generation=1)]
+    second = build(more, tmp_path, "g2", holdout=holdout)
+    assert second.holdout_ids == expected + [40] and set(second.holdout_ids) <= set(second.test_ids)
+    assert not set(second.holdout_ids) & set(second.train_ids)
+    assert DatasetManifest.load(tmp_path / "g2").holdout_ids == second.holdout_ids
+
+
+@pytest.mark.parametrize("holdout, culprit", [
+    ({"config_type": "surfac"}, "config_type 'surfac' has no labelled structure (config types: bulk)"),
+    ({"file": "missing.extxyz"}, "holdout file missing.extxyz: no such file"),
+    ({"file": "garbage.extxyz"}, "holdout file garbage.extxyz: not a readable Extended XYZ file"),
+    ({"file": "elsewhere.extxyz"}, "1 of its 1 structures (frames 0) match no labelled structure"),
+])
+def test_a_fixed_holdout_named_wrong_is_refused_by_name(tmp_path, monkeypatch, holdout, culprit):
+    import ase.io
+
+    from autopipec_hpc.errors import ConfigError
+    from autopipec_hpc.splits import FixedHoldout
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "garbage.extxyz").write_text("3\nnot a comment line of extxyz\nCu 0 0\n")
+    ase.io.write(tmp_path / "elsewhere.extxyz", dimer(99), format="extxyz")
+    with pytest.raises(ConfigError, match=culprit.replace("(", r"\(").replace(")", r"\)")):
+        build([dimer(k) for k in range(1, 6)], tmp_path, holdout=FixedHoldout(**holdout))
+    assert not (tmp_path / "ds").exists()

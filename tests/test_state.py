@@ -124,3 +124,55 @@ def test_a_record_lock_held_elsewhere_is_waited_for_then_named(tmp_path):
         holder.wait()
     with DatabaseManager(target).locked(timeout_s=5.0):  # free again once its holder is gone
         pass
+
+
+def _published(folder: Path, generation: int) -> Path:
+    """A published potential's manifest (enough for the record to know it is still there)."""
+    import json
+    from dataclasses import asdict
+
+    from autopipec_hpc.registry import MANIFEST, PotentialManifest
+
+    folder.mkdir(parents=True)
+    manifest = PotentialManifest(generation=generation, elements=["Cu"], zbl_inner=1.0, zbl_outer=2.0,
+                                 reference_energies={"Cu": -3.0}, files=[], published_at=time.time())
+    (folder / MANIFEST).write_text(json.dumps(asdict(manifest)))
+    return folder
+
+
+@pytest.mark.parametrize("outcome", [RecordState.FAILED, RecordState.CANCELLED, RecordState.DIVERGED])
+def test_a_retrain_that_fails_puts_the_published_record_back(database, tmp_path, outcome):
+    # `submit --force` of a SUCCEEDED generation deleted its record at the claim: a retrain
+    # that then failed left FAILED beside a potential that stayed published.
+    db = DatabaseManager(database)
+    _, first = db.claim(5, lambda g: _fresh(tmp_path, g, 0))
+    pot = _published(tmp_path / "output" / "potentials" / "5", 5)
+    assert db.update_record(5, first, RecordState.SUCCEEDED, values={"potential_path": pot, "test_energy_rmse_mev": 9.0},
+                            data={"metrics": {"total": {"energy_rmse_mev": 9.0}}})
+    _, second = db.claim(5, lambda g: _fresh(tmp_path, g, 1), force=True)
+    during = db.get_record(5)
+    assert during.status == RecordState.SUBMITTED and during.run_dir == second
+    assert during.potential_path is None and during.test_energy_rmse_mev is None  # the new run's values only
+    assert db.update_record(5, second, RecordState.RUNNING, values={"attempt": 1})
+    assert db.update_record(5, second, outcome, reason="pacemaker crashed", data={"log_tail": "std::bad_alloc"})
+
+    record = db.get_record(5)
+    assert record.status == RecordState.SUCCEEDED and record.run_dir == first
+    assert record.potential_path == pot and record.test_energy_rmse_mev == 9.0
+    assert record.metrics == {"total": {"energy_rmse_mev": 9.0}} and "published" not in record.data
+    assert str(second) in record.reason and "pacemaker crashed" in record.reason
+    assert [r["status"] for r in record.data["retrains"]] == [outcome.value]
+    # the retrain's own waiter still learns how its run ended
+    view = db.run_record(5, second)
+    assert view.status == outcome and view.reason == "pacemaker crashed" and view.log_tail == "std::bad_alloc"
+    assert db.run_record(5, first).status == RecordState.SUCCEEDED
+    for late in (RecordState.SUCCEEDED, RecordState.FAILED):  # the ended retrain cannot write it again
+        assert not db.update_record(5, second, late)
+    assert db.get_record(5).status == RecordState.SUCCEEDED and db.get_record(5).run_dir == first
+
+    # a retrain that succeeds replaces the record, and nothing of the old one is left in it
+    _, third = db.claim(5, lambda g: _fresh(tmp_path, g, 2), force=True)
+    assert db.update_record(5, third, RecordState.SUCCEEDED, values={"potential_path": pot, "test_energy_rmse_mev": 7.0})
+    record = db.get_record(5)
+    assert record.run_dir == third and record.test_energy_rmse_mev == 7.0 and record.reason == ""
+    assert "published" not in record.data and "retrains" not in record.data

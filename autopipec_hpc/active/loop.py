@@ -7,18 +7,23 @@ at the first unfinished step.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from autopipec_hpc.active.labelling import Labeller, label_requested
-from autopipec_hpc.active.select_job import run_selection
+from autopipec_hpc.active.select_job import run_selection, wait_for_selection
+from autopipec_hpc.active.selection_claim import live_claims
 from autopipec_hpc.active.selection_folder import SelectionRequest
 from autopipec_hpc.config import SiteConfig, TrainConfig
-from autopipec_hpc.errors import ConfigError
+from autopipec_hpc.errors import ClaimError, ConfigError
 from autopipec_hpc.generation import reconcile_generation
 from autopipec_hpc.states import LoopAction, RecordState, Strategy, StructureStatus
 from autopipec_hpc.store import DatabaseManager
 from autopipec_hpc.store.structures import SELECTION_RECORD
+
+# How often a loop looks at a selection another process runs in this one.
+WAIT_POLL_S = 2.0
 
 
 @dataclass(frozen=True)
@@ -33,6 +38,8 @@ class LoopSettings:
     gamma_min: float = 1.0
     strategy: Strategy = Strategy.D_OPTIMAL
     warm: bool = True  # each generation warm-started from the one before
+    seed: int = 0  # for --strategy random
+    max_atoms: int | None = None  # a budget in atoms per generation, besides --select
     labeller: Labeller = field(init=False, compare=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -44,11 +51,13 @@ class LoopSettings:
 
     def selection(self, generation: int) -> SelectionRequest:
         return SelectionRequest(generation=generation, max_select=self.select, gamma_min=self.gamma_min,
-                                strategy=self.strategy, max_option="--select")
+                                strategy=self.strategy, seed=self.seed, max_atoms=self.max_atoms,
+                                max_option="--select")
 
 
 _DESCRIPTIONS = {
     LoopAction.WAIT: "wait for generation {g}, already submitted",
+    LoopAction.WAIT_SELECTION: "wait for the selection of generation {g}, already in flight",
     LoopAction.SELECT: "select candidates with generation {g}",
     LoopAction.LABEL: "label the structures generation {g} requested",
     LoopAction.DONE: "done: generation {g} is published",
@@ -71,11 +80,13 @@ class LoopStep:
         return _DESCRIPTIONS[self.action].format(g=self.generation)
 
 
-def next_step(db: DatabaseManager, generations: int, warm: bool = True) -> LoopStep:
+def next_step(db: DatabaseManager, generations: int, warm: bool = True, site: SiteConfig | None = None) -> LoopStep:
     """The loop's state machine: train -> (evaluate, publish: the evaluation job) -> select
     -> label -> train the next generation warm-started. Each step leaves a trace in the
-    database (a record, a selection row, row statuses), so an interrupted loop resumes
-    at the first unfinished step and never repeats a finished one."""
+    database (a record, a selection claim or row, row statuses), so an interrupted loop
+    resumes at the first unfinished step and never repeats a finished one, and a second
+    loop on the same database follows the first's steps in flight instead of doubling them.
+    ``site`` asks a select job's state (a claim whose job ended is dropped)."""
     records = db.records()
     for k, r in enumerate(records):
         if r.status.is_active:
@@ -93,8 +104,10 @@ def next_step(db: DatabaseManager, generations: int, warm: bool = True) -> LoopS
         return LoopStep(LoopAction.DONE, last)
     markers = db.markers(SELECTION_RECORD, last)
     if not markers:
+        if live_claims(db, last, site):
+            return LoopStep(LoopAction.WAIT_SELECTION, last)
         return LoopStep(LoopAction.SELECT, last)
-    if db.count(status=StructureStatus.DFT_REQUESTED):
+    if db.count(status=StructureStatus.DFT_REQUESTED) or db.count(status=StructureStatus.LABELLING):
         return LoopStep(LoopAction.LABEL, last)
     if int(markers[-1].get("n_selected", 0)) == 0:
         return LoopStep(LoopAction.CONVERGED, last)
@@ -111,28 +124,67 @@ def run_loop(
 ) -> list[LoopStep]:
     """Run the loop until ``settings.generations`` generations are published (or nothing is
     left to select); returns the steps it took. Resumable: see ``next_step``."""
-    from autopipec_hpc.generation import find_run, wait_for_generation
-    from autopipec_hpc.submission import submit_generation
 
     say = notify or (lambda message: None)
     timeout = site.result_timeout_s if timeout_s is None else timeout_s
     taken: list[LoopStep] = []
+    lost: str | None = None  # the claim this loop lost to another, the step before
     while True:
-        step = next_step(db, settings.generations, settings.warm)
+        step = next_step(db, settings.generations, settings.warm, site)
         say(f"loop: {step.describe()}")
         if step.action in (LoopAction.DONE, LoopAction.CONVERGED):
             return taken
         taken.append(step)
-        if step.action == LoopAction.WAIT:
-            wait_for_generation(find_run(site, step.generation, db.target), timeout)
-        elif step.action == LoopAction.TRAIN:
-            cfg = config.model_copy(update={"warm_start": step.parent, "reference_energies": None}
-                                    if step.parent else {"warm_start": None})
-            sub = submit_generation(db.target, site, cfg, step.generation, notify=say)
-            wait_for_generation(sub.spec.path, timeout)
-        elif step.action == LoopAction.SELECT:
-            result = run_selection(site, db, settings.selection(step.generation), timeout_s=timeout, notify=say)
-            say(f"loop: {len(result.selected_ids)} of {result.scored} candidates requested "
-                f"({result.above} with gamma > {settings.gamma_min:g}); {result.folder}")
-        elif step.action == LoopAction.LABEL:
-            label_requested(db, settings.labeller, notify=say)
+        try:
+            _take(step, site, db, config, settings, timeout, say)
+            lost = None
+        except ClaimError as exc:
+            # Another loop (or select, or submit) claimed the step first: decide again, and
+            # follow what it started. The same claim lost twice in a row is not a race.
+            if lost == str(exc):
+                raise
+            lost = str(exc)
+            say(f"loop: {exc}; deciding again")
+
+
+def _take(step: LoopStep, site: SiteConfig, db: DatabaseManager, config: TrainConfig, settings: LoopSettings,
+          timeout: float, say: Callable[[str], None]) -> None:
+    from autopipec_hpc.generation import find_run, wait_for_generation
+    from autopipec_hpc.submission import submit_generation
+
+    if step.action == LoopAction.WAIT:
+        wait_for_generation(find_run(site, step.generation, db.target), timeout)
+    elif step.action == LoopAction.TRAIN:
+        cfg = config.model_copy(update={"warm_start": step.parent, "reference_energies": None}
+                                if step.parent else {"warm_start": None})
+        sub = submit_generation(db.target, site, cfg, step.generation, notify=say)
+        wait_for_generation(sub.spec.path, timeout)
+    elif step.action == LoopAction.SELECT:
+        result = run_selection(site, db, settings.selection(step.generation), timeout_s=timeout, notify=say)
+        say(f"loop: {len(result.selected_ids)} of {result.scored} candidates requested, "
+            f"{result.selected_atoms} atoms ({result.above} with gamma > {settings.gamma_min:g}); {result.folder}")
+    elif step.action == LoopAction.WAIT_SELECTION:
+        _follow_selection(site, db, step.generation, timeout, say)
+    elif step.action == LoopAction.LABEL:
+        label_requested(db, settings.labeller, notify=say, wait_s=timeout)
+
+
+def _follow_selection(site: SiteConfig, db: DatabaseManager, generation: int, timeout: float,
+                      say: Callable[[str], None]) -> None:
+    """Wait for a selection already in flight: its select job (a loop killed while it ran
+    follows the job it submitted, never a second one), or another process selecting here."""
+    deadline = time.monotonic() + timeout
+    while True:
+        claims = live_claims(db, generation, site)
+        if not claims:
+            return
+        claim = claims[0]
+        if claim.job_file is not None:
+            result = wait_for_selection(site, claim.folder, max(deadline - time.monotonic(), 1.0), notify=say)
+            say(f"loop: {len(result.selected_ids)} of {result.scored} candidates requested by the select job "
+                f"already in flight, {result.selected_atoms} atoms; {result.folder}")
+            return
+        if time.monotonic() > deadline:
+            raise ClaimError(f"generation {generation}: the selection {claim.describe()} is still in flight "
+                             f"after {timeout:.0f} s")
+        time.sleep(WAIT_POLL_S)

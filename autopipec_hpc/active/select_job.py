@@ -7,18 +7,19 @@ The job's folder is the selection's summary folder (``selection_folder.py``).
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 import time
 
 from autopipec_hpc.active.selection import SelectionResult, published_potential, select_candidates
+from autopipec_hpc.active.selection_claim import claim_selection, find_claim, release, set_folder
 from autopipec_hpc.active.selection_folder import SelectionFolder, SelectionRequest, default_selection_dir
 from autopipec_hpc.config import SiteConfig
 from autopipec_hpc.errors import SchedulerError, SelectionError, one_line
 from autopipec_hpc.files import fresh_dir
 from autopipec_hpc.processes import die_with_local_controller
-from autopipec_hpc.scheduler.base import SubmittedJob, job_name
+from autopipec_hpc.scheduler.base import SubmittedJob, job_name, state_with_reason
 from autopipec_hpc.states import FINISHED, JobRole, JobState
 from autopipec_hpc.store import DatabaseManager
 from autopipec_hpc.store.database import absolute_target
@@ -55,13 +56,24 @@ class SelectJob:
         if selection.summary_file.exists():
             raise SelectionError(f"{selection.path} holds a finished selection; select again for a new one")
         selection.failure_file.unlink(missing_ok=True)  # a resubmission by hand starts clean
+        db = claim = None
         try:
             database, request = SelectionRequest.load(folder)
             # The job's own handle, opened from its saved request: one per job.
-            result = select_candidates(DatabaseManager(database), request,
-                                       notify=lambda message: print(message, flush=True), folder_made=selection)
+            db = DatabaseManager(database)
+            # Submitted under a claim: a job whose claim was dropped (its submitter was
+            # reckoned gone before the job was known) selects nothing.
+            claim = find_claim(db, request.generation, request.claim or "")
+            if claim is None:
+                raise SelectionError(f"generation {request.generation}: this select job's claim "
+                                     f"({request.claim}) is not in the database (dropped, or the selection "
+                                     "was committed); nothing selected")
+            result = select_candidates(db, request, notify=lambda message: print(message, flush=True),
+                                       folder_made=selection, claim=claim)
         except Exception as exc:
             selection.record_failure(one_line(exc))
+            if db is not None and claim is not None:
+                release(db, claim)  # the next selection need not wait for this job to be reckoned ended
             raise
         return result.model_dump(mode="json")
 
@@ -83,17 +95,27 @@ def submit_selection(
     scheduler = scheduler_for(site)
     for warning in scheduler.check():
         say(f"warning: {warning}")
-    target = request.out_dir.resolve() if request.out_dir else default_selection_dir(potential.parent.parent,
-                                                                                     generation)
-    folder = SelectionFolder(fresh_dir(target))
-    # The job opens the database from this string on its compute node.
-    request.save(folder, absolute_target(db.target))
+    # Claimed before the job exists, so that a second select (or a rerun of a killed loop)
+    # finds it; the claim names the folder, whose job.json then names the job.
+    claim = claim_selection(db, generation, site=site, again=request.again)
+    try:
+        target = request.out_dir.resolve() if request.out_dir else default_selection_dir(potential.parent.parent,
+                                                                                         generation)
+        folder = SelectionFolder(fresh_dir(target))
+        claim = set_folder(db, claim, folder.path)
+        request = replace(request, claim=claim.token)
+        # The job opens the database from this string on its compute node.
+        request.save(folder, absolute_target(db.target))
+    except BaseException:
+        release(db, claim)
+        raise
     try:
         task = scheduler.submit(SelectJob(), str(folder.path), folder=folder, role=JobRole.SELECT,
                                 name=job_name(generation, JobRole.SELECT, folder.path),
                                 resources=site.select_resources)
     except BaseException as exc:
         folder.record_failure(f"not submitted: {one_line(exc)}")
+        release(db, claim)
         raise
     task.save(folder.job_file)
     return SelectionSubmission(request, folder, task)
@@ -130,7 +152,7 @@ def wait_for_selection(
             raise SelectionError(f"select job {task.job_id} failed: {error} (log {task.stderr})")
         [state] = scheduler.states([task])
         if state != last_state:
-            say(f"select job {task.job_id}: {state}")
+            say(f"select job {task.job_id}: {state_with_reason(scheduler, task, state)}")
             last_state = state
         if state in FINISHED:
             ended_at = ended_at or time.monotonic()
@@ -162,7 +184,13 @@ def run_selection(
     """``select`` where the site runs it (``selects_in_a_job``): in this process, or as a job
     that this call submits and waits for."""
     if not selects_in_a_job(site):
-        return select_candidates(db, request, notify=notify)
+        published_potential(db, request.generation)  # named before anything is written
+        claim = claim_selection(db, request.generation, site=site, again=request.again)
+        try:
+            return select_candidates(db, request, notify=notify, claim=claim)
+        except BaseException:
+            release(db, claim)
+            raise
     say = notify or (lambda message: None)
     sub = submit_selection(site, db, request, notify=say)
     say(f"select job {sub.task.job_id} submitted ({sub.task.scheduler}); folder {sub.folder.path}")

@@ -2,14 +2,18 @@
 
 ``select_candidates`` reads the CANDIDATE rows a page at a time, computes each
 one's extrapolation grade gamma (per atom, with generation N's published ACE
-potential and its active set ``potential.asi``: exactly ``PyACECalculator`` +
-``set_active_set``), writes ``gamma_max``, ``gamma_mean`` and
+potential and its active set ``potential.asi``: ``PyACECalculator`` +
+``set_active_set``'s values, a batch at a time, ``gamma.py``), writes ``gamma_max``, ``gamma_mean`` and
 ``scored_by_generation`` on every scored row, and chooses at most M of those with
 ``gamma_max > gamma_min`` by D-optimality together with the existing active set,
 with pacemaker's own MaxVol selection (``pyace.aceselect.select_structures_maxvol``,
 the body of ``pace_select``). The choice is made chunk by chunk (the chunk's
 candidates plus the ones chosen so far), so memory follows the chunk and M,
-never the pool. Chosen rows become DFT_REQUESTED; ``label_requested`` labels them
+never the pool. ``--strategy random`` is the baseline: uniform among every scorable
+candidate, gamma_min or not. A budget in atoms (``max_atoms``) takes the chosen in their
+order (highest gamma first for D-optimal, by key otherwise) and stops before the
+atoms would exceed it. One selection per generation: it holds a claim
+(``selection_claim.py``) from before it scores until its commit. Chosen rows become DFT_REQUESTED; ``label_requested`` labels them
 with any ASE calculator and makes them TRAINING_READY. These are the only status
 changes either makes: CANDIDATE -> DFT_REQUESTED -> TRAINING_READY.
 
@@ -38,7 +42,10 @@ from autopipec_hpc.store import DatabaseManager
 from autopipec_hpc.store.structures import label_of
 from autopipec_hpc.errors import SelectionError, one_line
 from autopipec_hpc.files import atomic_write_text, fresh_dir
+from autopipec_hpc.processes import final_commit
+from autopipec_hpc.active.selection_claim import SelectionClaim, beat, claim_selection, held, release
 from autopipec_hpc.active.selection_folder import SelectionFolder, SelectionRequest, default_selection_dir
+from autopipec_hpc.active.gamma import GammaScorer, score_batch
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +63,7 @@ class ConfigTypeSummary(BaseModel):
     above_gamma_min: int
     above_5: int
     selected: int
+    selected_atoms: int = 0  # DFT cost follows atoms, not structures
     gamma_max_median: float | None  # None: nothing of this type was scored
     gamma_max_max: float | None
 
@@ -66,11 +74,13 @@ class SelectionResult(BaseModel):
     generation: int
     strategy: Strategy
     max_select: int
+    max_atoms: int | None = None  # the budget in atoms, if one was given
     gamma_min: float
     folder: str
     scored: int
     above: int
     selected_ids: list[int]
+    selected_atoms: int = 0  # atoms in the selected structures: what labelling them costs
     skipped: dict[int, list[str]]  # row id -> elements the potential does not know
     unusable: dict[int, str] = {}  # row id -> why it cannot be scored (overlapping atoms, NaN, ...)
     by_config_type: dict[str, ConfigTypeSummary]
@@ -97,12 +107,13 @@ class _Tally:
     above: int = 0
     above_5: int = 0
     selected: int = 0
+    selected_atoms: int = 0
     gamma_max: list[float] = field(default_factory=list)  # per structure, for the histogram
 
     def summary(self) -> ConfigTypeSummary:
         g = np.asarray(self.gamma_max)
         return ConfigTypeSummary(scored=self.scored, above_gamma_min=self.above, above_5=self.above_5,
-                                 selected=self.selected,
+                                 selected=self.selected, selected_atoms=self.selected_atoms,
                                  gamma_max_median=float(np.median(g)) if g.size else None,
                                  gamma_max_max=float(np.max(g)) if g.size else None)
 
@@ -119,52 +130,6 @@ def published_potential(db: DatabaseManager, generation: int) -> Path:
         if not (folder / name).exists():
             raise SelectionError(f"generation {generation}: {folder / name} is missing; cannot score candidates")
     return folder
-
-
-# Closer than this, two atoms overlap: no physical structure, and no grade means anything.
-OVERLAP_A = 0.1
-
-
-def unscorable(atoms) -> str | None:
-    """Why a candidate cannot be scored (named in the summary), or None."""
-    if len(atoms) == 0:
-        return "it has no atoms"
-    if not np.all(np.isfinite(atoms.positions)) or not np.all(np.isfinite(atoms.cell.array)):
-        return "its positions or cell hold NaN or inf"
-    if atoms.pbc.any() and abs(atoms.cell.volume) < 1e-6:
-        return "its periodic cell has no volume"
-    from ase.neighborlist import neighbor_list
-
-    close = neighbor_list("d", atoms, OVERLAP_A)
-    if len(close):
-        return f"two atoms are {float(close.min()):.3f} A apart (overlapping)"
-    return None
-
-
-class GammaScorer:
-    """Per-atom extrapolation grades of a published potential (ACE part, with its active set)."""
-
-    def __init__(self, folder: Path) -> None:
-        from pyace import PyACECalculator
-
-        self.elements = set(registry.read_manifest(folder).elements)
-        try:
-            self.calc = PyACECalculator(str(folder / registry.POTENTIAL_YAML))
-        except Exception as exc:  # pyace's YAML and C++ readers raise whatever they meet
-            raise SelectionError(f"{folder / registry.POTENTIAL_YAML}: not a readable potential ({one_line(exc)[:160]})") from None
-        try:
-            self.calc.set_active_set(str(folder / registry.ACTIVE_SET))
-        except Exception as exc:
-            raise SelectionError(f"{folder / registry.ACTIVE_SET}: not a readable active set ({one_line(exc)[:160]})") from None
-
-    def unknown(self, atoms) -> list[str]:
-        return sorted(set(atoms.get_chemical_symbols()) - self.elements)
-
-    def gamma(self, atoms) -> np.ndarray:
-        atoms = atoms.copy()
-        atoms.calc = self.calc
-        atoms.get_potential_energy()
-        return np.asarray(self.calc.results["gamma"], dtype=float)
 
 
 def _batches(rows: Iterator[Any], size: int) -> Iterator[list[Any]]:
@@ -192,23 +157,38 @@ class _DOptimalChooser:
         except Exception as exc:
             raise SelectionError(f"{folder}: its potential or active set cannot be read ({one_line(exc)[:160]})") from None
         self.max_select = max_select
-        self.kept: list[tuple[int, Any]] = []  # (row id, atoms)
+        self.kept: list[tuple[int, Any, float]] = []  # (row id, atoms, max gamma)
 
     def offer(self, chunk: list[tuple[int, Any, float]]) -> None:
         import pandas as pd
         from pyace.aceselect import select_structures_maxvol
 
-        pool = self.kept + [(row_id, atoms) for row_id, atoms, _ in chunk]
+        pool = self.kept + chunk
         if not pool:
             return
+        gmax = {row_id: g for row_id, _, g in pool}
         df = pd.DataFrame({"row_id": [p[0] for p in pool], "ase_atoms": [p[1] for p in pool]})
         extra = {st: a.copy() for st, a in self.extra.items()}
         chosen = select_structures_maxvol(df, self.bconf, extra_A0_projections_dict=extra, batch_size_option="none",
                                           max_structures=self.max_select, verbose=False)
-        self.kept = [(int(r), a) for r, a in zip(chosen["row_id"], chosen["ase_atoms"])]
+        self.kept = [(int(r), a, gmax[int(r)]) for r, a in zip(chosen["row_id"], chosen["ase_atoms"])]
 
-    def ids(self) -> list[int]:
-        return [row_id for row_id, _ in self.kept]
+    def ranked(self) -> list[tuple[int, int]]:
+        """(row id, atoms) of the structures kept, the most extrapolative first: the order
+        an atoms budget takes them in."""
+        return [(row_id, len(atoms)) for row_id, atoms, _ in sorted(self.kept, key=lambda k: (-k[2], k[0]))]
+
+
+def within_atoms(ranked: list[tuple[int, int]], max_atoms: int | None) -> list[int]:
+    """The ids of ``ranked`` (row id, atoms; best first) up to the first that would take the
+    atoms past ``max_atoms``: the selection stops before its atoms budget is exceeded."""
+    chosen, atoms = [], 0
+    for row_id, n in ranked:
+        if max_atoms is not None and atoms + n > max_atoms:
+            break
+        chosen.append(row_id)
+        atoms += n
+    return chosen
 
 
 def select_candidates(
@@ -216,13 +196,32 @@ def select_candidates(
     request: SelectionRequest,
     notify: Callable[[str], None] | None = None,
     folder_made: SelectionFolder | None = None,
+    claim: SelectionClaim | None = None,
 ) -> SelectionResult:
     """Score every CANDIDATE row with generation ``request.generation``'s potential and choose
-    at most ``request.max_select`` for labelling (module docstring). Writes gamma on every
-    scored row, the chosen rows' DFT_REQUESTED and a ``record=selection`` row; a summary and
-    one figure of the gammas go to a new folder ``request.out_dir`` (default:
-    ``<output>/selections/gen-N``), or into ``folder_made``, the folder a submitted select
-    job was given."""
+    at most ``request.max_select`` (and ``request.max_atoms`` atoms) for labelling (module
+    docstring). Writes gamma on every scored row, the chosen rows' DFT_REQUESTED and a
+    ``record=selection`` row; a summary and one figure of the gammas go to a new folder
+    ``request.out_dir`` (default: ``<output>/selections/gen-N``), or into ``folder_made``,
+    the folder a submitted select job was given.
+
+    The selection holds ``claim`` (``selection_claim.py``; taken here when none is given)
+    from start to commit: ClaimError while another selection of the generation is in flight
+    or once it was selected (``request.again`` selects again). A failure gives the claim up."""
+    published_potential(db, request.generation)  # a missing potential is named before any claim
+    own = claim is None
+    if claim is None:
+        claim = claim_selection(db, request.generation, again=request.again)
+    try:
+        return _select(db, request, claim, notify, folder_made)
+    except BaseException:
+        if own:
+            release(db, claim)
+        raise
+
+
+def _select(db: DatabaseManager, request: SelectionRequest, claim: SelectionClaim,
+            notify: Callable[[str], None] | None, folder_made: SelectionFolder | None) -> SelectionResult:
     generation, max_select, gamma_min, strategy = (request.generation, request.max_select,
                                                    request.gamma_min, request.strategy)
     folder = published_potential(db, generation)
@@ -230,31 +229,24 @@ def select_candidates(
     scorer = GammaScorer(folder)
     chooser = _DOptimalChooser(folder, max_select) if strategy == Strategy.D_OPTIMAL else None
     rng = np.random.default_rng(request.seed)
-    heap: list[tuple[float, int]] = []  # top-gamma or random keys
+    heap: list[tuple[float, int, int]] = []  # (top-gamma or random key, row id, atoms)
     summary: dict[str, _Tally] = defaultdict(_Tally)
     skipped: dict[int, list[str]] = {}
     unusable: dict[int, str] = {}
     scored = above = 0
     for rows in _batches(db.iter_rows(status=StructureStatus.CANDIDATE), request.batch):
         updates, chunk = [], []
-        for row in rows:
-            atoms = row.toatoms()
-            unknown = scorer.unknown(atoms)
-            if unknown:
-                skipped[row.id] = unknown
+        structures = [row.toatoms() for row in rows]
+        # One batched pass per batch (gamma.py); one row that cannot be scored never ends the step.
+        for row, atoms, score in zip(rows, structures, score_batch(scorer, structures)):
+            if score.unknown:
+                skipped[row.id] = score.unknown
                 continue
-            problem = unscorable(atoms)
-            if problem is None:
-                try:
-                    g = scorer.gamma(atoms)
-                    if not np.all(np.isfinite(g)):
-                        problem = "its extrapolation grade is not finite"
-                except Exception as exc:  # pyace raises what its C++ meets; one row never ends the step
-                    problem = f"scoring failed ({one_line(exc)[:160]})"
-            if problem is not None:
-                log.warning("candidate id=%s (%s) skipped: %s", row.id, label_of(row), problem)
-                unusable[row.id] = problem
+            if score.problem is not None:
+                log.warning("candidate id=%s (%s) skipped: %s", row.id, label_of(row), score.problem)
+                unusable[row.id] = score.problem
                 continue
+            g = score.gamma
             gmax, gmean = float(g.max()), float(g.mean())
             s = summary[label_of(row)]
             s.scored += 1
@@ -262,43 +254,59 @@ def select_candidates(
             s.above_5 += gmax > GAMMA_WRITE
             updates.append((row.id, {"gamma_max": gmax, "gamma_mean": gmean, "scored_by_generation": generation}))
             scored += 1
-            if gmax <= gamma_min:
+            # The random baseline draws among every scorable candidate, as users expect of
+            # "random": gamma_min is a filter of the gamma strategies only.
+            if gmax > gamma_min:
+                s.above += 1
+                above += 1
+            elif strategy != Strategy.RANDOM:
                 continue
-            s.above += 1
-            above += 1
             if chooser is not None:
                 chunk.append((row.id, atoms, gmax))
             else:
                 key = gmax if strategy == Strategy.TOP_GAMMA else float(rng.random())
-                item = (key, row.id)
+                # The best keys, as many as could ever be chosen (an atoms budget takes a prefix).
+                item = (key, row.id, len(atoms))
                 if len(heap) < max_select:
                     heapq.heappush(heap, item)
                 else:
                     heapq.heappushpop(heap, item)
         db.update_rows(updates)
+        beat(db, claim)
         if chooser is not None and chunk:
             chooser.offer(chunk)
         say(f"scored {scored} candidates ({above} with gamma > {gamma_min:g})")
-    chosen = chooser.ids() if chooser is not None else [row_id for _, row_id in sorted(heap, reverse=True)]
+    ranked = chooser.ranked() if chooser is not None else [(row_id, n) for _, row_id, n in sorted(heap, reverse=True)]
+    chosen = within_atoms(ranked, request.max_atoms)
+    atoms_of = dict(ranked)
     for row_id in chosen:
         # The spelling it was scored under: a number-like label's key is quoted (label_key).
-        summary[label_of(db.get_row(row_id))].selected += 1
+        tally = summary[label_of(db.get_row(row_id))]
+        tally.selected += 1
+        tally.selected_atoms += atoms_of[row_id]
+    selected_atoms = sum(atoms_of[row_id] for row_id in chosen)
     out = folder_made.path if folder_made else fresh_dir(request.out_dir or
                                                          default_selection_dir(folder.parent.parent, generation))
     histograms = _histogram(summary, SelectionFolder(out), generation, gamma_min)
     result = SelectionResult(
-        generation=generation, strategy=strategy, max_select=max_select, gamma_min=gamma_min, folder=str(out),
-        scored=scored, above=above, selected_ids=sorted(chosen), skipped=skipped, unusable=unusable,
+        generation=generation, strategy=strategy, max_select=max_select, max_atoms=request.max_atoms,
+        gamma_min=gamma_min, folder=str(out), scored=scored, above=above, selected_ids=sorted(chosen),
+        selected_atoms=selected_atoms, skipped=skipped, unusable=unusable,
         by_config_type={ct: s.summary() for ct, s in sorted(summary.items())}, histograms=histograms,
     )
-    db.commit_selection(
-        generation, chosen,
-        values={"strategy": str(strategy), "n_scored": scored, "n_above": above, "n_selected": len(chosen),
-                "gamma_min": gamma_min, "max_select": max_select, "folder": str(out)},
-        data={"selected_ids": sorted(chosen), "skipped": {str(k): v for k, v in skipped.items()},
-              "unusable": {str(k): v for k, v in unusable.items()},
-              "by_config_type": {ct: c.model_dump() for ct, c in result.by_config_type.items()}},
-    )
+    with db.locked():  # the claim is checked and dropped in the commit's own transaction
+        held(db, claim)
+        final_commit(f"committing the selection of generation {generation}")  # a stopped select job commits nothing
+        db.commit_selection(
+            generation, chosen,
+            values={"strategy": str(strategy), "n_scored": scored, "n_above": above, "n_selected": len(chosen),
+                    "n_selected_atoms": selected_atoms, "gamma_min": gamma_min, "max_select": max_select,
+                    "max_atoms": request.max_atoms, "folder": str(out)},
+            data={"selected_ids": sorted(chosen), "skipped": {str(k): v for k, v in skipped.items()},
+                  "unusable": {str(k): v for k, v in unusable.items()},
+                  "by_config_type": {ct: c.model_dump() for ct, c in result.by_config_type.items()}},
+            claim_row=claim.row_id,
+        )
     # Written after the commit, so that a summary always tells of a selection that happened.
     atomic_write_text(SelectionFolder(out).summary_file, result.to_json())
     return result

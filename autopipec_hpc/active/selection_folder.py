@@ -111,11 +111,17 @@ class SelectionRequest:
     batch: int = 200
     seed: int = 0
     out_dir: Path | None = None
+    max_atoms: int | None = None  # a budget in atoms: DFT cost follows atoms, not structures
+    again: bool = False  # select a generation that was selected already
     max_option: str = field(default="--max", compare=False, repr=False)
+    # The token of the claim a submitted job holds (selection_claim.py), saved for the job.
+    claim: str | None = field(default=None, compare=False)
 
     def __post_init__(self) -> None:
         if self.max_select < 1:
             raise ConfigError(f"{self.max_option} must be at least 1, got {self.max_select}")
+        if self.max_atoms is not None and self.max_atoms < 1:
+            raise ConfigError(f"--max-atoms must be at least 1, got {self.max_atoms}")
         if not math.isfinite(self.gamma_min) or self.gamma_min < 0:
             raise ConfigError(f"--gamma-min must be a finite number >= 0, got {self.gamma_min}")
         if self.batch < 1:
@@ -128,7 +134,8 @@ class SelectionRequest:
         """``request.json`` in ``folder``: this request, the database the job opens, and the folder."""
         data = {"database": database, "generation": self.generation, "max_select": self.max_select,
                 "gamma_min": self.gamma_min, "strategy": str(self.strategy), "batch": self.batch,
-                "seed": self.seed, "folder": str(folder.path)}
+                "seed": self.seed, "folder": str(folder.path), "max_atoms": self.max_atoms, "again": self.again,
+                "claim": self.claim}
         atomic_write_text(folder.request_file, json.dumps(data, indent=2))
 
     @classmethod
@@ -137,5 +144,7 @@ class SelectionRequest:
         data: dict[str, Any] = json.loads(SelectionFolder(folder).request_file.read_text())
         request = cls(generation=int(data["generation"]), max_select=int(data["max_select"]),
                       gamma_min=float(data["gamma_min"]), strategy=data["strategy"], batch=int(data["batch"]),
-                      seed=int(data["seed"]), out_dir=Path(data["folder"]))
+                      seed=int(data["seed"]), out_dir=Path(data["folder"]),
+                      max_atoms=None if data.get("max_atoms") is None else int(data["max_atoms"]),
+                      again=bool(data.get("again", False)), claim=data.get("claim"))
         return str(data["database"]), request

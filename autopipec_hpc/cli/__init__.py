@@ -35,8 +35,8 @@ def main(argv: list[str] | None = None) -> int:
         where = exc.filename or "a file"
         _error_line(f"{where}: {exc.strerror or exc}")
         return 2
-    except KeyboardInterrupt:
-        sys.stderr.write("interrupted\n")
+    except KeyboardInterrupt as exc:
+        sys.stderr.write(f"interrupted: {' '.join(str(exc).split())}\n" if str(exc) else "interrupted\n")
         return 130
     except Exception as exc:  # a bug, not a mistake of the user's: say so, in one line
         if debug:

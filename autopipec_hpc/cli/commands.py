@@ -23,8 +23,9 @@ from autopipec_hpc.cli.show import (
     print_dataset_summary,
     print_records,
     print_selection,
+    print_table,
 )
-from autopipec_hpc.config import SiteConfig, TrainConfig, describe_validation_error
+from autopipec_hpc.config import LADDER_WARM_START, SiteConfig, TrainConfig, describe_validation_error
 from autopipec_hpc.errors import AutopipecError, ConfigError, DatasetError
 from autopipec_hpc.store import DatabaseManager
 from autopipec_hpc.store.database import redact
@@ -109,7 +110,7 @@ def cmd_status(args: argparse.Namespace) -> int:
         r = f.record
         jobs = f.describe_jobs() if r.run_dir is not None else ""
         table.add_row(str(r.generation), _coloured(r.status), jobs, r.reason[:80], str(r.run_dir or ""))
-    console.print(table)
+    print_table(table)
     for f in followed:
         r = f.record
         if r.status.is_active and r.run_dir is not None:
@@ -160,7 +161,7 @@ def cmd_check_site(args: argparse.Namespace) -> int:
     for role, res in site.job_resources().items():
         table.add_row(role, res.partition or "-", res.account or "-", res.qos or "-", str(res.gpus),
                       str(res.cpus), f"{res.mem_gb:g} GB", f"{res.time_minutes} min")
-    console.print(table)
+    print_table(table)
     console.print(f"work folder {site.work_dir}, published potentials in {site.output_dir}/potentials, "
                   f"database {site.database}")
     console.print(f"pacemaker: {site.pacemaker.command} (evaluator {site.pacemaker.evaluator}); "
@@ -230,7 +231,8 @@ def cmd_select(args: argparse.Namespace) -> int:
     from autopipec_hpc.active.selection_folder import SelectionRequest
 
     request = SelectionRequest(generation=args.generation, max_select=args.max, gamma_min=args.gamma_min,
-                               strategy=args.strategy, batch=args.batch, seed=args.seed, out_dir=args.out)
+                               strategy=args.strategy, batch=args.batch, seed=args.seed, out_dir=args.out,
+                               max_atoms=args.max_atoms, again=args.again)
     site, database = _site_and_db(args)
     if args.no_wait and not selects_in_a_job(site):
         raise ConfigError(f"--no-wait: site {site.name} ({site.scheduler}) selects in this process; "
@@ -251,7 +253,8 @@ def cmd_label(args: argparse.Namespace) -> int:
     labeller = Labeller.load(args.calculator, args.kwargs)  # a bad spec is named before the database opens
     site, database = _site_and_db(args)
     result = label_requested(DatabaseManager(database, must_exist=True), labeller, notify=_say)
-    console.print(f"{len(result.labelled)} structures labelled with {args.calculator}: now TRAINING_READY")
+    console.print(f"{len(result.labelled)} structures ({result.atoms} atoms) labelled with {args.calculator}: "
+                  "now TRAINING_READY")
     return 0
 
 
@@ -260,9 +263,12 @@ def cmd_loop(args: argparse.Namespace) -> int:
 
     settings = LoopSettings(generations=args.generations, select=args.select, calculator=args.calculator,
                             kwargs=args.kwargs, gamma_min=args.gamma_min, strategy=args.strategy,
-                            warm=not args.cold)  # checked before anything is opened or written
+                            warm=not args.cold, seed=args.seed, max_atoms=args.max_atoms)  # checked before anything is opened or written
     site, database = _site_and_db(args)
     config = TrainConfig.from_yaml(args.config)
+    if settings.warm and config.ladder_step is not None:
+        # Refused before generation 1 is trained, not when generation 2 would start from it.
+        raise ConfigError(f"loop: {LADDER_WARM_START}, or run the loop with --cold")
     db = DatabaseManager(database, must_exist=True)  # a read: never create an empty database
     steps = run_loop(site, db, config, settings, notify=_say)
     console.print(f"loop: {len(steps)} steps taken")

@@ -109,6 +109,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--strategy", default="d-optimal", help="d-optimal (default), top-gamma or random")
     p.add_argument("--batch", type=int, default=200, help="candidates scored and offered to MaxVol at a time")
     p.add_argument("--seed", type=int, default=0, help="for --strategy random")
+    p.add_argument("--max-atoms", type=int, default=None,
+                   help="a budget in atoms (DFT cost follows atoms): stop before the selected atoms exceed it")
+    p.add_argument("--again", action="store_true",
+                   help="select a generation that was selected already (a second budget of labels)")
     p.add_argument("--out", type=Path, default=None, help="summary folder (default: <output>/selections/gen-N)")
     p.add_argument("--no-wait", action="store_true",
                    help="on a SLURM site: print the select job's id and where its summary will be, and return")
@@ -123,6 +127,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", type=Path, default=None, help="TrainConfig YAML (warm_start is set by the loop)")
     p.add_argument("--gamma-min", type=float, default=1.0)
     p.add_argument("--strategy", default="d-optimal", help="d-optimal (default), top-gamma or random")
+    p.add_argument("--seed", type=int, default=0, help="for --strategy random")
+    p.add_argument("--max-atoms", type=int, default=None,
+                   help="a budget in atoms per generation, besides --select (DFT cost follows atoms)")
     p.add_argument("--cold", action="store_true", help="train every generation from scratch")
     p.set_defaults(func="cmd_loop")
 

@@ -19,7 +19,8 @@ if TYPE_CHECKING:  # annotations only: a command imports what it prints when it 
     from autopipec_hpc.store.records import TrainingRecord
 
 
-# Piped output (logs, CI, grep) gets wide tables instead of rich's 80 columns.
+# Piped output (logs, CI, grep) gets wide tables instead of rich's 80 columns. COLUMNS is
+# not trusted there: a parent that loaded GNU readline exports COLUMNS=80 to its children.
 console = Console(width=None if sys.stdout.isatty() else 200)
 
 
@@ -29,6 +30,16 @@ err_console = Console(stderr=True, width=None if sys.stderr.isatty() else 200)
 def _say(message: str) -> None:
     style = "yellow" if message.startswith("warning:") else None
     console.print(message, style=style, highlight=False, markup=False)
+
+
+def print_table(table: Table) -> None:
+    """``table`` with its title on a line of its own, never wrapped by rich: a title is
+    fitted to its table's width, which on a narrow terminal broke a path into pieces
+    ("runs/gen-0001/dat" / "aset")."""
+    title, table.title = table.title, None
+    if title:
+        console.print(title, soft_wrap=True, highlight=False, markup=False, style="bold")
+    console.print(table)
 
 
 class ProgressPrinter:
@@ -49,23 +60,38 @@ class ProgressPrinter:
         console.print(current.describe(), highlight=False, markup=False)
 
 
-def print_common_holdout(db: DatabaseManager) -> None:
-    from autopipec_hpc.evaluation import common_holdout
+# Fewer structures than this cannot rank generations: one odd frame decides the order.
+FEW_HOLDOUT_STRUCTURES = 20
 
-    common, rows = common_holdout(db)
-    table = Table(title=f"every published generation on the same {len(common)} holdout structures "
-                        "(the intersection of their holdouts; ACE + ZBL + reference energies vs labels)")
+
+def print_common_holdout(db: DatabaseManager) -> None:
+    from autopipec_hpc.evaluation import compare_on_common_holdout
+
+    compared = compare_on_common_holdout(db)
+    n = len(compared.ids)
+    if compared.fixed:
+        source = (f"the fixed holdout ({compared.fixed}): {n} of its {compared.fixed_size} structures, "
+                  "those every generation held out")
+    else:
+        source = "the intersection of their holdouts"
+    table = Table(title=f"every published generation on the same {n} holdout structures "
+                        f"({source}; ACE + ZBL + reference energies vs labels)")
     for col in ("gen", "parent", "structures", "E RMSE meV/at", "F RMSE meV/A", "worst F error meV/A"):
         table.add_column(col)
-    for r in rows:
+    for r in compared.rows:
         table.add_row(str(r.generation), str(r.parent_generation or "-"), str(r.structures),
                       _fmt(r.energy_rmse_mev), _fmt(r.force_rmse_mev, 1), _fmt(r.force_max_mev, 1))
-    console.print(table)
+    print_table(table)
+    if compared.rows and n < FEW_HOLDOUT_STRUCTURES:
+        hint = ("" if compared.fixed else "; name a fixed holdout for the whole loop in the training config: "
+                "holdout: {config_type: NAME} or holdout: {file: HOLDOUT.extxyz}")
+        _say(f"warning: the generations are compared on only {n} structures, too few to rank them{hint}")
 
 
 def print_selection(result: SelectionResult) -> None:
     table = Table(title=f"candidates scored by generation {result.generation} ({result.strategy}, "
-                        f"gamma > {result.gamma_min:g}, at most {result.max_select})")
+                        f"gamma > {result.gamma_min:g}, at most {result.max_select}"
+                        f"{f' and {result.max_atoms} atoms' if result.max_atoms else ''})")
     for col in ("config_type", "scored", "median max gamma", "largest gamma", "gamma > min", "gamma > 5",
                 "selected"):
         table.add_column(col, justify="right" if col != "config_type" else "left")
@@ -75,7 +101,7 @@ def print_selection(result: SelectionResult) -> None:
     table.add_row("[b]total", f"[b]{result.scored}", "", "", f"[b]{result.above}",
                   f"[b]{sum(c.above_5 for c in result.by_config_type.values())}",
                   f"[b]{len(result.selected_ids)}")
-    console.print(table)
+    print_table(table)
     if result.unusable:
         named = "; ".join(f"id={i}: {why}" for i, why in sorted(result.unusable.items()))
         console.print(f"skipped {len(result.unusable)} candidates that cannot be scored: {named}",
@@ -85,7 +111,8 @@ def print_selection(result: SelectionResult) -> None:
         console.print(f"skipped {len(result.skipped)} candidates with elements the potential does not know: {named}",
                       highlight=False)
     figures = ", ".join(result.histograms) or "no figure"
-    console.print(f"{len(result.selected_ids)} structures now DFT_REQUESTED; summary and gamma histograms "
+    console.print(f"{len(result.selected_ids)} structures now DFT_REQUESTED ({result.selected_atoms} atoms to "
+                  f"label); summary and gamma histograms "
                   f"({figures}) in {result.folder}", highlight=False)
 
 
@@ -116,7 +143,7 @@ def print_records(records: list[TrainingRecord], detail: bool = False) -> None:
             str("-" if r.iterations is None else r.iterations), _fmt(r.wall_time_s, 0),
             str(r.potential_path or r.reason),
         )
-    console.print(table)
+    print_table(table)
     console.print("force errors are per Cartesian component")
     for r in records if detail else []:
         metrics = r.metrics
@@ -130,7 +157,7 @@ def print_records(records: list[TrainingRecord], detail: bool = False) -> None:
                 per.add_row(ct, str(tot["structures"]), _fmt(res["energy_rmse_mev"]),
                             _fmt(tot["energy_rmse_mev"]), _fmt(tot["energy_mae_mev"]),
                             _fmt(res["force_rmse_mev"], 1), _fmt(tot["force_rmse_mev"], 1))
-            console.print(per)
+            print_table(per)
         if r.log_tail:
             console.print(f"[b]log tail of generation {r.generation}:[/b]\n{r.log_tail}", highlight=False)
 
@@ -143,7 +170,7 @@ def print_dataset_summary(m: DatasetManifest) -> None:
     for ctype in sorted(set(m.train_counts) | set(m.test_counts)):
         table.add_row(ctype, str(m.train_counts.get(ctype, 0)), str(m.test_counts.get(ctype, 0)))
     table.add_row("[b]total", f"[b]{len(m.train_ids)}", f"[b]{len(m.test_ids)}")
-    console.print(table)
+    print_table(table)
     if m.single_structure_types:
         console.print(
             "single-structure config_types (training only): " + ", ".join(m.single_structure_types)
@@ -167,7 +194,7 @@ def print_dataset_summary(m: DatasetManifest) -> None:
         skipped.add_column("reason")
         for s in m.skipped:
             skipped.add_row(str(s.db_id), s.config_type, s.reason)
-        console.print(skipped)
+        print_table(skipped)
     else:
         console.print("skipped structures: 0")
     files = m.train_files + m.test_files + [f for f in (m.train_extxyz, m.test_extxyz) if f]

@@ -92,6 +92,8 @@ class TrainingResult:
     train_rmse_force_mev: float
     test_rmse_energy_mev: float | None
     test_rmse_force_mev: float | None
+    # pacemaker ended the fit before maxiter because its test loss stopped improving (a normal end).
+    stopped_early: bool = False
     extra: dict[str, Any] = field(default_factory=dict)
 
     def save(self) -> Path:
@@ -121,8 +123,18 @@ def render_input(
         test_files=list(test_files),
         evaluator=str(evaluator),
         generation=generation,
-        display_step=max(1, min(50, config.maxiter // 20 or 1)),
+        display_step=display_step(config, bool(test_files)),
     )
+
+
+def display_step(config: TrainConfig, has_test_set: bool) -> int:
+    """pacemaker's ``backend.display_step``: how often it prints a full block and evaluates the
+    test loss. Early stopping sees the test loss only then, and pacemaker's window covers one
+    display step less than the patience, so the step is kept to a fifth of the patience."""
+    step = max(1, min(50, config.maxiter // 20 or 1))
+    if has_test_set and config.early_stopping_min_improvement is not None:
+        step = max(1, min(step, config.early_stopping_patience // 5))
+    return step
 
 
 def read_metrics_table(path: Path) -> pd.DataFrame | None:
@@ -148,6 +160,21 @@ def log_tail(run_dir: Path, lines: int = 25) -> str:
             text = path.read_text(errors="replace").splitlines()
             return "\n".join(text[-lines:])
     return ""
+
+
+# What pacemaker's log says when its early stopping ends a fit (pyace/generalfit.py): it raises
+# StopIteration in scipy's callback, scipy returns the last iterate and pacemaker finishes as usual.
+EARLY_STOPPING_MARK = "EARLY STOPPING:"
+
+
+def stopped_early(run_dir: Path) -> bool:
+    """Whether pacemaker's early stopping ended this attempt's fit."""
+    path = Path(run_dir) / LOG_FILE
+    try:
+        with open(path, errors="replace") as log:
+            return any(EARLY_STOPPING_MARK in line for line in log)
+    except OSError:
+        return False
 
 
 def iterations_done(run_dir: Path) -> int:

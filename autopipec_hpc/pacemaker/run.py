@@ -18,7 +18,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from autopipec_hpc.config import TrainConfig, resolve_command
+from autopipec_hpc.config import LADDER_WARM_START, TrainConfig, resolve_command
 from autopipec_hpc.dataset_files import read_pickle
 from autopipec_hpc.errors import TrainingDivergenceError, TrainingFailedError, TrainingInterrupted
 from autopipec_hpc.files import atomic_write_text, fresh_dir
@@ -36,6 +36,7 @@ from autopipec_hpc.pacemaker.files import (
     log_tail,
     read_metrics_table,
     render_input,
+    stopped_early,
 )
 from autopipec_hpc.processes import die_with_parent, forward_termination, kill_group, restore_termination
 
@@ -204,6 +205,10 @@ class PacemakerWrapper:
         atomic_write_text(run / PACEMAKER_INPUT, text)
         args = [resolve_command(self.command), PACEMAKER_INPUT]
         if initial_potential is not None:
+            if config.ladder_step is not None:
+                # Refused at submission (TrainConfig, warm_start.check_warm_start); a requeued
+                # ladder fit lands here, and `-p` would silently restart it from nothing.
+                raise TrainingFailedError(f"{LADDER_WARM_START} ({initial_potential})")
             args += ["-p", str(Path(initial_potential).resolve())]
         start = time.monotonic()
         returncode = self._run(args, run, config.timeout_hours * 3600.0, config.maxiter)
@@ -228,6 +233,7 @@ class PacemakerWrapper:
             train_rmse_force_mev=f_train,
             test_rmse_energy_mev=e_test,
             test_rmse_force_mev=f_test,
+            stopped_early=stopped_early(run),
         )
         result.save()
         check_divergence(config, e_train, f_train, "training")

@@ -16,8 +16,11 @@ from __future__ import annotations
 
 import hashlib
 import json
+import pickle
+import re
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -27,9 +30,30 @@ from submitit.core.utils import JobPaths
 from autopipec_hpc.config import JobResources
 from autopipec_hpc.errors import SchedulerError
 from autopipec_hpc.files import atomic_write_text
+from autopipec_hpc.processes import stop_on_signals
 from autopipec_hpc.run_folder import RunFolder
 from autopipec_hpc.scheduler.watcher import StateWatcher
 from autopipec_hpc.states import JobRole, JobState
+
+@dataclass(frozen=True)
+class StoppableBody:
+    """A job body run with our stop handling (``processes.stop_on_signals``): submitit's
+    job environment ignores SIGTERM until the SIGKILL that follows, so a cancelled body
+    would go on meanwhile (and commit what it was told not to). Picklable."""
+
+    fn: Callable[..., Any]
+
+    def __call__(self, *args: Any) -> Any:
+        stop_on_signals()
+        return self.fn(*args)
+
+
+def stoppable(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """``fn`` as the job body a backend submits. A checkpointable body (training) stays as
+    it is: submitit requeues it only through its own ``checkpoint``, and it installs the
+    stop handling itself."""
+    return fn if hasattr(fn, "checkpoint") else StoppableBody(fn)
+
 
 def job_name(generation: int, role: JobRole, folder: str | Path, submitted_at: float | None = None) -> str:
     """``autopipec-g{N}-{role}-{token}``: the token (8 hex of sha256 of the folder and the
@@ -38,6 +62,23 @@ def job_name(generation: int, role: JobRole, folder: str | Path, submitted_at: f
     at = time.time() if submitted_at is None else submitted_at
     token = hashlib.sha256(f"{Path(folder).resolve()}\0{at!r}".encode()).hexdigest()[:8]
     return f"autopipec-g{generation}-{role}-{token}"
+
+
+# How much of a job's own last error goes into a record's reason, and how far back in
+# its log of errors it is looked for.
+LAST_ERROR_CHARS = 300
+LOG_LINES_READ = 400
+# "OSError: [Errno 28] No space left on device: ...", "autopipec_hpc.errors.JobStopped: ..."
+_EXCEPTION_LINE = re.compile(r"^([A-Za-z_][\w.]*(Error|Exception|Interrupt|Interrupted|Stopped|Exit)): \S")
+
+
+def _last_exception_line(lines: Sequence[str]) -> str | None:
+    """The last line that names an exception and its message (a traceback's last line)."""
+    for line in reversed(lines):
+        text = line.strip()
+        if _EXCEPTION_LINE.match(text):
+            return " ".join(text.split())
+    return None
 
 
 class SubmittedJob(BaseModel):
@@ -58,6 +99,27 @@ class SubmittedJob(BaseModel):
     def stderr(self) -> Path:
         """The job's log of errors (submitit names it after the job id)."""
         return JobPaths(self.folder, self.job_id).stderr
+
+    def last_error(self) -> str | None:
+        """The job's own last error, as it wrote it: the last line of the traceback in its
+        result pickle (submitit's, for a body that raised), else the last exception line of
+        its log of errors; None where it wrote none (killed outright, or it succeeded)."""
+        paths = JobPaths(self.folder, self.job_id)
+        try:
+            with open(paths.result_pickle, "rb") as handle:
+                outcome, value = pickle.load(handle)[:2]
+            if outcome != "success":
+                line = _last_exception_line(str(value).splitlines())
+                if line:
+                    return line[:LAST_ERROR_CHARS]
+        except (OSError, EOFError, ValueError, TypeError, pickle.UnpicklingError, AttributeError, ImportError):
+            pass  # no pickle (killed, or a cluster that lost it), or one mid-write: the log may say
+        try:
+            lines = paths.stderr.read_text(errors="replace").splitlines()[-LOG_LINES_READ:]
+        except OSError:
+            return None
+        line = _last_exception_line(lines)
+        return line[:LAST_ERROR_CHARS] if line else None
 
     def save(self, path: Path) -> None:
         atomic_write_text(path, self.model_dump_json(indent=2))
@@ -152,3 +214,14 @@ class Scheduler(Protocol):
     def cancel(self, *jobs: SubmittedJob) -> None:
         """Cancel ``jobs``, each only if it is still the job of that name."""
         ...
+
+
+def state_with_reason(scheduler: Scheduler, job: SubmittedJob, state: JobState) -> str:
+    """A job's state as a person reads it: a waiting one (PENDING, or UNKNOWN while
+    accounting has not seen it) with the scheduler's reason, "PENDING (Resources)"."""
+    if state in (JobState.PENDING, JobState.UNKNOWN):
+        reason = scheduler.pending_reason(job)
+        if reason:
+            return f"{state} ({reason})"
+    return str(state)
+

@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import pickle
 import signal
+import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -22,11 +23,12 @@ from typing import Any
 
 import submitit
 from submitit.core.utils import JobPaths
+from submitit.local.local import LocalJob
 
 from autopipec_hpc.config import JobResources, SiteConfig
 from autopipec_hpc.errors import SchedulerError
-from autopipec_hpc.processes import die_with_local_controller, pid_alive  # noqa: F401  (tests import pid_alive from here)
-from autopipec_hpc.scheduler.base import JobFolder, SubmittedJob
+from autopipec_hpc.processes import die_with_local_controller, local_cancel_marker, pid_alive  # noqa: F401  (tests import pid_alive from here)
+from autopipec_hpc.scheduler.base import JobFolder, SubmittedJob, stoppable
 from autopipec_hpc.scheduler.watcher import StateWatcher
 from autopipec_hpc.states import FINISHED, JobRole, JobState
 
@@ -52,7 +54,7 @@ def result_state(folder: Path, job_id: str) -> JobState | None:
 
 def job_state(folder: Path, job_id: str) -> JobState:
     """A local job's state: its result pickle, else whether its process lives (and was cancelled)."""
-    cancelled = (folder / f"{job_id}.cancelled").exists()
+    cancelled = local_cancel_marker(folder, job_id).exists()
     done = result_state(folder, job_id)
     if done is not None:
         return JobState.CANCELLED if cancelled and done == JobState.FAILED else done
@@ -78,6 +80,35 @@ def _stdio_to_devnull() -> Iterator[None]:
         os.dup2(saved[1], 2)
         for fd in (*saved, devnull):
             os.close(fd)
+
+
+class SessionLocalExecutor(submitit.LocalExecutor):
+    """submitit's LocalExecutor whose job controllers start in their own session. In the
+    submitting command's process group, a Ctrl-C of `submit --wait` or `loop` reached the
+    controllers and job bodies too, and ended the jobs it only waited for. This is
+    submitit's ``_submit_command``/``start_controller`` (same environment, same command;
+    the controller's pid is the job id) with ``start_new_session``, which they cannot pass."""
+
+    def _submit_command(self, command: str) -> LocalJob:
+        params = self.parameters
+        gpus = range(params.get("gpus_per_node", 0))
+        env = dict(os.environ)
+        env.update(
+            SUBMITIT_LOCAL_NTASKS=str(params.get("tasks_per_node", 1)),
+            SUBMITIT_LOCAL_COMMAND=command,
+            SUBMITIT_LOCAL_TIMEOUT_S=str(int(60 * params.get("timeout_min", 2.0))),
+            SUBMITIT_LOCAL_SIGNAL_DELAY_S=str(int(params.get("signal_delay_s", 30))),
+            SUBMITIT_LOCAL_NODEID="0",
+            SUBMITIT_LOCAL_JOB_NUM_NODES="1",
+            SUBMITIT_STDERR_TO_STDOUT="1" if params.get("stderr_to_stdout", False) else "",
+            SUBMITIT_EXECUTOR="local",
+            CUDA_VISIBLE_DEVICES=",".join(str(k) for k in gpus),
+            SUBMITIT_LOCAL_WITH_SHELL="",
+        )
+        process = subprocess.Popen([sys.executable, "-m", "submitit.local._local", str(self.folder)], env=env,
+                                   start_new_session=True)
+        return LocalJob(folder=self.folder, job_id=str(process.pid), process=process,
+                        tasks=list(range(params.get("tasks_per_node", 1))))
 
 
 @dataclass(frozen=True)
@@ -138,7 +169,7 @@ class LocalScheduler:
         return []  # no job script: submitit starts the job body directly
 
     def _executor(self, folder: Path, minutes: int) -> submitit.LocalExecutor:
-        executor = submitit.LocalExecutor(folder=folder)
+        executor = SessionLocalExecutor(folder=folder)
         executor.update_parameters(timeout_min=minutes, signal_delay_s=self.site.signal_delay_s)
         return executor
 
@@ -151,6 +182,7 @@ class LocalScheduler:
         if after is not None:
             body = AfterJob(after, fn)
             minutes += after.time_minutes
+        body = stoppable(body)
         with _stdio_to_devnull():
             job = self._executor(folder.submitit_dir, minutes).submit(body, *args)
         submitted = SubmittedJob(scheduler=self.name, folder=str(folder.submitit_dir), job_id=str(job.job_id),
@@ -165,7 +197,7 @@ class LocalScheduler:
             pid = int(job.job_id)
             if not pid_alive(pid) or result_state(Path(job.folder), job.job_id) is not None:
                 continue  # ended already (and its pid may be another process's by now)
-            (Path(job.folder) / f"{job.job_id}.cancelled").touch()
+            local_cancel_marker(job.folder, job.job_id).touch()
             try:
                 # submitit's local controller forwards SIGTERM to the job process,
                 # whose handler ends pacemaker's process group.

@@ -25,7 +25,7 @@ import submitit
 from autopipec_hpc.config import JobResources, SiteConfig
 from autopipec_hpc.errors import SchedulerError
 from autopipec_hpc.run_folder import submitted_pickle_name
-from autopipec_hpc.scheduler.base import JobFolder, SubmittedJob
+from autopipec_hpc.scheduler.base import JobFolder, SubmittedJob, stoppable
 from autopipec_hpc.scheduler.watcher import StateWatcher
 from autopipec_hpc.states import JobRole, JobState
 from autopipec_hpc.templates import template_environment
@@ -197,7 +197,7 @@ class SlurmScheduler:
                resources: JobResources, after: SubmittedJob | None = None) -> SubmittedJob:
         extra = {} if after is None else {"dependency": f"afterok:{after.job_id}", "kill-on-invalid-dep": "yes"}
         executor = self._executor(folder.submitit_dir, name, role, folder.path, resources, extra)
-        job = executor.submit(fn, *args)
+        job = executor.submit(stoppable(fn), *args)
         keep_job_files(job, folder, role)
         submitted = SubmittedJob(scheduler=self.name, folder=str(folder.submitit_dir), job_id=str(job.job_id),
                                  role=role, name=name, time_minutes=resources.time_minutes)

@@ -94,7 +94,12 @@ class StateWatcher:
         try:
             answer = self._query(unfinished)
         except Exception as exc:
+            # Due again only a delay after the failure came back, backing off: a query that
+            # hangs until its timeout (slurmdbd hanging) would otherwise be due again the
+            # moment it returns, and every caller of one `status` would pay it again.
             self._failure = exc
+            self._delay = min(self._delay * 2, self.max_delay_s)
+            self._due = self._clock() + self._delay
             raise
         self._failure = None
         changed = False

@@ -10,6 +10,7 @@ from autopipec_hpc.states import ALLOWED_MOVES, RECORD_STATES, RecordState
 
 import fcntl
 import hashlib
+import json
 import logging
 import os
 import random
@@ -23,7 +24,7 @@ from typing import Any
 from ase import Atoms
 from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
 
-from autopipec_hpc.errors import ClaimError, DatabaseBusyError, DatabaseError
+from autopipec_hpc.errors import ClaimError, DatabaseBusyError, DatabaseError, PublicationError
 from autopipec_hpc.store.database import Database, _clean_value, _guarded, is_url, redact
 
 log = logging.getLogger(__name__)
@@ -33,6 +34,10 @@ TRAINING_RECORD = "training"
 
 
 LOCK_TIMEOUT_S = 60.0
+# Keys of a record's data: the published record a forced re-claim keeps until its run replaces it,
+# and the outcomes of retrains that did not.
+PUBLISHED = "published"
+RETRAINS = "retrains"
 
 
 class RecordValues(BaseModel):
@@ -149,6 +154,25 @@ def _advisory_lock(url: str, timeout_s: float) -> Callable[[], None]:
     return release
 
 
+def _still_published(published: dict[str, Any], retrain_dir: Path | None) -> bool:
+    """Whether the potential a kept record names is still the one published: its folder
+    holds a readable manifest, and this retrain did not publish over it."""
+    from autopipec_hpc import registry
+
+    folder = (published.get("values") or {}).get("potential_path")
+    if not folder:
+        return False
+    try:
+        registry.read_manifest(folder)
+    except PublicationError:
+        return False
+    try:  # the metrics name the attempt that made the potential
+        attempt = str(json.loads((Path(folder) / registry.METRICS).read_text()).get("attempt", ""))
+    except (OSError, ValueError, AttributeError):
+        attempt = ""
+    return not (retrain_dir is not None and attempt and Path(attempt).parent == Path(retrain_dir))
+
+
 def _record_from_row(row) -> TrainingRecord:
     skip = {"record", "generation", "status", "reason"}
     values = {k: v for k, v in row.key_value_pairs.items() if k not in skip}
@@ -200,8 +224,7 @@ class TrainingRecords(Database):
 
     @_guarded
     def next_generation(self) -> int:
-        gens = [r.generation for r in self.records()]
-        return max(gens) + 1 if gens else 1
+        return max((r.generation for r in self.records()), default=0) + 1
 
     @_guarded
     def write_record(
@@ -268,7 +291,7 @@ class TrainingRecords(Database):
         try:
             handle = open(path, "a+")
         except OSError as exc:
-            raise DatabaseError(f"database {self.target}: cannot open its lock file {path} ({exc.strerror})") from None
+            raise DatabaseError(f"database {self.target} cannot be written: its lock file {path} ({exc.strerror})") from None
         deadline = time.monotonic() + timeout_s
         while True:
             try:
@@ -322,10 +345,16 @@ class TrainingRecords(Database):
             run_dir = make_run_dir(number)
             owner = RecordValues(run_dir=run_dir, claimed_by=f"{socket.gethostname()}:{os.getpid()}",
                                  claimed_at=time.time()).stored()
+            kept = dict(data or {})
+            if existing is not None and existing.status == RecordState.SUCCEEDED:
+                # Its potential stays published until the new run replaces it: what the
+                # record said about it is kept, to be restored if the new run fails.
+                kept[PUBLISHED] = {"reason": existing.reason, "values": existing.values,
+                                   "data": {k: v for k, v in existing.data.items() if k != PUBLISHED}}
             if existing is not None:
                 self._db.delete([existing.row_id])
             given = values.stored() if isinstance(values, RecordValues) else dict(values or {})
-            self.write_record(number, RecordState.SUBMITTED, values={**given, **owner}, data=data)
+            self.write_record(number, RecordState.SUBMITTED, values={**given, **owner}, data=kept)
             return number, run_dir
 
     @_guarded
@@ -353,8 +382,51 @@ class TrainingRecords(Database):
             if status not in ALLOWED_MOVES[record.status]:
                 log.warning("generation %s is %s already; %s not written", generation, record.status, status)
                 return False
+            published = record.data.get(PUBLISHED)
+            if published is not None and status.is_final and status != RecordState.SUCCEEDED:
+                if _still_published(published, record.run_dir):
+                    self._restore_published(record, published, status, reason, data)
+                    return True
+                reason = f"{reason}; the potential published before this retrain is gone, so none is published"
             self.write_record(generation, status, reason=reason, values=values, data=data)
+            if published is not None and status.is_final:
+                self._drop_data_key(generation, PUBLISHED)
             return True
+
+    def _restore_published(self, record: TrainingRecord, published: dict[str, Any], status: RecordState,
+                           reason: str, data: dict[str, Any] | None) -> None:
+        """The record of the potential still published, back in place of a retrain that
+        ended ``status``; the retrain's outcome is kept in ``data["retrains"]``."""
+        retrain = {"run_dir": str(record.run_dir), "status": status.value, "reason": reason, "at": time.time(),
+                   "log_tail": str((data or {}).get("log_tail", record.log_tail))}
+        restored = {**(published.get("data") or {})}
+        restored[RETRAINS] = [*restored.get(RETRAINS, []), retrain]
+        pairs = {k: _clean_value(v) for k, v in (published.get("values") or {}).items()}
+        pairs.update(record=TRAINING_RECORD, generation=record.generation, status=RecordState.SUCCEEDED.value,
+                     reason=f"a retrain ({record.run_dir}) ended {status}: {reason}; this potential stays published",
+                     updated=time.time())
+        self._db.write(Atoms(), key_value_pairs={k: v for k, v in pairs.items() if v is not None},
+                       data=restored, id=record.row_id)
+
+    def _drop_data_key(self, generation: int, key: str) -> None:
+        row = self._record_row(generation)
+        kept = {k: v for k, v in (row.data or {}).items() if k != key}
+        self._db.write(Atoms(), key_value_pairs=row.key_value_pairs, data=kept, id=row.id)
+
+    @_guarded
+    def run_record(self, generation: int, run_dir: str | Path) -> TrainingRecord | None:
+        """The record of ``generation`` as the run in ``run_dir`` ended: the record itself,
+        unless that run was a retrain of a published generation whose record was put back;
+        then the retrain's own outcome (state, reason, log tail)."""
+        record = self.get_record(generation)
+        if record is None or record.run_dir is None or str(record.run_dir) == str(run_dir):
+            return record
+        for retrain in reversed(record.data.get(RETRAINS) or []):
+            if retrain.get("run_dir") == str(run_dir):
+                return record.model_copy(update={
+                    "status": RecordState(retrain["status"]), "reason": str(retrain.get("reason", "")),
+                    "run_dir": Path(run_dir), "data": {**record.data, "log_tail": retrain.get("log_tail", "")}})
+        return record
 
     @_guarded
     def add_values(

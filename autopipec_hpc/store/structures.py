@@ -26,6 +26,12 @@ from autopipec_hpc.store.database import Database, _clean_value
 
 # The marker row of a `select` run (active/selection.py): a record written with the rows it changed.
 SELECTION_RECORD = "selection"
+# The claim of a selection in flight (active/selection_claim.py): written under the records'
+# lock before anything is scored or submitted, deleted in the transaction that commits.
+SELECTION_CLAIM = "selection-claim"
+# What a labeller writes on the row it claimed (LABELLING), and why a label failed.
+LABEL_CLAIM_KEYS = ("label_claimed_by", "label_claimed_at")
+LABEL_ERROR_KEY = "label_error"
 
 
 MAX_LABEL_LENGTH = 200
@@ -95,6 +101,7 @@ class ReadyStructures:
 PIPELINE_KEYS = frozenset({
     "status", "config_type", "source", "frame", "generation", "split", "record",
     "gamma_max", "gamma_mean", "scored_by_generation", "selected_by_generation", "labelled_by",
+    *LABEL_CLAIM_KEYS, LABEL_ERROR_KEY,
 })
 
 
@@ -260,7 +267,8 @@ class StructureRows(Database):
         old = self._db.get(id=int(row_id))
         atoms = old.toatoms()
         atoms.calc = SinglePointCalculator(atoms, energy=float(energy), forces=np.asarray(forces, dtype=float))
-        kvp = dict(old.key_value_pairs)
+        # A labelled row no longer has a claimant or an error.
+        kvp = {k: v for k, v in old.key_value_pairs.items() if k not in (*LABEL_CLAIM_KEYS, LABEL_ERROR_KEY)}
         kvp.update({k: _clean_value(v) for k, v in values.items() if _clean_value(v) is not None})
         kvp["status"] = str(status)
         row = AtomsRow(atoms)
@@ -276,13 +284,15 @@ class StructureRows(Database):
             db._write(row, kvp, data or None, old.id)
 
     def commit_selection(self, generation: int, row_ids: Sequence[int], values: dict[str, Any],
-                         data: dict[str, Any]) -> int:
+                         data: dict[str, Any], claim_row: int | None = None) -> int:
         """In one transaction: the chosen CANDIDATE rows become DFT_REQUESTED (any other
-        row is left alone) and a ``record=selection`` row records the step; returns how
-        many rows changed status."""
+        row is left alone), a ``record=selection`` row records the step and the selection's
+        claim row ``claim_row`` is deleted; returns how many rows changed status."""
         changed = 0
         clean = {k: _clean_value(v) for k, v in values.items()}
         with self._transaction() as db:
+            if claim_row is not None:
+                db.delete([int(claim_row)])
             for row_id in row_ids:
                 if db.get(id=int(row_id)).get("status") != StructureStatus.CANDIDATE:
                     continue
@@ -292,6 +302,46 @@ class StructureRows(Database):
             db.write(Atoms(), record=SELECTION_RECORD, generation=int(generation), updated=time.time(),
                      data=data, **{k: v for k, v in clean.items() if v is not None})
         return changed
+
+    # -- claims: a selection in flight, a row being labelled ------------------------
+    # Each is decided by the caller under the records' lock (``DatabaseManager.locked``).
+    def selection_claims(self, generation: int | None = None) -> list[Any]:
+        selection: dict[str, Any] = {"record": SELECTION_CLAIM}
+        if generation is not None:
+            selection["generation"] = int(generation)
+        with self._transaction():
+            return list(self._db.select(sort="id", **selection))
+
+    def write_selection_claim(self, generation: int, values: dict[str, Any]) -> int:
+        clean = {k: _clean_value(v) for k, v in values.items()}
+        return self._db.write(Atoms(), record=SELECTION_CLAIM, generation=int(generation),
+                              **{k: v for k, v in clean.items() if v is not None})
+
+    def update_selection_claim(self, row_id: int, **values: Any) -> None:
+        clean = {k: _clean_value(v) for k, v in values.items()}
+        self._db.update(int(row_id), **{k: v for k, v in clean.items() if v is not None})
+
+    def drop_selection_claim(self, row_id: int) -> None:
+        self._db.delete([int(row_id)])
+
+    def claim_label(self, row_id: int, claimant: str) -> bool:
+        """Make a DFT_REQUESTED row LABELLING, held by ``claimant``; False if it is not
+        DFT_REQUESTED (labelled, or claimed, by another)."""
+        with self._transaction() as db:
+            if db.get(id=int(row_id)).get("status") != StructureStatus.DFT_REQUESTED:
+                return False
+            db.update(int(row_id), status=StructureStatus.LABELLING.value, label_claimed_by=claimant,
+                      label_claimed_at=time.time())
+            return True
+
+    def release_label(self, row_id: int, error: str | None = None) -> None:
+        """A LABELLING row back to DFT_REQUESTED, with why its label failed (if it did)."""
+        with self._transaction() as db:
+            if db.get(id=int(row_id)).get("status") != StructureStatus.LABELLING:
+                return
+            extra = {LABEL_ERROR_KEY: error[:500]} if error else {}
+            db.update(int(row_id), delete_keys=list(LABEL_CLAIM_KEYS), status=StructureStatus.DFT_REQUESTED.value,
+                      **extra)
 
     def ready_structures(self, status: str = StructureStatus.TRAINING_READY) -> "ReadyStructures":
         return ReadyStructures(self, status)

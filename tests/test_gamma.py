@@ -1,0 +1,149 @@
+"""Extrapolation grades (active/gamma.py): the batched pass gives the ASE calculator's gamma,
+structure by structure and atom by atom; a structure that cannot be scored is named and costs
+the rest of its batch nothing; the fast overlap check finds the pairs ASE's neighbour list finds."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+import pytest
+from ase import Atoms
+from ase.build import bulk
+
+from autopipec_hpc.active.gamma import OVERLAP_A, _closest_pair, _closest_pair_ase, unscorable
+
+ELEMENTS = ["Al", "Cu"]
+
+
+def _cell(rng, n: int, pbc, skew: float = 0.0) -> Atoms:
+    """n atoms of Al and Cu in a random, possibly skewed box of about 16 A^3 per atom, no two
+    closer than 1.8 A."""
+    lengths = (16.0 * n) ** (1 / 3) * rng.uniform(0.9, 1.2, 3)
+    cell = np.diag(lengths) + skew * rng.uniform(-1, 1, (3, 3)) * lengths[:, None]
+    atoms = Atoms(cell=cell, pbc=pbc)
+    while len(atoms) < n:
+        trial = atoms + Atoms(rng.choice(ELEMENTS), positions=[rng.uniform(0, 1, 3) @ cell], cell=cell, pbc=pbc)
+        if len(trial) < 2 or _closest_pair(trial, 1.8) is None:
+            atoms = trial
+    return atoms
+
+
+def _potential(folder: Path, rng) -> Path:
+    """A published-looking folder: an untrained two-element ACE potential (pyace's own basis;
+    gamma depends on the B-functions, not on their fitted coefficients), its active set from pace_activeset's own functions, a manifest."""
+    import pyace
+    import yaml
+    from pyace.activelearning import (compute_A_active_inverse, compute_active_set, compute_B_projections,
+                                      save_active_inverse_set)
+
+    from autopipec_hpc import registry
+    from autopipec_hpc.example_data import tiny_train_config
+    from autopipec_hpc.pacemaker.files import render_input
+
+    folder.mkdir(parents=True)
+    spec = yaml.safe_load(render_input(tiny_train_config(), ELEMENTS, ["-"], [], "pyace"))["potential"]
+    conf = pyace.create_multispecies_basis_config(spec)
+    conf.save(str(folder / registry.POTENTIAL_YAML))
+    basis = pyace.ACEBBasisSet(conf)
+    training = [_cell(rng, 12, True) for _ in range(12)]
+    active = compute_active_set(compute_B_projections(basis, training))
+    save_active_inverse_set(str(folder / registry.ACTIVE_SET), compute_A_active_inverse(active),
+                            elements_name=basis.elements_name)
+    manifest = registry.PotentialManifest(generation=1, elements=ELEMENTS, zbl_inner=1.0, zbl_outer=2.0,
+                                          reference_energies={e: 0.0 for e in ELEMENTS}, files=[],
+                                          published_at=0.0)
+    (folder / registry.MANIFEST).write_text(json.dumps(asdict(manifest)))
+    return folder
+
+
+@pytest.fixture(scope="module")
+def scorer(tmp_path_factory):
+    from autopipec_hpc.active.gamma import GammaScorer
+
+    return GammaScorer(_potential(tmp_path_factory.mktemp("gamma") / "1", np.random.default_rng(5)))
+
+
+def _candidates(rng) -> list[Atoms]:
+    """Two species interleaved in every order, 1 to 20 atoms, periodic (also skewed) and free."""
+    out = [_cell(rng, n, True, skew=0.3 * (n % 2)) for n in (1, 2, 5, 9, 20)]
+    out += [_cell(rng, n, False) for n in (2, 7)]
+    out.append(bulk("Cu", "fcc", a=3.61, cubic=True).repeat((2, 1, 1)))
+    rattled = out[-1].copy()
+    rattled.rattle(0.3, seed=3)
+    rattled.symbols[[0, 3, 4]] = "Al"
+    return out + [rattled]
+
+
+@pytest.mark.pacemaker
+def test_batched_gamma_is_the_calculators_gamma_atom_by_atom(scorer):
+    candidates = _candidates(np.random.default_rng(7))
+    batched = scorer.gammas(candidates)
+    assert len(batched) == len(candidates)
+    for atoms, grade in zip(candidates, batched):
+        alone = scorer.gamma(atoms)
+        assert grade.shape == (len(atoms),)
+        np.testing.assert_allclose(grade, alone, rtol=1e-8, atol=1e-12)
+    # the grades differ from structure to structure and atom to atom: the comparison can tell
+    every = np.concatenate(batched)
+    assert np.ptp(every) > 0.1 and len(np.unique(np.round(every, 6))) > len(every) // 2
+
+
+@pytest.mark.pacemaker
+def test_a_structure_that_cannot_be_scored_is_named_and_its_batch_is_still_scored(scorer):
+    from autopipec_hpc.active.gamma import score_batch
+
+    good = _candidates(np.random.default_rng(8))
+    overlap = good[3].copy()
+    overlap.positions[1] = overlap.positions[0] + [0.03, 0, 0]
+    nan = good[4].copy()
+    nan.positions[0, 2] = float("nan")
+    unknown = good[2].copy()
+    unknown.symbols[0] = "H"
+    mixed = good[1].copy()
+    mixed.pbc = [True, True, False]  # pyace's neighbour list takes fully periodic or free cells only
+    batch = [good[0], overlap, good[1], nan, unknown, good[5], mixed, good[6]]
+    scores = score_batch(scorer, batch)
+    assert len(scores) == len(batch)
+    assert scores[1].problem == "two atoms are 0.030 A apart (overlapping)" and scores[1].gamma is None
+    assert "NaN" in scores[3].problem and scores[3].gamma is None
+    assert scores[4].unknown == ["H"] and scores[4].gamma is None
+    assert scores[6].problem.startswith("scoring failed (") and scores[6].gamma is None
+    for k in (0, 2, 5, 7):
+        assert scores[k].problem is None and scores[k].unknown == []
+        np.testing.assert_allclose(scores[k].gamma, scorer.gamma(batch[k]), rtol=1e-8, atol=1e-12)
+
+
+def test_the_overlap_check_finds_the_closest_pair_ase_finds():
+    """Periodic, skewed, free and mixed cells, and cutoffs up to beyond half a cell: the
+    k-d tree over 27 images gives ASE's neighbour list's shortest distance, or None."""
+    rng = np.random.default_rng(11)
+    checked = found = 0
+    for k in range(40):
+        pbc = [[True] * 3, [False] * 3, [True, True, False], [True, False, True]][k % 4]
+        atoms = _cell(rng, 1 + k % 9, pbc, skew=0.4 * (k % 3 == 0))
+        atoms.rattle(0.8, seed=k)
+        # unwrapped, as MD frames are: atoms whole cells away along the periodic directions
+        atoms.positions += (rng.integers(-3, 4, (len(atoms), 3)) * atoms.pbc) @ atoms.cell.array
+        for cutoff in (OVERLAP_A, 1.0, 2.0, 2.6):
+            ours, ase = _closest_pair(atoms, cutoff), _closest_pair_ase(atoms, cutoff)
+            assert (ours is None) == (ase is None), (k, cutoff, ours, ase)
+            if ours is not None:
+                assert ours == pytest.approx(ase, abs=1e-9)
+                found += 1
+            checked += 1
+    assert found > checked // 4  # pairs are found, not only their absence
+
+
+def test_an_atom_next_to_its_own_image_overlaps():
+    """A periodic cell thinner than the overlap distance: the atom overlaps its own image
+    (ASE's answer, through the fallback); two atoms close across the cell boundary, one of
+    them two cells away, overlap; without periodicity they are far apart."""
+    thin = Atoms("Cu", positions=[[0, 0, 0]], cell=[3.0, 3.0, 0.05], pbc=True)
+    assert "0.050 A apart" in unscorable(thin)
+    across = Atoms("Cu2", positions=[[0.01, 1, 1], [2.96 + 6.0, 1, 1]], cell=[3.0, 3.0, 3.0], pbc=True)
+    assert "0.050 A apart" in unscorable(across)
+    across.pbc = False
+    assert unscorable(across) is None
