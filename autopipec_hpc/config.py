@@ -224,6 +224,10 @@ class PacemakerSetup(_Strict):
 class SiteConfig(_Strict):
     """Where and how the pipeline runs: one small YAML file per site."""
 
+    # `validate:` in YAML is the field `validate_job` (pydantic's BaseModel has a `validate`);
+    # run.json written by field name reads back too.
+    model_config = ConfigDict(**{**_Strict.model_config, "populate_by_name": True, "serialize_by_alias": True})
+
     name: str = "local"
     scheduler: Literal["local", "slurm"] = "local"
     work_dir: Path = Path("runs")
@@ -238,6 +242,17 @@ class SiteConfig(_Strict):
     evaluate: JobResources = JobResources()
     select: JobResources | None = Field(
         None, description="the `select` job (scoring candidates); default: the evaluate job's resources"
+    )
+    # The active-learning jobs beyond select; each defaults to the evaluation's resources.
+    explore: JobResources | None = Field(
+        None, description="each task of an exploration job array (MD on a potential); default: evaluate's"
+    )
+    label: JobResources | None = Field(
+        None, description="each task of a labelling job array (DFT); default: evaluate's"
+    )
+    validate_job: JobResources | None = Field(
+        None, alias="validate",
+        description="the validation job after the evaluation (properties, MD stability); default: evaluate's",
     )
     max_restarts: int = Field(2, ge=0, description="requeues after a time limit or preemption")
     signal_delay_s: int = Field(60, ge=5, description="SIGUSR2 this long before the time limit")
@@ -292,9 +307,15 @@ class SiteConfig(_Strict):
         potential and score structures on CPUs)."""
         return self.select or self.evaluate
 
+    def resources(self, role: str) -> JobResources:
+        """What a job of ``role`` asks for: its own section, else the evaluation's."""
+        own = {"train": self.train, "evaluate": self.evaluate, "select": self.select,
+               "explore": self.explore, "label": self.label, "validate": self.validate_job}[str(role)]
+        return own or self.evaluate
+
     def job_resources(self) -> dict[str, JobResources]:
         """Every job this site submits, by role, with the resources it asks for."""
-        return {"train": self.train, "evaluate": self.evaluate, "select": self.select_resources}
+        return {role: self.resources(role) for role in ("train", "evaluate", "select", "explore", "label", "validate")}
 
     @classmethod
     def from_yaml(cls, path: str | Path | None) -> "SiteConfig":

@@ -88,6 +88,9 @@ class JobRole(StrEnum):
     TRAIN = "train"
     EVALUATE = "evaluate"
     SELECT = "select"
+    EXPLORE = "explore"
+    LABEL = "label"
+    VALIDATE = "validate"
 
 
 class Strategy(StrEnum):

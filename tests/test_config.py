@@ -138,7 +138,11 @@ def test_the_select_job_asks_for_the_evaluation_resources_unless_the_site_says(t
     assert site.select is None and site.select_resources == site.evaluate
     site = SiteConfig.from_yaml(write(tmp_path, "evaluate:\n  partition: cpu\nselect:\n  partition: big\n  cpus: 8\n"))
     assert (site.select_resources.partition, site.select_resources.cpus) == ("big", 8)
-    assert list(site.job_resources()) == ["train", "evaluate", "select"]
+    assert list(site.job_resources()) == ["train", "evaluate", "select", "explore", "label", "validate"]
+    site = SiteConfig.from_yaml(write(tmp_path, "evaluate:\n  cpus: 3\nvalidate:\n  cpus: 2\nlabel:\n  cpus: 4\n"))
+    assert [site.resources(r).cpus for r in ("explore", "label", "validate")] == [3, 4, 2]
+    # run.json round trip: `validate:` by its YAML name
+    assert SiteConfig.model_validate_json(site.model_dump_json()) == site
     with pytest.raises(ConfigError, match="select.cpus"):
         SiteConfig.from_yaml(write(tmp_path, "select:\n  cpus: 0\n"))
 

@@ -207,6 +207,15 @@ class Scheduler(Protocol):
         once that job COMPLETED (it ends without running ``fn`` if that job did not)."""
         ...
 
+    def submit_array(self, fn: Callable[..., Any], tasks: Sequence[tuple[Any, ...]], *, folder: JobFolder,
+                     role: JobRole, name: str, resources: JobResources, max_parallel: int | None = None,
+                     after: SubmittedJob | None = None) -> list[SubmittedJob]:
+        """Run ``fn(*task)`` for each of ``tasks`` as one job array (on SLURM ``--array``,
+        at most ``max_parallel`` at once; locally one process each), every task named
+        ``name`` and followed as its own ``SubmittedJob`` (SLURM ids ``ARRAY_TASK``), in
+        the order of ``tasks``. A task that dies loses only its own work."""
+        ...
+
     def states(self, jobs: Sequence[SubmittedJob]) -> list[JobState]:
         """The jobs' states, from the watcher (one batched query where one is due)."""
         ...

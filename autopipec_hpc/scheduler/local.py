@@ -189,6 +189,14 @@ class LocalScheduler:
                                  role=role, name=name, time_minutes=minutes)
         return self.watcher.follow(submitted)
 
+    def submit_array(self, fn: Callable[..., Any], tasks: Sequence[tuple[Any, ...]], *, folder: JobFolder,
+                     role: JobRole, name: str, resources: JobResources, max_parallel: int | None = None,
+                     after: SubmittedJob | None = None) -> list[SubmittedJob]:
+        """One local job per task, all started at once (``max_parallel`` is SLURM's: callers
+        size the array for this machine)."""
+        return [self.submit(fn, *task, folder=folder, role=role, name=name, resources=resources, after=after)
+                for task in tasks]
+
     def states(self, jobs: Sequence[SubmittedJob]) -> list[JobState]:
         return self.watcher.states(jobs)
 

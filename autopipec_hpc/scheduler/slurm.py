@@ -13,6 +13,7 @@ error, never a hang. The scripts that ran are kept in the job's folder
 
 from __future__ import annotations
 
+import re
 import shlex
 import shutil
 import subprocess
@@ -70,15 +71,33 @@ def parse_sacct(out: str, jobs: Sequence[SubmittedJob]) -> dict[SubmittedJob, Jo
         fields = line.strip().split("|")
         if len(fields) < 3 or not fields[0]:
             continue
-        job_id, name, state = fields[0], "|".join(fields[1:-1]), fields[-1]
+        name, state = "|".join(fields[1:-1]), fields[-1]
         word = state.split()[0].rstrip("+") if state.split() else ""
-        rows[(job_id, name)] = word  # the last row of a pair is the newest
-        by_id[job_id] = word
+        for job_id in _array_task_ids(fields[0]):
+            rows[(job_id, name)] = word  # the last row of a pair is the newest
+            by_id[job_id] = word
     found = {}
     for job in jobs:
         word = rows.get((job.job_id, job.name)) if job.name else by_id.get(job.job_id)
         found[job] = STATE_MAP.get(word, JobState.UNKNOWN) if word else JobState.UNKNOWN
     return found
+
+
+_ARRAY_ROW = re.compile(r"^(\d+)_\[([0-9,\-]+)(%\d+)?\]$")
+
+
+def _array_task_ids(job_id: str) -> list[str]:
+    """The ids a sacct row stands for: itself, or each task of an array's tasks that have
+    not started, which sacct lists as one row ``ARRAY_[0-3,5%2]``."""
+    match = _ARRAY_ROW.match(job_id)
+    if not match:
+        return [job_id]
+    ids = []
+    for part in match.group(2).split(","):
+        low, _, high = part.partition("-")
+        if low.isdigit() and (not high or high.isdigit()):
+            ids.extend(f"{match.group(1)}_{k}" for k in range(int(low), int(high or low) + 1))
+    return ids
 
 
 def sacct_states(jobs: Sequence[SubmittedJob]) -> dict[SubmittedJob, JobState]:
@@ -202,6 +221,26 @@ class SlurmScheduler:
         submitted = SubmittedJob(scheduler=self.name, folder=str(folder.submitit_dir), job_id=str(job.job_id),
                                  role=role, name=name, time_minutes=resources.time_minutes)
         return self.watcher.follow(submitted)
+
+    def submit_array(self, fn: Callable[..., Any], tasks: Sequence[tuple[Any, ...]], *, folder: JobFolder,
+                     role: JobRole, name: str, resources: JobResources, max_parallel: int | None = None,
+                     after: SubmittedJob | None = None) -> list[SubmittedJob]:
+        """One ``sbatch --array`` (submitit's batch): task k runs ``fn(*tasks[k])``."""
+        if not tasks:
+            return []
+        extra = {} if after is None else {"dependency": f"afterok:{after.job_id}", "kill-on-invalid-dep": "yes"}
+        executor = self._executor(folder.submitit_dir, name, role, folder.path, resources, extra)
+        if max_parallel:
+            executor.update_parameters(array_parallelism=max_parallel)
+        body = stoppable(fn)
+        with executor.batch():
+            jobs = [executor.submit(body, *task) for task in tasks]
+        shutil.copy2(jobs[0].paths.submission_file, folder.job_script(role))
+        submitted = [SubmittedJob(scheduler=self.name, folder=str(folder.submitit_dir), job_id=str(job.job_id),
+                                  role=role, name=name, time_minutes=resources.time_minutes) for job in jobs]
+        for job in submitted:
+            self.watcher.follow(job)
+        return submitted
 
     def states(self, jobs: Sequence[SubmittedJob]) -> list[JobState]:
         return self.watcher.states(jobs)
