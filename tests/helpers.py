@@ -83,7 +83,7 @@ def ci_site(root: Path, **changes) -> SiteConfig:
     base.update(work_dir=str(root / "runs"), output_dir=str(root / "output"), database=str(root / "structures.db"))
     for key, value in changes.items():
         if isinstance(value, dict):
-            base[key] = {**base[key], **value}
+            base[key] = {**(base.get(key) or {}), **value}
         else:
             base[key] = value
     return SiteConfig.model_validate(base)
