@@ -147,3 +147,37 @@ def test_an_atom_next_to_its_own_image_overlaps():
     assert "0.050 A apart" in unscorable(across)
     across.pbc = False
     assert unscorable(across) is None
+
+
+@pytest.mark.pacemaker
+def test_the_d_optimal_choice_on_the_scorers_projections_is_pace_selects(scorer, tmp_path):
+    """The chooser reuses the projections computed for gamma; it must choose exactly what
+    pace_select's body (``select_structures_maxvol``, which computes them again) chooses,
+    in the same order, chunk by chunk as select offers them."""
+    import pandas as pd
+    from pyace import BBasisConfiguration
+    from pyace.activelearning import compute_A_active_inverse, load_active_inverse_set
+    from pyace.aceselect import select_structures_maxvol
+
+    from autopipec_hpc import registry
+    from autopipec_hpc.active.gamma import score_batch
+    from autopipec_hpc.active.selection import _DOptimalChooser
+
+    rng = np.random.default_rng(11)
+    candidates = [_cell(rng, n, True) for n in (3, 6, 8, 10, 12, 14) * 3]
+    folder = scorer.folder
+    chooser = _DOptimalChooser(folder, max_select=5)
+    bconf = BBasisConfiguration(str(folder / registry.POTENTIAL_YAML))
+    extra = compute_A_active_inverse(load_active_inverse_set(str(folder / registry.ACTIVE_SET)))
+    kept: list[tuple[int, Atoms]] = []
+    for start in (0, 9):  # two chunks, as select offers a page at a time
+        chunk = list(enumerate(candidates))[start:start + 9]
+        scores = score_batch(scorer, [a for _, a in chunk], with_projections=True)
+        chooser.offer([(k, len(a), float(s.gamma.max()), s.projections) for (k, a), s in zip(chunk, scores)])
+        pool = kept + chunk
+        df = pd.DataFrame({"row_id": [k for k, _ in pool], "ase_atoms": [a for _, a in pool]})
+        chosen = select_structures_maxvol(df, bconf, extra_A0_projections_dict={st: a.copy() for st, a in extra.items()},
+                                          batch_size_option="none", max_structures=5, verbose=False)
+        kept = [(int(k), a) for k, a in zip(chosen["row_id"], chosen["ase_atoms"])]
+        assert [k for k, *_ in chooser.kept] == [k for k, _ in kept]
+    assert len(kept) == 5

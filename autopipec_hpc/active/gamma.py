@@ -87,6 +87,8 @@ class Score:
     unknown: list[str] = field(default_factory=list)
     problem: str | None = None
     gamma: np.ndarray | None = None  # per atom, in the structure's atom order
+    # {species type: B-projections of its atoms}, where the caller asked for them (D-optimal)
+    projections: dict[int, np.ndarray] | None = None
 
 
 class GammaScorer:
@@ -96,6 +98,7 @@ class GammaScorer:
         from pyace import ACEBBasisSet, BBasisConfiguration, PyACECalculator
         from pyace.activelearning import load_active_inverse_set
 
+        self.folder = folder
         self.elements = set(registry.read_manifest(folder).elements)
         yaml_file, asi_file = folder / registry.POTENTIAL_YAML, folder / registry.ACTIVE_SET
         try:
@@ -120,8 +123,10 @@ class GammaScorer:
         atoms.get_potential_energy()
         return np.asarray(self.calc.results["gamma"], dtype=float)
 
-    def gammas(self, batch: list) -> list[np.ndarray]:
+    def gammas(self, batch: list, with_projections: bool = False) -> list:
         """Per-atom gamma of every structure of ``batch``, in one pass of pyace's batch API.
+        With ``with_projections``, each as ``(gamma, {species type: B-projections})``: the
+        rows a D-optimal choice needs, so that it never computes them a second time.
         Raises what pyace raises if any structure of the batch cannot be evaluated."""
         from pyace.activelearning import compute_B_projections
 
@@ -130,18 +135,22 @@ class GammaScorer:
         projections, owner = compute_B_projections(self.basis, list(batch), return_structure_ind_dict=True)
         index = self.basis.elements_to_index_map
         out = [np.empty(len(atoms)) for atoms in batch]
+        own: list[dict[int, np.ndarray]] = [{} for _ in batch]
         for st, proj in projections.items():
             if not len(proj):
                 continue
             grade = np.abs(proj @ self.inverse[st]).max(axis=1)
             # pyace lists a species' atoms structure by structure, each in its atom order.
             for s in np.unique(owner[st]):
+                rows = owner[st] == s
                 mask = np.array([index[e] == st for e in batch[s].get_chemical_symbols()])
-                out[s][mask] = grade[owner[st] == s]
-        return out
+                out[s][mask] = grade[rows]
+                if with_projections:
+                    own[int(s)][int(st)] = proj[rows]
+        return list(zip(out, own)) if with_projections else out
 
 
-def score_batch(scorer: GammaScorer, batch: list) -> list[Score]:
+def score_batch(scorer: GammaScorer, batch: list, with_projections: bool = False) -> list[Score]:
     """Every structure of ``batch`` checked and scored (one ``Score`` each, same order).
     Structures with unknown elements or that ``unscorable`` names are left out of the
     batched pass; if pyace still fails on the rest, each is scored alone, so that only
@@ -155,24 +164,32 @@ def score_batch(scorer: GammaScorer, batch: list) -> list[Score]:
             if scores[k].problem is None:
                 ready.append(k)
     try:
-        grades = scorer.gammas([batch[k] for k in ready])
+        grades = _grades(scorer, [batch[k] for k in ready], with_projections)
     except JobStopped:  # a cancelled select ends now, not after scoring on
         raise
     except Exception:  # pyace raises what its C++ meets: find the structure at fault
         grades = []
         for k in ready:
             try:
-                grades.extend(scorer.gammas([batch[k]]))
+                grades.extend(_grades(scorer, [batch[k]], with_projections))
             except JobStopped:
                 raise
             except Exception as exc:
                 grades.append(None)
                 scores[k].problem = f"scoring failed ({one_line(exc)[:160]})"
-    for k, g in zip(ready, grades):
-        if g is None:
+    for k, grade in zip(ready, grades):
+        if grade is None:
             continue
+        g, projections = grade
         if not np.all(np.isfinite(g)):
             scores[k].problem = "its extrapolation grade is not finite"
         else:
-            scores[k].gamma = g
+            scores[k].gamma, scores[k].projections = g, projections
     return scores
+
+
+def _grades(scorer: GammaScorer, batch: list, with_projections: bool) -> list:
+    """(gamma, projections or None) per structure: stand-in scorers of tests know only gammas."""
+    if with_projections:
+        return scorer.gammas(batch, with_projections=True)
+    return [(g, None) for g in scorer.gammas(batch)]

@@ -145,38 +145,52 @@ def _batches(rows: Iterator[Any], size: int) -> Iterator[list[Any]]:
 
 class _DOptimalChooser:
     """At most M structures by D-optimality with the existing active set, chunk by chunk:
-    each chunk is offered to pace_select's MaxVol together with the structures kept so far."""
+    each chunk is offered to pace_select's MaxVol (``compute_active_set``, with the same
+    tolerance, iterations and ranking as ``select_structures_maxvol``) together with the
+    structures kept so far, on the B-projections the scorer already computed: pace_select's
+    own path would compute every candidate's projections a second time."""
+
+    TOLERANCE = 1.01  # select_structures_maxvol's gamma_tolerance
+    MAXVOL_ITERS = 300
 
     def __init__(self, folder: Path, max_select: int) -> None:
-        from pyace import BBasisConfiguration
         from pyace.activelearning import compute_A_active_inverse, load_active_inverse_set
 
         try:
-            self.bconf = BBasisConfiguration(str(folder / registry.POTENTIAL_YAML))
             self.extra = compute_A_active_inverse(load_active_inverse_set(str(folder / registry.ACTIVE_SET)))
         except Exception as exc:
-            raise SelectionError(f"{folder}: its potential or active set cannot be read ({one_line(exc)[:160]})") from None
+            raise SelectionError(f"{folder}: its active set cannot be read ({one_line(exc)[:160]})") from None
         self.max_select = max_select
-        self.kept: list[tuple[int, Any, float]] = []  # (row id, atoms, max gamma)
+        # (row id, atoms, max gamma, {species type: B-projections})
+        self.kept: list[tuple[int, int, float, dict[int, np.ndarray]]] = []
 
-    def offer(self, chunk: list[tuple[int, Any, float]]) -> None:
-        import pandas as pd
-        from pyace.aceselect import select_structures_maxvol
+    def offer(self, chunk: list[tuple[int, int, float, dict[int, np.ndarray]]]) -> None:
+        from collections import Counter
+
+        from pyace.activelearning import compute_active_set
 
         pool = self.kept + chunk
         if not pool:
             return
-        gmax = {row_id: g for row_id, _, g in pool}
-        df = pd.DataFrame({"row_id": [p[0] for p in pool], "ase_atoms": [p[1] for p in pool]})
-        extra = {st: a.copy() for st, a in self.extra.items()}
-        chosen = select_structures_maxvol(df, self.bconf, extra_A0_projections_dict=extra, batch_size_option="none",
-                                          max_structures=self.max_select, verbose=False)
-        self.kept = [(int(r), a, gmax[int(r)]) for r, a in zip(chosen["row_id"], chosen["ase_atoms"])]
+        projections, owner = {}, {}
+        for st, active in self.extra.items():
+            mine = [(k, p[3][st]) for k, p in enumerate(pool) if st in p[3]]
+            projections[st] = np.vstack([rows for _, rows in mine]) if mine else np.empty((0, active.shape[1]))
+            owner[st] = np.concatenate([np.full(len(rows), k) for k, rows in mine]) if mine else np.empty(0)
+        _, chosen_by_species = compute_active_set(
+            projections, owner, tol=self.TOLERANCE, max_iters=self.MAXVOL_ITERS,
+            extra_A0_projections_dict={st: a.copy() for st, a in self.extra.items()})
+        # pace_select's ranking: structures by how many active-set rows they hold (-1: the old set).
+        count: Counter = Counter()
+        for chosen in chosen_by_species.values():
+            count.update(chosen)
+        order = [int(k) for k, _ in count.most_common() if k != -1][: self.max_select]
+        self.kept = [pool[k] for k in order]
 
     def ranked(self) -> list[tuple[int, int]]:
         """(row id, atoms) of the structures kept, the most extrapolative first: the order
         an atoms budget takes them in."""
-        return [(row_id, len(atoms)) for row_id, atoms, _ in sorted(self.kept, key=lambda k: (-k[2], k[0]))]
+        return [(row_id, n) for row_id, n, _, _ in sorted(self.kept, key=lambda k: (-k[2], k[0]))]
 
 
 def within_atoms(ranked: list[tuple[int, int]], max_atoms: int | None) -> list[int]:
@@ -238,7 +252,8 @@ def _select(db: DatabaseManager, request: SelectionRequest, claim: SelectionClai
         updates, chunk = [], []
         structures = [row.toatoms() for row in rows]
         # One batched pass per batch (gamma.py); one row that cannot be scored never ends the step.
-        for row, atoms, score in zip(rows, structures, score_batch(scorer, structures)):
+        scores = score_batch(scorer, structures, with_projections=chooser is not None)
+        for row, atoms, score in zip(rows, structures, scores):
             if score.unknown:
                 skipped[row.id] = score.unknown
                 continue
@@ -262,7 +277,7 @@ def _select(db: DatabaseManager, request: SelectionRequest, claim: SelectionClai
             elif strategy != Strategy.RANDOM:
                 continue
             if chooser is not None:
-                chunk.append((row.id, atoms, gmax))
+                chunk.append((row.id, len(atoms), gmax, score.projections))
             else:
                 key = gmax if strategy == Strategy.TOP_GAMMA else float(rng.random())
                 # The best keys, as many as could ever be chosen (an atoms budget takes a prefix).
