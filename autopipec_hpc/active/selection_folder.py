@@ -108,7 +108,7 @@ class SelectionRequest:
     max_select: int = 20
     gamma_min: float = 1.0
     strategy: Strategy = Strategy.D_OPTIMAL
-    batch: int = 200
+    batch: int = 500
     seed: int = 0
     out_dir: Path | None = None
     max_atoms: int | None = None  # a budget in atoms: DFT cost follows atoms, not structures

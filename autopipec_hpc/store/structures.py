@@ -22,7 +22,7 @@ from ase.calculators.singlepoint import SinglePointCalculator
 
 from autopipec_hpc.errors import ImportDataError
 from autopipec_hpc.frames import carried_labels, labels_of, read_frames
-from autopipec_hpc.store.database import Database, _clean_value
+from autopipec_hpc.store.database import Database, _clean_value, index_row_ids, is_url
 
 # The marker row of a `select` run (active/selection.py): a record written with the rows it changed.
 SELECTION_RECORD = "selection"
@@ -253,7 +253,10 @@ class StructureRows(Database):
         )
 
     def update_rows(self, updates: Sequence[tuple[int, dict[str, Any]]]) -> None:
-        """Key-value updates of several rows in one transaction."""
+        """Key-value updates of several rows in one transaction (on SQLite, with ase's key
+        tables indexed by row first: ``database.index_row_ids``)."""
+        if updates and not is_url(self.target):
+            index_row_ids(Path(self.target))
         with self._transaction() as db:
             for row_id, values in updates:
                 clean = {k: _clean_value(v) for k, v in values.items()}
