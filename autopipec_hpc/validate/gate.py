@@ -21,12 +21,12 @@ def verdict(report: ValidationReport, settings: ValidationConfig) -> list[str]:
             failed.append(f"{where} {prop}: {why}")
         eos = e.eos
         if eos is not None and eos.reference is not None:
-            if gates.a0_tolerance is not None:
+            if gates.a0_tolerance:
                 mine, ref, name = (eos.a0, eos.ref_a0, "a0") if eos.a0 and eos.ref_a0 else (eos.v0, eos.ref_v0, "V0")
                 if ref is not None and _relative(mine, ref) > gates.a0_tolerance:
                     failed.append(f"{where} {name} {mine:.4g} vs {ref:.4g} ({eos.reference}): off by "
                                   f"{100 * _relative(mine, ref):.1f} % > {100 * gates.a0_tolerance:g} %")
-            if gates.b0_tolerance is not None and eos.ref_b0_gpa is not None:
+            if gates.b0_tolerance and eos.ref_b0_gpa is not None:
                 off = _relative(eos.b0_gpa, eos.ref_b0_gpa)
                 if off > gates.b0_tolerance:
                     failed.append(f"{where} B0 {eos.b0_gpa:.1f} vs {eos.ref_b0_gpa:.1f} GPa ({eos.reference}): off by "
@@ -39,7 +39,7 @@ def verdict(report: ValidationReport, settings: ValidationConfig) -> list[str]:
         if gates.md_stable and e.md_failure:
             failed.append(f"{where} hot MD at {e.md_temperature_k:.0f} K: {e.md_failure}")
         drift = e.md_nve_drift_mev_per_atom_ps
-        if gates.md_max_drift_mev_per_atom_ps is not None and drift is not None \
+        if gates.md_max_drift_mev_per_atom_ps and drift is not None \
                 and abs(drift) > gates.md_max_drift_mev_per_atom_ps:
             failed.append(f"{where} NVE drift {drift:.2f} meV/atom/ps > {gates.md_max_drift_mev_per_atom_ps:g}")
     if gates.dimer_repulsive:

@@ -144,3 +144,23 @@ def previous_report(potentials_root: Path, generation: int) -> ValidationReport 
         if report is not None:
             return report
     return None
+
+
+def validate_potential(folder: Path, dataset_paths: Sequence[Path], elements: Sequence[str], cutoff: float,
+                       settings: ValidationConfig, generation: int, output_dir: Path) -> ValidationReport:
+    """The validation of a published or staged potential folder (``registry.load_calculator``:
+    ACE + ZBL + reference energies, the deployed model), on the ground states of its dataset;
+    the report and its figure are written into ``folder``."""
+    from autopipec_hpc import registry
+    from autopipec_hpc.physics import ZBLCalculator
+    from autopipec_hpc.validate.reference import ground_states, read_dataset
+    from autopipec_hpc.validate.report import PLOT, plot
+
+    manifest = registry.read_manifest(folder)
+    states = ground_states(read_dataset(dataset_paths), settings.eos_reference)
+    report = validate(registry.load_calculator(folder), states, elements, settings, generation, cutoff,
+                      zbl=ZBLCalculator(manifest.zbl_inner, manifest.zbl_outer),
+                      previous=previous_report(registry.potentials_root(output_dir), generation))
+    report.save(folder)
+    plot(report, Path(folder) / PLOT)
+    return report

@@ -7,7 +7,7 @@ energy. Each gate is turned off by ``false`` (or ``null``).
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
@@ -19,25 +19,29 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
-class ValidationGates(_Strict):
-    """What fails a generation. ``false`` or ``null`` turns one gate off; the property is
-    still computed and reported."""
+# A tolerance, or false: the gate is off.
+Tolerance = Annotated[float, Field(gt=0)] | Literal[False]
 
-    a0_tolerance: float | None = Field(0.01, gt=0, description="lattice constant vs the EOS reference, relative")
-    b0_tolerance: float | None = Field(0.10, gt=0, description="bulk modulus vs the EOS reference, relative")
+
+class ValidationGates(_Strict):
+    """What fails a generation. ``false`` (or ``null``) turns one gate off; the property is
+    still computed and reported. Off is stored as false, so a dump without nulls keeps it off."""
+
+    a0_tolerance: Tolerance = Field(0.01, description="lattice constant vs the EOS reference, relative")
+    b0_tolerance: Tolerance = Field(0.10, description="bulk modulus vs the EOS reference, relative")
     elastic_stability: bool = Field(True, description="Born criteria of every cubic ground state")
     dimer_repulsive: bool = Field(True, description="every dimer repulsive below its minimum and at the check distance")
     vacancy_positive: bool = Field(True, description="a positive vacancy formation energy")
     md_stable: bool = Field(True, description="hot MD and quench: no fused pair, no NaN, no temperature blow-up")
-    md_max_drift_mev_per_atom_ps: float | None = Field(
-        None, gt=0, description="NVE energy drift, |meV/atom/ps|; None: reported only")
+    md_max_drift_mev_per_atom_ps: Tolerance = Field(
+        False, description="NVE energy drift, |meV/atom/ps|; false: reported only")
 
     @field_validator("a0_tolerance", "b0_tolerance", "md_max_drift_mev_per_atom_ps", mode="before")
     @classmethod
     def _false_is_off(cls, value: Any) -> Any:
         if value is True:
             raise ValueError("give a tolerance (a number), or false to turn this gate off")
-        return None if value is False else value
+        return False if value is None else value
 
 
 class ValidationConfig(_Strict):
