@@ -7,7 +7,7 @@ energy. Each gate is turned off by ``false`` (or ``null``).
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
@@ -19,8 +19,8 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
-# A tolerance, or false: the gate is off.
-Tolerance = Annotated[float, Field(gt=0)] | Literal[False]
+# A tolerance (> 0, checked below), or false: the gate is off.
+Tolerance = float | Literal[False]
 
 
 class ValidationGates(_Strict):
@@ -39,9 +39,11 @@ class ValidationGates(_Strict):
     @field_validator("a0_tolerance", "b0_tolerance", "md_max_drift_mev_per_atom_ps", mode="before")
     @classmethod
     def _false_is_off(cls, value: Any) -> Any:
-        if value is True:
-            raise ValueError("give a tolerance (a number), or false to turn this gate off")
-        return False if value is None else value
+        if value is None or value is False:
+            return False
+        if value is True or (isinstance(value, (int, float)) and not value > 0):
+            raise ValueError(f"must be a tolerance above 0, or false to turn this gate off; got {value!r}")
+        return value
 
 
 class ValidationConfig(_Strict):
