@@ -140,3 +140,44 @@ def test_a_rejected_generation_stops_the_loop_with_its_line(tmp_path):
     assert db.update_record(generation, run_dir, RecordState.SUCCEEDED) is False  # final: forward only
     step = next_step(db, generations=3)
     assert step.action == LoopAction.REJECTED and "fused atoms at step 40" in step.describe()
+
+
+@pytest.mark.slow
+@pytest.mark.pacemaker
+def test_a_toy_fit_is_rejected_by_name_nothing_published_and_the_loop_stops(tmp_path, example_db, local_site):
+    """20 iterations of 16 functions: trained and evaluated, then REJECTED by its validation
+    job, the failed properties in the record's one line; no potential, not even a staged one."""
+    import json
+    from pathlib import Path
+
+    from autopipec_hpc.active.loop import next_step
+    from autopipec_hpc.errors import ValidationRejectedError
+    from autopipec_hpc.example_data import tiny_train_config
+    from autopipec_hpc.generation import Generation
+    from autopipec_hpc.registry import potentials_root
+    from autopipec_hpc.states import JobRole, JobState
+    from autopipec_hpc.store import DatabaseManager
+    from autopipec_hpc.submission import submit_generation
+    from tests.helpers import run_cli
+
+    site = local_site()
+    quick = ValidationConfig(supercell_atoms=32, md_steps=200, md_nve_steps=20, md_quench_steps=20)
+    config = tiny_train_config().model_copy(update={"validation": quick, "max_energy_rmse_mev": 1e5,
+                                                    "max_force_rmse_mev": 1e6})
+    sub = submit_generation(example_db, site, config)
+    assert sub.jobs.validate_job is not None and sub.jobs.validate_job.role == JobRole.VALIDATE
+    generation = Generation.open(sub.spec.run_dir)
+    with pytest.raises(ValidationRejectedError, match="REJECTED, not published: validation failed: "):
+        generation.wait(900)
+    record = generation.record()
+    report = json.loads((Path(sub.spec.run_dir) / "validation" / "validation.json").read_text())
+    assert record.status == RecordState.REJECTED and report["failures"]
+    assert record.reason == "validation failed: " + "; ".join(report["failures"])
+    assert record.validation == "; ".join(report["failures"]) and record.validation_a0 is not None
+    assert record.test_energy_rmse_mev is not None and record.potential_path is None  # evaluated, never published
+    assert generation.job_states()[JobRole.VALIDATE] == JobState.COMPLETED  # a verdict, not a crash
+    assert not any(potentials_root(site.output_dir).iterdir()), "something was published or left staged"
+    step = next_step(DatabaseManager(example_db), generations=2)
+    assert step.action == LoopAction.REJECTED and report["failures"][0] in step.describe()
+    shown = run_cli("results", "--generation", "1", "--db", example_db)
+    assert shown.returncode == 0 and "generation 1 validation" in shown.stdout and "REJECTED" in shown.stdout

@@ -18,16 +18,22 @@ from ase.calculators.calculator import Calculator
 
 from autopipec_hpc.validate.properties import pair_radius
 
-# Empirical: T_m ~ 0.032 E_coh / k_B within about 25 % for the metals (Cu 1,300 K for 1,358;
-# W 3,300 K for 3,695); clamped so that a potential with a wild atom energy still runs.
-MELTING_PER_COHESIVE = 0.032
+# Empirical (Lindemann-like): k_B T_m ~ 0.011 B0 V0, within about 20 % for Cu (1,315 K for
+# 1,358), Al, Fe, Ni, W and Si, a factor 2 for Na and Pb. From the potential's own EOS, not its
+# isolated-atom energy: with reference energies fitted by least squares (the default) that
+# energy means nothing. Clamped, so that a potential with a wild EOS still runs.
+MELTING_PER_BV = 0.011
 MELTING_CLAMP_K = (300.0, 5000.0)
+MELTING_FALLBACK_K = 1000.0  # where the EOS could not be fitted (the gate fails it anyway)
 TRACE_EVERY = 10
 
 
-def melting_estimate(cohesive_ev: float) -> float:
-    t = MELTING_PER_COHESIVE * cohesive_ev / units.kB
-    return float(min(max(t, MELTING_CLAMP_K[0]), MELTING_CLAMP_K[1])) if math.isfinite(t) else MELTING_CLAMP_K[0]
+def melting_estimate(b0_gpa: float | None, v0: float | None) -> float:
+    """T_m in K from the bulk modulus (GPa) and the volume per atom (A^3)."""
+    if b0_gpa is None or v0 is None:
+        return MELTING_FALLBACK_K
+    t = MELTING_PER_BV * b0_gpa * units.GPa * v0 / units.kB
+    return float(min(max(t, MELTING_CLAMP_K[0]), MELTING_CLAMP_K[1])) if math.isfinite(t) else MELTING_FALLBACK_K
 
 
 @dataclass

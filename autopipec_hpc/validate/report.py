@@ -43,7 +43,6 @@ class ElementResult(_Model):
     c44_gpa: float | None = None
     born_stable: bool | None = None
     vacancy_ev: float | None = None
-    cohesive_ev: float | None = None
     md_temperature_k: float | None = None
     md_failure: str | None = None  # "" stable; None: not run
     md_min_distance: float | None = None

@@ -14,7 +14,6 @@ from itertools import combinations_with_replacement
 from pathlib import Path
 
 import numpy as np
-from ase import Atoms
 from ase.calculators.calculator import Calculator
 
 from autopipec_hpc.errors import PropertyError
@@ -29,13 +28,6 @@ log = logging.getLogger(__name__)
 
 # What a bad potential may raise while a property is computed: recorded, not a crash.
 PROPERTY_FAILURES = (PropertyError, ArithmeticError, ValueError, np.linalg.LinAlgError)
-
-
-def _isolated_atom_energy(element: str, calc: Calculator) -> float:
-    atoms = Atoms(element, cell=[20.0, 20.0, 20.0], pbc=False)
-    atoms.center()
-    atoms.calc = calc
-    return float(atoms.get_potential_energy())
 
 
 def _eos(state: GroundState, calc: Calculator, settings: ValidationConfig,
@@ -87,13 +79,12 @@ def validate_element(state: GroundState, calc: Calculator, settings: ValidationC
         updates["vacancy_ev"] = props.vacancy_formation_energy(big, calc)
     except PROPERTY_FAILURES as exc:
         errors["vacancy"] = str(exc)
-    e0 = updates["eos"].e0 if "eos" in updates else props.energy_per_atom(bulk_cell, calc)
-    cohesive = _isolated_atom_energy(state.element, calc) - e0
-    temperature = settings.md_temperature_k or 2 * melting_estimate(cohesive)
+    eos = updates.get("eos")
+    temperature = settings.md_temperature_k or 2 * melting_estimate(eos.b0_gpa if eos else None, v0 if eos else None)
     md = md_stability(big, calc, temperature, settings.md_steps, settings.md_nve_steps, settings.md_quench_steps,
                       settings.md_timestep_fs, settings.md_fused_fraction, settings.md_blowup_factor, settings.seed)
     updates.update(
-        cohesive_ev=cohesive if np.isfinite(cohesive) else None, md_temperature_k=temperature,
+        md_temperature_k=temperature,
         md_failure=md.failure, md_min_distance=md.min_distance if np.isfinite(md.min_distance) else None,
         md_fused_threshold=md.fused_threshold, md_quench_min_distance=md.quench_min_distance,
         md_nve_drift_mev_per_atom_ps=md.nve_drift_mev_per_atom_ps, md_time_ps=md.time_ps,

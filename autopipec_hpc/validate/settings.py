@@ -1,8 +1,8 @@
 """The ``validation:`` section of the training config: what is computed, and the gates.
 
 Defaults make sense for any elements: distances that depend on the pair scale with
-the sum of covalent radii, the MD temperature with the potential's own cohesive
-energy. Each gate is turned off by ``false`` (or ``null``).
+the sum of covalent radii, the MD temperature with the potential's own B0 V0 (a
+melting estimate). Each gate is turned off by ``false`` (or ``null``).
 """
 
 from __future__ import annotations
@@ -62,7 +62,7 @@ class ValidationConfig(_Strict):
     dimer_min_energy_ev: float = Field(0.0, description="the dimer energy at the check distance, above the free atoms")
     supercell_atoms: int = Field(100, ge=8, le=5000, description="vacancy and MD supercells: at least this many atoms")
     md_temperature_k: float | None = Field(
-        None, gt=0, description="hot NVT temperature; None: twice the melting estimate from the cohesive energy")
+        None, gt=0, description="hot NVT temperature; None: twice the melting estimate, k_B T_m = 0.011 B0 V0")
     md_steps: int = Field(1000, ge=10, description="hot NVT (Langevin) steps")
     md_nve_steps: int = Field(200, ge=10, description="NVE steps after the hot run, for the energy drift")
     md_quench_steps: int = Field(200, ge=1, description="quench: at most this many FIRE steps")
