@@ -104,8 +104,8 @@ def main() -> None:
           f"{e['md_fused_threshold']:.2f}: {'MET' if not e['md_failure'] else 'NOT MET'}), "
           f"NVE drift {e['md_nve_drift_mev_per_atom_ps']} meV/atom/ps")
     for d in report["dimers"]:
-        print(f"dimer {d['pair']}: minimum at {d['r_min']:.2f} A, {d['energy_at_check']:.1f} eV at "
-              f"{d['check_distance']:.2f} A, repulsive below its minimum: {d['monotonic_below_min']}")
+        print(f"dimer {d['pair']}: first minimum at {d['r_min']:.2f} A (no closer than {d['min_floor']:.2f}: "
+              f"{d['repulsive']}), {d['energy_at_check']:.1f} eV at {d['check_distance']:.2f} A")
     print(f"verdict: {'; '.join(report['failures']) or 'passed'}; folder {root}")
 
 

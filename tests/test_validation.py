@@ -66,14 +66,14 @@ def test_vacancy_and_dimer_of_emt_copper():
     e_vac = props.vacancy_formation_energy(cell, EMT())
     assert 0.5 < e_vac < 1.6  # EMT's Cu vacancy: about 1.1-1.3 eV relaxed
     curve = props.dimer_curve("Cu", "Cu", EMT(), 0.5, 5.0, 0.05)
-    assert curve.monotonic_below_min and 1.8 < curve.r_min < 2.6
+    assert curve.repulsive and 1.8 < curve.r_min < 2.6 and curve.min_floor == pytest.approx(0.6 * 2 * 1.32)
     assert curve.check_distance == 1.0 and curve.energy_at_check > 10
 
 
 def test_the_fault_injector_fails_the_dimer_and_fuses_atoms_in_hot_md():
     settings = ValidationConfig()
     dimer = validate_dimers(["Cu"], FusingPairCalculator(), settings, cutoff=5.0)[0]
-    assert dimer.energy_at_check < 0 and dimer.r_min == pytest.approx(0.5)
+    assert dimer.energy_at_check < 0 and dimer.r_min == pytest.approx(0.5) and not dimer.repulsive
     cell = props.supercell(bulk("Cu", "fcc", a=3.6, cubic=True), 32)
     bad = md_stability(cell, FusingPairCalculator(), 2000.0, 200, 20, 10, 1.0, 0.5, 3.0)
     assert "fused atoms" in bad.failure and bad.min_distance < bad.fused_threshold

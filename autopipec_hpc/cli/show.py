@@ -206,11 +206,11 @@ def print_validation(r: TrainingRecord) -> None:
                       _fmt(e.md_min_distance), _fmt(e.md_nve_drift_mev_per_atom_ps))
     print_table(table)
     dimers = Table(title=f"generation {r.generation} dimers")
-    for col in ("pair", "minimum at A", "E at check eV", "check at A", "repulsive below minimum"):
+    for col in ("pair", "first minimum at A", "E at check eV", "check at A", "repulsive"):
         dimers.add_column(col)
     for d in report.dimers:
         dimers.add_row(d.pair, _fmt(d.r_min), _fmt(d.energy_at_check), _fmt(d.check_distance),
-                       "yes" if d.monotonic_below_min else f"no (rises at {_fmt(d.first_bad_distance)} A)")
+                       "yes" if d.repulsive else f"no (a well closer than {_fmt(d.min_floor)} A)")
     print_table(dimers)
     console.print(f"{report.one_line()} ({report.wall_time_s:.0f} s)", highlight=False, markup=False)
 

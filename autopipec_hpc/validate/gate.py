@@ -44,9 +44,9 @@ def verdict(report: ValidationReport, settings: ValidationConfig) -> list[str]:
             failed.append(f"{where} NVE drift {drift:.2f} meV/atom/ps > {gates.md_max_drift_mev_per_atom_ps:g}")
     if gates.dimer_repulsive:
         for d in report.dimers:
-            if not d.monotonic_below_min:
-                failed.append(f"dimer {d.pair} not repulsive below its minimum at {d.r_min:.2f} A "
-                              f"(the energy rises with distance at {d.first_bad_distance:.2f} A)")
+            if not d.repulsive:
+                failed.append(f"dimer {d.pair} has a spurious well: its first minimum at {d.r_min:.2f} A is "
+                              f"closer than {d.min_floor:.2f} A")
             if d.energy_at_check < floor:
                 failed.append(f"dimer {d.pair} energy {d.energy_at_check:.2f} eV at {d.check_distance:.2f} A "
                               f"below {floor:g} eV")

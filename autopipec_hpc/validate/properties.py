@@ -135,15 +135,20 @@ class DimerCurve:
     energies: list[float]  # eV, relative to the two atoms apart (beyond the cutoff)
     check_distance: float
     energy_at_check: float
-    r_min: float
-    monotonic_below_min: bool
-    first_bad_distance: float | None  # the shortest distance where the energy rises with distance below r_min
+    r_min: float  # the first minimum coming from short range: the energy falls all the way to it
+    min_floor: float  # a first minimum closer than this is a spurious well
+
+    @property
+    def repulsive(self) -> bool:
+        return self.r_min >= self.min_floor
 
 
 def dimer_curve(a: str, b: str, calc: Calculator, r_start: float, r_end: float, step: float,
-                check_distance: float | None = None) -> DimerCurve:
-    """E(r) of an isolated a-b pair: repulsive (energy falling with distance) everywhere below
-    its minimum, and its energy at ``check_distance``."""
+                check_distance: float | None = None, well_fraction: float = 0.6) -> DimerCurve:
+    """E(r) of an isolated a-b pair, its first minimum from short range (below it the energy
+    falls monotonically with distance, by definition), which must not lie closer than
+    ``well_fraction`` of the covalent-radius sum (a spurious well where atoms fuse), and the
+    energy at ``check_distance``."""
     def energy(r: float) -> float:
         atoms = Atoms(f"{a}{b}", positions=[[0, 0, 0], [r, 0, 0]], cell=[r + 30, 30, 30], pbc=False)
         atoms.center()
@@ -157,13 +162,16 @@ def dimer_curve(a: str, b: str, calc: Calculator, r_start: float, r_end: float, 
     at_check = energy(check) - apart
     if not np.all(np.isfinite(energies)) or not math.isfinite(at_check):
         raise PropertyError(f"dimer {a}-{b}: non-finite energies")
-    k_min = int(np.argmin(energies))
-    # a rise of the energy with distance below the minimum is a spurious well (tolerance: 1 meV)
-    rises = np.nonzero(np.diff(energies[: k_min + 1]) > 1e-3)[0]
+    k_min = 0
+    for k, e in enumerate(energies):
+        if e < energies[k_min]:
+            k_min = k
+        elif e > energies[k_min] + 1e-3:  # rising again (1 meV tolerance): k_min was the first minimum
+            break
     return DimerCurve(
         pair=f"{a}-{b}", distances=[float(r) for r in distances], energies=[float(e) for e in energies],
         check_distance=float(check), energy_at_check=at_check, r_min=float(distances[k_min]),
-        monotonic_below_min=len(rises) == 0, first_bad_distance=float(distances[rises[0]]) if len(rises) else None,
+        min_floor=well_fraction * pair_radius(a, b),
     )
 
 

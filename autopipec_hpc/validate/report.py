@@ -62,9 +62,9 @@ class DimerResult(_Model):
     zbl_energies: list[float]
     check_distance: float
     energy_at_check: float
-    r_min: float
-    monotonic_below_min: bool
-    first_bad_distance: float | None = None
+    r_min: float  # the first minimum from short range
+    min_floor: float  # closer than this, the first minimum is a spurious well
+    repulsive: bool  # r_min >= min_floor
 
 
 class ValidationReport(_Model):

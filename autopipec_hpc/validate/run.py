@@ -97,14 +97,13 @@ def validate_dimers(elements: Sequence[str], calc: Calculator, settings: Validat
     out = []
     for a, b in combinations_with_replacement(sorted(elements), 2):
         curve = props.dimer_curve(a, b, calc, settings.dimer_min_distance, cutoff, settings.dimer_step,
-                                  settings.dimer_check_distance)
+                                  settings.dimer_check_distance, settings.dimer_well_fraction)
         reference = (props.dimer_curve(a, b, zbl, settings.dimer_min_distance, cutoff, settings.dimer_step).energies
                      if zbl is not None else [])
         out.append(DimerResult(pair=curve.pair, distances=curve.distances, energies=curve.energies,
                                zbl_energies=reference, check_distance=curve.check_distance,
                                energy_at_check=curve.energy_at_check, r_min=curve.r_min,
-                               monotonic_below_min=curve.monotonic_below_min,
-                               first_bad_distance=curve.first_bad_distance))
+                               min_floor=curve.min_floor, repulsive=curve.repulsive))
     return out
 
 

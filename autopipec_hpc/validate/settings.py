@@ -30,7 +30,7 @@ class ValidationGates(_Strict):
     a0_tolerance: Tolerance = Field(0.01, description="lattice constant vs the EOS reference, relative")
     b0_tolerance: Tolerance = Field(0.10, description="bulk modulus vs the EOS reference, relative")
     elastic_stability: bool = Field(True, description="Born criteria of every cubic ground state")
-    dimer_repulsive: bool = Field(True, description="every dimer repulsive below its minimum and at the check distance")
+    dimer_repulsive: bool = Field(True, description="no dimer with a spurious short-range well; each repulsive at the check distance")
     vacancy_positive: bool = Field(True, description="a positive vacancy formation energy")
     md_stable: bool = Field(True, description="hot MD and quench: no fused pair, no NaN, no temperature blow-up")
     md_max_drift_mev_per_atom_ps: Tolerance = Field(
@@ -60,6 +60,8 @@ class ValidationConfig(_Strict):
     dimer_check_distance: float | None = Field(
         None, gt=0, description="energy checked here, Angstrom; None: min(1.0, half the sum of covalent radii)")
     dimer_min_energy_ev: float = Field(0.0, description="the dimer energy at the check distance, above the free atoms")
+    dimer_well_fraction: float = Field(
+        0.6, gt=0, lt=2, description="the first minimum of a dimer no closer than this fraction of the covalent-radius sum")
     supercell_atoms: int = Field(100, ge=8, le=5000, description="vacancy and MD supercells: at least this many atoms")
     md_temperature_k: float | None = Field(
         None, gt=0, description="hot NVT temperature; None: twice the melting estimate, k_B T_m = 0.011 B0 V0")
