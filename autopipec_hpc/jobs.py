@@ -375,7 +375,8 @@ def validate_and_publish(spec: RunSpec, waiting: Path) -> dict[str, Any]:
         for name in (REPORT, PLOT):
             shutil.copy2(waiting / name, spec.folder.validation_dir / name)
     except TrainingInterrupted:
-        raise  # told to stop: the reconciliation takes the waiting potential back
+        registry.discard(waiting)  # told to stop (a cancel): nothing of it is published, now or later
+        raise
     except AutopipecError as exc:
         registry.discard(waiting)
         update_record(spec, RecordState.FAILED, reason=f"validation failed to run: {exc}")

@@ -122,7 +122,7 @@ def plot(report: ValidationReport, path: Path) -> None:
         if e.eos is not None:
             axes[0].plot(e.eos.volumes, e.eos.energies, "-", label=f"{e.element} {e.phase}")
             if e.eos.dft_volumes:
-                axes[0].plot(e.eos.dft_volumes, e.eos.dft_energies, "o", mfc="none", label=f"DFT {e.eos.reference}")
+                axes[0].plot(e.eos.dft_volumes, e.eos.dft_energies, "o", mfc="none", label=str(e.eos.reference))
                 axes[0].plot(e.eos.dft_volumes, e.eos.dft_energies_model, "x", label="potential, same cells")
         axes[2].plot(e.md_time_ps, e.md_temperatures, label=e.element)
         axes[3].plot(e.md_time_ps, e.md_min_distances, label=e.element)
@@ -131,7 +131,8 @@ def plot(report: ValidationReport, path: Path) -> None:
     for d in report.dimers:
         axes[1].plot(d.distances, d.energies, label=d.pair)
         axes[1].plot(d.distances, d.zbl_energies, ":", label=f"{d.pair} ZBL")
-    axes[1].set_ylim(-5, 50)
+    lowest = min((min(d.energies) for d in report.dimers), default=0.0)
+    axes[1].set_ylim(min(lowest, 0.0) - 1.0, 10.0)  # the wells and the rise into the ZBL wall
     titles = [("EOS", "V (A^3/atom)", "E (eV/atom)"), ("dimers", "r (A)", "E - E(apart) (eV)"),
               ("hot MD", "t (ps)", "T (K)"), ("hot MD", "t (ps)", "closest pair (A)")]
     for ax, (title, x, y) in zip(axes, titles):
