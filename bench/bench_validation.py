@@ -14,7 +14,11 @@ evaluate, validate, publish), on
 Prints the fit's and the validation's wall times, their ratio (target: under 10 % of a
 production fit) and the figures; MET / NOT MET per target, never fails on one.
 
-    .venv/bin/python bench/bench_validation.py [--data emt|cu] [--maxiter 200] [--keep DIR]
+``--raw`` adds the side by side of issue 18: raw pacemaker (its own ``repulsion: auto``, no
+delta learning: trained on the DFT energies and forces less the same reference energies)
+on the identical split, basis, seed and iteration budget, validated by the same code.
+
+    .venv/bin/python bench/bench_validation.py [--data emt|cu] [--maxiter 200] [--raw] [--keep DIR]
 """
 
 from __future__ import annotations
@@ -38,11 +42,85 @@ def emt_reference() -> dict[str, float]:
     return {"a0": a0, "B0": b0, "C11": c11, "C12": c12, "C44": c44}
 
 
+def raw_pacemaker(run_dir: Path, config, out: Path):
+    """Raw pacemaker on our split: DFT labels (less our reference energies), `repulsion: auto`;
+    returns its deployed calculator (its potential + the same reference energies) and fit time."""
+    import subprocess
+
+    from ase.calculators.mixing import SumCalculator
+    from pyace import PyACECalculator
+
+    from autopipec_hpc.dataset_files import read_pickle, write_pickle
+    from autopipec_hpc.dataset_prep import DatasetManifest
+    from autopipec_hpc.pacemaker.files import render_input
+    from autopipec_hpc.physics import ReferenceEnergyCalculator, per_atom_reference
+
+    manifest = DatasetManifest.load(run_dir / "dataset")
+    out.mkdir(parents=True, exist_ok=True)
+    paths = {}
+    for side, files in (("train", manifest.train_paths), ("test", manifest.test_paths)):
+        frames = []
+        for path in files:
+            df = read_pickle(path)
+            refs = [float(per_atom_reference(a, manifest.reference_energies).sum()) for a in df["ase_atoms"]]
+            df["energy"] = df["energy_corrected"] = df["energy_dft"] - refs
+            df["forces"] = df["forces_dft"]
+            frames.append(df)
+        import pandas as pd
+
+        paths[side] = out / f"raw-{side}.pckl.gzip"
+        write_pickle(pd.concat(frames, ignore_index=True), paths[side])
+    text = render_input(config, manifest.elements, [str(paths["train"])], [str(paths["test"])], "tensorpot")
+    text = text.replace("  # No `repulsion: auto`: the ZBL baseline is the repulsion, added at deployment.",
+                        "  repulsion: auto")
+    assert "repulsion: auto" in text
+    (out / "input.yaml").write_text(text)
+    started = time.monotonic()
+    done = subprocess.run([str(Path(sys.executable).parent / "pacemaker"), "input.yaml"], cwd=out,
+                          capture_output=True, text=True)
+    if done.returncode != 0:
+        sys.exit(f"raw pacemaker failed: {done.stderr[-2000:]}")
+    calc = SumCalculator([PyACECalculator(str(out / "output_potential.yaml")),
+                          ReferenceEnergyCalculator(manifest.reference_energies)])
+    return calc, time.monotonic() - started, manifest
+
+
+def side_by_side(run_dir: Path, config, out: Path, ours: dict) -> None:
+    from autopipec_hpc.validate.reference import ground_states, read_dataset
+    from autopipec_hpc.validate.run import validate
+
+    calc, fit_s, manifest = raw_pacemaker(run_dir, config, out)
+    states = ground_states(read_dataset([*manifest.train_paths, *manifest.test_paths]), config.validation.eos_reference)
+    raw = validate(calc, states, manifest.elements, config.validation, 0, config.cutoff).model_dump()
+    print(f"raw pacemaker (repulsion: auto) fit {fit_s:.0f} s; its validation {raw['wall_time_s']:.0f} s")
+
+    def row(report: dict) -> list[str]:
+        e, d = report["elements"][0], report["dimers"][0]
+        eos = e["eos"] or {}
+        f = lambda v, n=3: "-" if v is None else f"{v:.{n}f}"  # noqa: E731
+        return [f(eos.get("a0")), f(eos.get("b0_gpa"), 1), f(e["c11_gpa"], 0), f(e["c12_gpa"], 0),
+                f(e["c44_gpa"], 0), f(e["vacancy_ev"], 2),
+                f"{e['md_temperature_k']:.0f} K {e['md_failure'] or 'stable'}, closest {f(e['md_min_distance'], 2)}",
+                f"{f(d['energy_at_check'], 1)} eV at 1 A, first min {f(d['r_min'], 2)}",
+                "; ".join(report["failures"]) or "passed"]
+
+    eos = ours["elements"][0]["eos"]
+    header = ["", "a0 A", "B0 GPa", "C11", "C12", "C44", "vacancy eV", "hot MD", "dimer", "gate"]
+    rows = [["DFT (" + str(eos.get("reference")) + ")", f"{eos['ref_a0']:.3f}" if eos.get("ref_a0") else "-",
+             f"{eos['ref_b0_gpa']:.1f}" if eos.get("ref_b0_gpa") else "-", "-", "-", "-", "-", "-", "-", "-"],
+            ["ours: ACE + ZBL (delta)", *row(ours)], ["raw pacemaker, repulsion: auto", *row(raw)]]
+    print("| " + " | ".join(header) + " |")
+    print("|" + "---|" * len(header))
+    for r in rows:
+        print("| " + " | ".join(r) + " |")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", choices=("emt", "cu"), default="emt")
     parser.add_argument("--maxiter", type=int, default=200)
     parser.add_argument("--keep", type=Path, default=None, help="work here and keep it")
+    parser.add_argument("--raw", action="store_true", help="also raw pacemaker with repulsion: auto, side by side")
     args = parser.parse_args()
 
     from autopipec_hpc.config import SiteConfig
@@ -107,6 +185,8 @@ def main() -> None:
         print(f"dimer {d['pair']}: first minimum at {d['r_min']:.2f} A (no closer than {d['min_floor']:.2f}: "
               f"{d['repulsive']}), {d['energy_at_check']:.1f} eV at {d['check_distance']:.2f} A")
     print(f"verdict: {'; '.join(report['failures']) or 'passed'}; folder {root}")
+    if args.raw:
+        side_by_side(Path(sub.spec.run_dir), config, root / "raw-pacemaker", report)
 
 
 if __name__ == "__main__":

@@ -65,8 +65,8 @@ class ValidationConfig(_Strict):
     supercell_atoms: int = Field(100, ge=8, le=5000, description="vacancy and MD supercells: at least this many atoms")
     md_temperature_k: float | None = Field(
         None, gt=0, description="hot NVT temperature; None: twice the melting estimate, k_B T_m = 0.011 B0 V0")
-    md_steps: int = Field(1000, ge=10, description="hot NVT (Langevin) steps")
-    md_nve_steps: int = Field(200, ge=10, description="NVE steps after the hot run, for the energy drift")
+    md_steps: int = Field(500, ge=10, description="hot NVT (Langevin) steps: 0.5 ps melts a cell at twice T_m")
+    md_nve_steps: int = Field(100, ge=10, description="NVE steps after the hot run, for the energy drift")
     md_quench_steps: int = Field(200, ge=1, description="quench: at most this many FIRE steps")
     md_timestep_fs: float = Field(1.0, gt=0, le=5)
     md_fused_fraction: float = Field(
