@@ -181,3 +181,54 @@ def test_a_toy_fit_is_rejected_by_name_nothing_published_and_the_loop_stops(tmp_
     assert step.action == LoopAction.REJECTED and report["failures"][0] in step.describe()
     shown = run_cli("results", "--generation", "1", "--db", example_db)
     assert shown.returncode == 0 and "generation 1 validation" in shown.stdout and "REJECTED" in shown.stdout
+
+
+class _AnsweringScheduler:
+    """FAULT INJECTOR, not a scheduler: answers fixed job states, to show the reconciliation
+    a validation job killed or cancelled without paying for the fit before it."""
+
+    name = "local"
+
+    def __init__(self, states):
+        self._states = states
+
+    def states(self, jobs):
+        return [self._states[job.role] for job in jobs]
+
+
+@pytest.mark.parametrize("validate_state, stopped, outcome", [
+    ("FAILED", False, RecordState.FAILED),  # killed (kill -9, a node lost)
+    ("CANCELLED", True, RecordState.CANCELLED),  # cancelled while it ran: its stop marker
+])
+def test_a_validation_job_that_died_ends_the_record_and_publishes_nothing(tmp_path, local_site, validate_state,
+                                                                           stopped, outcome):
+    from autopipec_hpc.example_data import tiny_train_config
+    from autopipec_hpc.generation import Generation
+    from autopipec_hpc.registry import potentials_root, validating_dir
+    from autopipec_hpc.run_folder import RunSpec, new_run_folder
+    from autopipec_hpc.scheduler.base import SubmittedJob, SubmittedJobs
+    from autopipec_hpc.states import JobRole, JobState
+    from autopipec_hpc.store import DatabaseManager
+
+    site = local_site()
+    db = DatabaseManager(site.database)
+    generation, run_dir = db.claim(None, lambda n: new_run_folder(site.work_dir, n).path)
+    spec = RunSpec(generation=generation, run_dir=str(run_dir), database=site.database,
+                   output_dir=str(site.output_dir), site=site, config=tiny_train_config())
+    spec.save()
+    job = {role: SubmittedJob(scheduler="local", folder=str(run_dir / "submitit"), job_id=str(k), role=role,
+                              name=f"autopipec-g1-{role}-0123abcd")
+           for k, role in ((1, JobRole.TRAIN), (2, JobRole.EVALUATE), (3, JobRole.VALIDATE))}
+    SubmittedJobs(train=job[JobRole.TRAIN], evaluate=job[JobRole.EVALUATE], validate_job=job[JobRole.VALIDATE]).save(run_dir)
+    assert SubmittedJobs.load(run_dir).by_role(JobRole.VALIDATE).job_id == "3"
+    db.update_record(generation, run_dir, RecordState.RUNNING, reason="evaluated; validating")
+    waiting = validating_dir(site.output_dir, generation, run_dir)
+    waiting.mkdir(parents=True)
+    if stopped:
+        spec.folder.stop_marker(JobRole.VALIDATE).write_text("SIGTERM")
+    answers = {JobRole.TRAIN: JobState.COMPLETED, JobRole.EVALUATE: JobState.COMPLETED,
+               JobRole.VALIDATE: JobState(validate_state)}
+    record = Generation(spec, SubmittedJobs.load(run_dir), _AnsweringScheduler(answers), db, follow=False).reconcile()
+    assert record.status == outcome
+    assert f"validation job 3 {validate_state}" in record.reason, record.reason
+    assert not any(potentials_root(site.output_dir).iterdir()), "a potential was left published or waiting"
