@@ -106,7 +106,7 @@ def side_by_side(run_dir: Path, config, out: Path, ours: dict) -> None:
 
     eos = ours["elements"][0]["eos"]
     header = ["", "a0 A", "B0 GPa", "C11", "C12", "C44", "vacancy eV", "hot MD", "dimer", "gate"]
-    rows = [["DFT (" + str(eos.get("reference")) + ")", f"{eos['ref_a0']:.3f}" if eos.get("ref_a0") else "-",
+    rows = [[str(eos.get("reference")), f"{eos['ref_a0']:.3f}" if eos.get("ref_a0") else "-",
              f"{eos['ref_b0_gpa']:.1f}" if eos.get("ref_b0_gpa") else "-", "-", "-", "-", "-", "-", "-", "-"],
             ["ours: ACE + ZBL (delta)", *row(ours)], ["raw pacemaker, repulsion: auto", *row(raw)]]
     print("| " + " | ".join(header) + " |")
