@@ -116,6 +116,7 @@ def test_the_gate_names_each_failed_property_and_each_gate_turns_off():
 
 def test_validate_emt_copper_end_to_end_passes_and_keeps_its_headline():
     data = [LabelledStructure(bulk("Cu", "fcc", a=a), 0.0, "fcc_ev") for a in np.linspace(3.5, 3.7, 6)]
+    data += [LabelledStructure(bulk("Cu", "bcc", a=a), 0.0, "bcc_ev") for a in np.linspace(2.8, 2.95, 6)]
     for s in data:
         s.atoms.calc = EMT()
         object.__setattr__(s, "energy", s.atoms.get_potential_energy())
@@ -125,6 +126,9 @@ def test_validate_emt_copper_end_to_end_passes_and_keeps_its_headline():
     assert report.passed, report.failures
     eos = report.elements[0].eos
     assert eos.reference == "DFT fcc_ev" and eos.a0 == pytest.approx(eos.ref_a0, rel=2e-3)
+    (bcc,) = report.elements[0].phases  # the other phase's E(V) set: the potential (here EMT itself) vs its labels
+    assert bcc.phase == "bcc" and bcc.above_ground_mev == pytest.approx(bcc.ref_above_ground_mev, abs=0.5)
+    assert bcc.above_ground_mev > 0  # EMT copper: fcc below bcc
     headline = report.headline()
     assert headline["validation"] == "passed" and headline["validation_a0"] == pytest.approx(eos.a0)
 

@@ -205,6 +205,15 @@ def print_validation(r: TrainingRecord) -> None:
                       _fmt(e.vacancy_ev), f"{_fmt(e.md_temperature_k, 0)} K: {e.md_failure or 'stable'}",
                       _fmt(e.md_min_distance), _fmt(e.md_nve_drift_mev_per_atom_ps))
     print_table(table)
+    phases = [(e.element, p) for e in report.elements for p in e.phases]
+    if phases:
+        other = Table(title=f"generation {r.generation} other phases: potential (DFT) on the DFT cells")
+        for col in ("element", "phase", "set", "V0 A^3/atom", "B0 GPa", "above the ground state meV/atom"):
+            other.add_column(col)
+        for element, p in phases:
+            other.add_row(element, p.phase, p.reference, _with_ref(p.v0, p.ref_v0, 2), _with_ref(p.b0_gpa, p.ref_b0_gpa, 0),
+                          _with_ref(p.above_ground_mev, p.ref_above_ground_mev, 1))
+        print_table(other)
     dimers = Table(title=f"generation {r.generation} dimers")
     for col in ("pair", "first minimum at A", "E at check eV", "check at A", "repulsive"):
         dimers.add_column(col)

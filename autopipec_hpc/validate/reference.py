@@ -87,6 +87,8 @@ class GroundState:
     structure: LabelledStructure  # the data's lowest-energy structure of this element
     eos_set: str | None  # the config_type of a DFT E(V) set of this phase, if any
     eos_points: list[LabelledStructure]
+    # the element's other DFT E(V) sets: (phase, config_type, points), e.g. bcc and hcp beside fcc
+    other_sets: tuple[tuple[str, str, list[LabelledStructure]], ...] = ()
 
 
 def read_dataset(paths: Iterable[Path]) -> list[LabelledStructure]:
@@ -117,8 +119,10 @@ def ground_states(structures: Sequence[LabelledStructure], patterns: Sequence[st
         for s in mine:
             if any(fnmatch.fnmatch(s.config_type.lower(), p.lower()) for p in patterns):
                 sets[s.config_type].append(s)
-        matching = {name: points for name, points in sets.items()
-                    if len(points) >= 5 and phase_of(min(points, key=lambda s: s.energy_per_atom).atoms) == phase}
+        phases = {name: phase_of(min(points, key=lambda s: s.energy_per_atom).atoms)
+                  for name, points in sets.items() if len(points) >= 5}
+        matching = {name: sets[name] for name, p in phases.items() if p == phase}
         name = max(matching, key=lambda n: len(matching[n]), default=None)
-        states.append(GroundState(element, phase, lowest, name, matching.get(name, [])))
+        others = tuple((p, n, sets[n]) for n, p in sorted(phases.items()) if n != name)
+        states.append(GroundState(element, phase, lowest, name, matching.get(name, []), others))
     return states

@@ -34,6 +34,23 @@ class EOSResult(_Model):
     dft_energies_model: list[float] = []  # the potential on the same DFT structures, shifted alike
 
 
+class PhaseResult(_Model):
+    """Another phase's DFT E(V) set, the potential on the same cells: its V0, B0 and its
+    energy above the ground state, against DFT's (reported; the gate does not judge it)."""
+
+    phase: str
+    reference: str  # its config_type
+    volumes: list[float]
+    dft_energies: list[float]
+    energies: list[float]  # the potential's
+    v0: float
+    b0_gpa: float
+    ref_v0: float
+    ref_b0_gpa: float
+    above_ground_mev: float | None = None  # E0(phase) - E0(ground state), meV/atom
+    ref_above_ground_mev: float | None = None
+
+
 class ElementResult(_Model):
     element: str
     phase: str
@@ -53,6 +70,7 @@ class ElementResult(_Model):
     md_temperatures: list[float] = []
     md_min_distances: list[float] = []
     errors: dict[str, str] = {}  # property -> why it could not be computed
+    phases: list[PhaseResult] = []
 
 
 class DimerResult(_Model):
@@ -124,6 +142,9 @@ def plot(report: ValidationReport, path: Path) -> None:
             if e.eos.dft_volumes:
                 axes[0].plot(e.eos.dft_volumes, e.eos.dft_energies, "o", mfc="none", label=str(e.eos.reference))
                 axes[0].plot(e.eos.dft_volumes, e.eos.dft_energies_model, "x", label="potential, same cells")
+        for p in e.phases:
+            axes[0].plot(p.volumes, p.dft_energies, "o", mfc="none", label=p.reference)
+            axes[0].plot(p.volumes, p.energies, "x-", label=f"potential, {p.phase}")
         axes[2].plot(e.md_time_ps, e.md_temperatures, label=e.element)
         axes[3].plot(e.md_time_ps, e.md_min_distances, label=e.element)
         if e.md_fused_threshold:

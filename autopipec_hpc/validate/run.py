@@ -21,7 +21,7 @@ from autopipec_hpc.validate import properties as props
 from autopipec_hpc.validate.gate import verdict
 from autopipec_hpc.validate.md import md_stability, melting_estimate
 from autopipec_hpc.validate.reference import GroundState, conventional_cubic, ideal_cell
-from autopipec_hpc.validate.report import DimerResult, ElementResult, EOSResult, ValidationReport
+from autopipec_hpc.validate.report import DimerResult, ElementResult, EOSResult, PhaseResult, ValidationReport
 from autopipec_hpc.validate.settings import ValidationConfig
 
 log = logging.getLogger(__name__)
@@ -53,6 +53,26 @@ def _eos(state: GroundState, calc: Calculator, settings: ValidationConfig,
     return out
 
 
+def _phases(state: GroundState, calc: Calculator, eos: EOSResult | None) -> list[PhaseResult]:
+    """The other phases' DFT E(V) sets and the potential on the same cells."""
+    out = []
+    for phase, name, points in state.other_sets:
+        points = sorted(points, key=lambda s: s.volume_per_atom)
+        volumes = np.array([s.volume_per_atom for s in points])
+        dft = np.array([s.energy_per_atom for s in points])
+        model = np.array([props.energy_per_atom(s.atoms, calc) for s in points])
+        fit, ref = props.EOSFit.fit(volumes, model), props.EOSFit.fit(volumes, dft)
+        ground_ref = (props.EOSFit.fit(np.array([s.volume_per_atom for s in state.eos_points]),
+                                       np.array([s.energy_per_atom for s in state.eos_points])).e0
+                      if state.eos_points else None)
+        out.append(PhaseResult(
+            phase=phase, reference=name, volumes=volumes.tolist(), dft_energies=dft.tolist(), energies=model.tolist(),
+            v0=fit.v0, b0_gpa=fit.b0_gpa, ref_v0=ref.v0, ref_b0_gpa=ref.b0_gpa,
+            above_ground_mev=1000 * (fit.e0 - eos.e0) if eos is not None else None,
+            ref_above_ground_mev=1000 * (ref.e0 - ground_ref) if ground_ref is not None else None))
+    return out
+
+
 def validate_element(state: GroundState, calc: Calculator, settings: ValidationConfig,
                      previous: ValidationReport | None = None) -> ElementResult:
     result = ElementResult(element=state.element, phase=state.phase)
@@ -64,6 +84,10 @@ def validate_element(state: GroundState, calc: Calculator, settings: ValidationC
         updates["eos"], v0 = eos, eos.v0
     except PROPERTY_FAILURES as exc:
         errors["EOS"] = str(exc)
+    try:
+        updates["phases"] = _phases(state, calc, updates.get("eos"))
+    except PROPERTY_FAILURES as exc:
+        errors["other phases' EOS"] = str(exc)
     cubic = state.phase in ("fcc", "bcc")
     per_cell = {"fcc": 4, "bcc": 2}.get(state.phase, 1)
     bulk_cell = (conventional_cubic(state.element, state.phase, (per_cell * v0) ** (1 / 3)) if cubic
