@@ -21,6 +21,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from autopipec_hpc.errors import ConfigError
 from autopipec_hpc.splits import FixedHoldout
+from autopipec_hpc.validate.settings import ValidationConfig
 
 # Radial and angular budgets per body order (pacemaker's own UNARY defaults);
 # max_degree = body order - 1 selects how many of them are used.
@@ -108,6 +109,8 @@ class TrainConfig(_Strict):
         None, description="a fixed holdout, test in every generation and compared on: {config_type: NAME or "
         "[NAMES]} and/or {file: EXTXYZ} (structures of the database with that content; splits.py)",
     )
+    validation: ValidationConfig = Field(
+        ValidationConfig(), description="properties, hot MD and the gate before publication (validate/)")
 
     @model_validator(mode="before")
     @classmethod

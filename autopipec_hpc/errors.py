@@ -97,3 +97,11 @@ class SelectionError(AutopipecError):
 
 class LabellingError(AutopipecError):
     """A calculator spec or its arguments are unusable, or it failed on a structure."""
+
+
+class PropertyError(AutopipecError):
+    """A property of a potential cannot be computed (no EOS minimum, non-finite energies)."""
+
+
+class ValidationRejectedError(AutopipecError):
+    """A generation failed its validation gate: REJECTED, not published."""

@@ -17,6 +17,7 @@ from ase.calculators.singlepoint import SinglePointCalculator
 from autopipec_hpc.config import Evaluator, TrainConfig
 from autopipec_hpc.states import StructureStatus
 from autopipec_hpc.store import DatabaseManager
+from autopipec_hpc.validate.settings import ValidationConfig
 
 FCC_A = 3.61
 # The demo loop's and the benchmark's candidate pool: imbalanced as MD harvests are,
@@ -133,7 +134,9 @@ def demo_train_config(evaluator: Evaluator | str = Evaluator.TENSORPOT) -> Train
 
 
 def tiny_train_config() -> TrainConfig:
-    """A toy fit (16 functions, 20 iterations: seconds on pyace) for fast tests."""
+    """A toy fit (16 functions, 20 iterations: seconds on pyace) for fast tests; not validated
+    (a toy is no material: it would be REJECTED, and its validation would cost more than its fit)."""
     return TrainConfig(
-        b_basis_size=16, max_degree=2, maxiter=20, energy_weight=1.0, force_weight=1.0, batch_size=50
+        b_basis_size=16, max_degree=2, maxiter=20, energy_weight=1.0, force_weight=1.0, batch_size=50,
+        validation=ValidationConfig(enabled=False),
     )

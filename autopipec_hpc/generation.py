@@ -20,7 +20,7 @@ from pathlib import Path
 from autopipec_hpc import registry
 from autopipec_hpc.config import SiteConfig
 from autopipec_hpc.errors import (DatabaseBusyError, SchedulerError, TrainingDivergenceError, TrainingFailedError,
-                                  WaitInterrupted, one_line)
+                                  ValidationRejectedError, WaitInterrupted, one_line)
 from autopipec_hpc.pacemaker.files import LiveProgress
 from autopipec_hpc.processes import pid_alive
 from autopipec_hpc.run_folder import RunFolder, RunSpec, attempt_number, latest_generation_folder
@@ -34,15 +34,14 @@ log = logging.getLogger(__name__)
 
 
 FAILURE_GRACE_S = 30.0
+_ROLE_NAMES = {JobRole.TRAIN: "training", JobRole.EVALUATE: "evaluation", JobRole.VALIDATE: "validation"}
 # How long a waiter bears a scheduler that cannot say how its jobs are (accounting down).
 SCHEDULER_PATIENCE_S = 600.0
-# How often a waiter reads the record and progress.json (files and the database, not the
-# scheduler: the watcher decides when the scheduler is asked).
+# How often a waiter reads the record and progress.json (the watcher decides when the scheduler is asked).
 WAIT_POLL_S = 2.0
 CANCEL_POLL_S = 0.5
-# A RUNNING record this old whose training job waits in the queue again was requeued
-# by the scheduler; a younger one may be a job that just started while accounting
-# still says PENDING.
+# A RUNNING record this old whose training job waits in the queue again was requeued by the
+# scheduler; a younger one may be a job that just started while accounting still says PENDING.
 REQUEUE_EVIDENCE_S = 30.0
 
 
@@ -118,11 +117,10 @@ class Generation:
         return self.db.run_record(self.number, self.spec.run_dir)
 
     def job_states(self) -> dict[JobRole, JobState]:
-        """Both jobs' states: one watcher query where one is due, else its cache."""
+        """Every job's state (train, evaluate[, validate]): one watcher query where one is due, else its cache."""
         if self.jobs is None:
             raise SchedulerError(f"{self.spec.run_dir} has no {self.folder.jobs_file.name}: nothing was submitted from it")
-        train, evaluate = self.scheduler.states(self.jobs.all)
-        return {JobRole.TRAIN: train, JobRole.EVALUATE: evaluate}
+        return {job.role: state for job, state in zip(self.jobs.all, self.scheduler.states(self.jobs.all))}
 
     def progress(self) -> GenerationProgress | None:
         """The newest attempt's progress, or None before pacemaker reported an iteration."""
@@ -208,6 +206,8 @@ class Generation:
                 )
             time.sleep(poll_s)
         assert record is not None
+        if record.status == RecordState.REJECTED:
+            raise ValidationRejectedError(f"generation {self.number} REJECTED, not published: {record.reason}")
         if record.status == RecordState.DIVERGED:
             raise TrainingDivergenceError(f"generation {self.number} diverged: {record.reason}")
         if record.status in (RecordState.FAILED, RecordState.CANCELLED):
@@ -216,11 +216,11 @@ class Generation:
         return record
 
     def cancel(self, settle_s: float = 60.0) -> dict[JobRole, JobState]:
-        """Cancel both jobs, record CANCELLED (whenever the cancel lands before another final
+        """Cancel its jobs, record CANCELLED (whenever the cancel lands before another final
         state), wait (bounded) for the jobs to end; returns the job states."""
         self.folder.cancel_marker.touch()
         if self.jobs is not None:
-            self.scheduler.cancel(self.jobs.evaluate, self.jobs.train)
+            self.scheduler.cancel(*reversed(self.jobs.all))
         self.db.update_record(self.number, self.spec.run_dir, RecordState.CANCELLED, reason="cancelled by user")
         if self.jobs is None:
             return {}
@@ -254,16 +254,15 @@ class Generation:
         if any(state not in FINISHED for state in states.values()):
             return record
         verdict = "training finished" if self.folder.train_verdict.exists() else "training left no verdict"
-        reason = (f"its jobs ended without a final record: training job {jobs.train.job_id} "
-                  f"{states[JobRole.TRAIN]}, evaluation job {jobs.evaluate.job_id} {states[JobRole.EVALUATE]} "
-                  f"({verdict})")
+        reason = ("its jobs ended without a final record: " + ", ".join(
+            f"{_ROLE_NAMES[job.role]} job {job.job_id} {states[job.role]}" for job in jobs.all) + f" ({verdict})")
         # Training cancelled outside autopipec-hpc (`scancel` by hand, a deadline), or the
-        # evaluation cancelled while it ran (its stop marker; one cancelled while it waited
-        # never ran, and its generation FAILED): a cancel is CANCELLED whenever and however
-        # it lands. The job wrote nothing on the signal: only the scheduler knows a cancel.
-        evaluation_stopped = (states[JobRole.EVALUATE] == JobState.CANCELLED
-                              and self.folder.stop_marker(JobRole.EVALUATE).exists())
-        cancelled = states[JobRole.TRAIN] == JobState.CANCELLED or evaluation_stopped
+        # evaluation or validation cancelled while it ran (its stop marker; one cancelled while
+        # it waited never ran, and its generation FAILED): a cancel is CANCELLED whenever and
+        # however it lands. The job wrote nothing on the signal: only the scheduler knows a cancel.
+        stopped = any(states.get(role) == JobState.CANCELLED and self.folder.stop_marker(role).exists()
+                      for role in (JobRole.EVALUATE, JobRole.VALIDATE))
+        cancelled = states[JobRole.TRAIN] == JobState.CANCELLED or stopped
         outcome = RecordState.CANCELLED if cancelled else RecordState.FAILED
         if outcome == RecordState.FAILED:
             reason += _own_errors(jobs, states)
@@ -274,6 +273,7 @@ class Generation:
             # must not stay published.
             registry.discard(orphan)
             reason += "; its publication, which never got its SUCCEEDED record, was taken back"
+        registry.discard(registry.validating_dir(self.spec.output_dir, self.number, self.spec.path))  # never published
         self.db.update_record(self.number, record.run_dir, outcome, reason=reason)
         return self.record()
 
@@ -332,7 +332,7 @@ class FollowedRecord:
         would tell nothing the record does not."""
         if self.generation is not None and self.record.status.is_final:
             jobs = self.generation.jobs
-            return "not submitted" if jobs is None else f"{jobs.train.job_id} / {jobs.evaluate.job_id} (record final: not asked)"
+            return "not submitted" if jobs is None else f"{' / '.join(j.job_id for j in jobs.all)} (record final: not asked)"
         if self.generation is not None:
             return self.generation.describe_jobs()
         return f"unknown: {self.problem}" if self.problem else "not submitted"

@@ -1,6 +1,7 @@
-"""The pipeline's job bodies, which any scheduler can run: training, then evaluation and publication.
+"""The pipeline's job bodies, which any scheduler can run: training, then evaluation and publication
+(or, where the config validates, evaluation, then validation and publication).
 
-``TrainJob`` and ``EvaluateJob`` run wherever the scheduler puts them and need
+``TrainJob``, ``EvaluateJob`` and ``ValidateJob`` run wherever the scheduler puts them and need
 only the run folder (``run_folder.py``) that ``submission.prepare_run`` made on
 the login node.
 """
@@ -311,10 +312,84 @@ def evaluate_and_publish(spec: RunSpec, attempt: Path) -> dict[str, Any]:
         "residual_energy_rmse_mev": report.residual.energy_rmse_mev,
         "residual_force_rmse_mev": report.residual.force_rmse_mev,
     }
-    values["potential_path"] = str(registry.potentials_root(spec.output_dir) / str(spec.generation))
     if config.warm_start is not None:
         values["parent_generation"] = config.warm_start
+    if config.validation.enabled:
+        stage_for_validation(db, spec, staging, values)
+        return values
+    values["potential_path"] = str(registry.potentials_root(spec.output_dir) / str(spec.generation))
     publish_and_record(db, spec, staging, values, manifest)
+    return values
+
+
+def stage_for_validation(db: DatabaseManager, spec: RunSpec, staging: Path, values: dict[str, Any]) -> Path:
+    """The evaluated potential, kept for the validation job (which publishes it or not), and
+    the holdout figures on the still RUNNING record. Under the records' lock, as a
+    publication: a generation cancelled meanwhile keeps nothing."""
+    waiting = registry.validating_dir(spec.output_dir, spec.generation, spec.path)
+    metrics = json.loads((staging / registry.METRICS).read_text())
+    with db.locked(timeout_s=JOB_DB_PATIENCE_S):
+        try:
+            with commit_point(f"staging generation {spec.generation} for validation"):
+                patiently(lambda: _still_ours(db, spec), f"generation {spec.generation}: reading its record")
+                registry.discard(waiting)  # a resubmitted evaluation's leftover
+                staging.rename(waiting)
+                update_record(spec, RecordState.RUNNING, reason="evaluated; validating", values=values,
+                              data={"metrics": metrics}, db=db)
+        except BaseException:
+            registry.discard(staging)
+            registry.discard(waiting)
+            raise
+    return waiting
+
+
+class ValidateJob:
+    """Validate the evaluated potential (validate/): publish it if it passes the gate, else
+    record REJECTED with the failed properties and publish nothing."""
+
+    def __call__(self, run_dir: str) -> dict[str, Any]:
+        die_with_local_controller()
+        spec = RunSpec.load(run_dir)
+        marker = spec.folder.stop_marker(JobRole.VALIDATE)
+        marker.unlink(missing_ok=True)
+        # Told to stop, it publishes and records nothing; the reconciliation reads the marker.
+        stop_on_signals(on_stop=marker.write_text)
+        waiting = registry.validating_dir(spec.output_dir, spec.generation, spec.path)
+        if not waiting.exists():
+            raise TrainingFailedError(f"nothing to validate for generation {spec.generation}: no {waiting}")
+        return validate_and_publish(spec, waiting)
+
+
+def validate_and_publish(spec: RunSpec, waiting: Path) -> dict[str, Any]:
+    from autopipec_hpc.validate.report import PLOT, REPORT
+    from autopipec_hpc.validate.run import validate_potential
+
+    db = DatabaseManager(spec.database)
+    patiently(lambda: _still_ours(db, spec), f"generation {spec.generation}: reading its record")
+    manifest = DatasetManifest.load(spec.dataset_dir)
+    try:
+        report = validate_potential(waiting, [*manifest.train_paths, *manifest.test_paths], manifest.elements,
+                                    spec.config.cutoff, spec.config.validation, spec.generation,
+                                    Path(spec.output_dir))
+        spec.folder.validation_dir.mkdir(exist_ok=True)
+        for name in (REPORT, PLOT):
+            shutil.copy2(waiting / name, spec.folder.validation_dir / name)
+    except TrainingInterrupted:
+        registry.discard(waiting)  # told to stop (a cancel): nothing of it is published, now or later
+        raise
+    except AutopipecError as exc:
+        registry.discard(waiting)
+        update_record(spec, RecordState.FAILED, reason=f"validation failed to run: {exc}")
+        raise
+    values: dict[str, Any] = report.headline()
+    log.warning("generation %s: %s (%.0f s)", spec.generation, report.one_line(), report.wall_time_s)
+    if not report.passed:
+        registry.discard(waiting)
+        with db.locked(timeout_s=JOB_DB_PATIENCE_S), commit_point(f"rejecting generation {spec.generation}"):
+            update_record(spec, RecordState.REJECTED, reason=report.one_line(), values=values, db=db)
+        return values
+    values["potential_path"] = str(registry.potentials_root(spec.output_dir) / str(spec.generation))
+    publish_and_record(db, spec, waiting, values, manifest)
     return values
 
 

@@ -203,6 +203,13 @@ def publish(staging: Path, output_dir: str | Path, generation: int, force: bool 
     return final
 
 
+def validating_dir(output_dir: str | Path, generation: int, run_dir: str | Path) -> Path:
+    """Where an evaluated potential waits for its validation job (hidden beside the published
+    ones, so its publication is one rename); named after its run folder, so a rerun's never
+    meets it."""
+    return potentials_root(output_dir) / f".validating-{generation}-{Path(run_dir).name}"
+
+
 def discard(staging: Path) -> None:
     shutil.rmtree(staging, ignore_errors=True)
 

@@ -10,6 +10,7 @@ A run folder holds the whole story of one generation::
       cancel.requested    written by cancel; the training job polls it
       requeue.pending     written before a requeue, so the interruption is not a failure
       evaluation/         metrics.json and plots of the holdout evaluation
+      validation/         validation.json and validation.png (when the config validates)
       submitit/           job logs and pickles of the scheduler
       train.sbatch, evaluate.sbatch   the scripts SLURM ran
       jobs.json           the two jobs (scheduler, id, name, role), for status/cancel from a new process
@@ -79,6 +80,11 @@ class RunFolder:
     @property
     def evaluation_dir(self) -> Path:
         return self.path / "evaluation"
+
+    @property
+    def validation_dir(self) -> Path:
+        """validation.json and validation.png of the validation job (validate/)."""
+        return self.path / "validation"
 
     @property
     def warm_start_potential(self) -> Path:

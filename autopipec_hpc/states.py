@@ -34,6 +34,8 @@ class RecordState(StrEnum):
     FAILED = "FAILED"
     DIVERGED = "DIVERGED"
     CANCELLED = "CANCELLED"
+    # Trained and evaluated, but failed its validation gate (validate/): never published.
+    REJECTED = "REJECTED"
 
     @property
     def is_final(self) -> bool:
@@ -54,11 +56,12 @@ ALLOWED_MOVES: dict[RecordState, frozenset[RecordState]] = {
     RecordState.FAILED: frozenset(),
     RecordState.DIVERGED: frozenset(),
     RecordState.CANCELLED: frozenset(),
+    RecordState.REJECTED: frozenset(),
 }
 
 
 FINAL_RECORD_STATES = frozenset(
-    {RecordState.SUCCEEDED, RecordState.FAILED, RecordState.DIVERGED, RecordState.CANCELLED}
+    {RecordState.SUCCEEDED, RecordState.FAILED, RecordState.DIVERGED, RecordState.CANCELLED, RecordState.REJECTED}
 )
 
 
@@ -112,3 +115,5 @@ class LoopAction(StrEnum):
     LABEL = "label"
     DONE = "done"
     CONVERGED = "converged"
+    # The newest generation failed its validation gate: the loop stops instead of building on it.
+    REJECTED = "rejected"

@@ -17,7 +17,7 @@ from autopipec_hpc.dataset_prep import DatasetBuilder, DatasetManifest, DatasetS
 from autopipec_hpc.errors import InsufficientDataError, one_line
 from autopipec_hpc.files import atomic_write_text
 from autopipec_hpc.generation import Generation, reconcile_generation
-from autopipec_hpc.jobs import EvaluateJob, TrainJob
+from autopipec_hpc.jobs import EvaluateJob, TrainJob, ValidateJob
 from autopipec_hpc.pacemaker.files import count_parameters
 from autopipec_hpc.preflight import check_parent_potential, run_preflight
 from autopipec_hpc.run_folder import RunSpec, new_run_folder
@@ -203,6 +203,8 @@ def submit_generation(
     db = DatabaseManager(spec.database)
     job_values = {"scheduler": jobs.scheduler, "train_job": jobs.train.job_id, "evaluate_job": jobs.evaluate.job_id,
                   "evaluator": str(plan.evaluator), "parameters": plan.parameters}
+    if jobs.validate_job is not None:
+        job_values["validate_job"] = jobs.validate_job.job_id
     patiently(lambda: db.add_values(spec.generation, spec.run_dir, job_values),
               f"generation {spec.generation}: recording its job ids")
     return Submission(spec, manifest, jobs, plan)
@@ -210,14 +212,20 @@ def submit_generation(
 
 def submit_jobs(scheduler: Scheduler, spec: RunSpec, site: SiteConfig) -> SubmittedJobs:
     """Hand the job bodies to the scheduler: training, then its evaluation only after
-    training succeeded; saved in the run folder (``jobs.json``) for any later process."""
+    training succeeded, then (where the config validates) its validation only after the
+    evaluation succeeded; saved in the run folder (``jobs.json``) for any later process."""
     folder = spec.folder
     train = scheduler.submit(TrainJob(), spec.run_dir, folder=folder, role=JobRole.TRAIN,
                              name=job_name(spec.generation, JobRole.TRAIN, folder.path), resources=site.train)
     evaluate = scheduler.submit(EvaluateJob(), spec.run_dir, folder=folder, role=JobRole.EVALUATE,
                                 name=job_name(spec.generation, JobRole.EVALUATE, folder.path),
                                 resources=site.evaluate, after=train)
-    jobs = SubmittedJobs(train=train, evaluate=evaluate)
+    validate = None
+    if spec.config.validation.enabled:
+        validate = scheduler.submit(ValidateJob(), spec.run_dir, folder=folder, role=JobRole.VALIDATE,
+                                    name=job_name(spec.generation, JobRole.VALIDATE, folder.path),
+                                    resources=site.resources(JobRole.VALIDATE), after=evaluate)
+    jobs = SubmittedJobs(train=train, evaluate=evaluate, validate_job=validate)
     jobs.save(folder.path)
     return jobs
 

@@ -109,6 +109,15 @@ CASES = [
     Case("results of a generation that never was", ["results", "--generation", "99", "--db", "good.db"],
          "generation 99"),
     Case("status --generation -1", ["status", "--generation", "-1", "--db", "good.db"], "generation"),
+    # -- validation settings (issue 18): refused before anything is claimed or submitted ----
+    Case("submit with a negative a0 tolerance", ["submit", "--site", "site.yaml", "--config", "c.yaml"],
+         "validation.gates.a0_tolerance", files={"site.yaml": "SITE", "c.yaml": "validation: {gates: {a0_tolerance: -1}}\n"}),
+    Case("submit with a gate set to true", ["submit", "--site", "site.yaml", "--config", "c.yaml"],
+         "validation.gates.md_stable", files={"site.yaml": "SITE", "c.yaml": "validation: {gates: {md_stable: maybe}}\n"}),
+    Case("submit with an unknown validation key", ["submit", "--site", "site.yaml", "--config", "c.yaml"],
+         "md_step", files={"site.yaml": "SITE", "c.yaml": "validation: {md_step: 5}\n"}),
+    Case("submit with an EOS range of 80 %", ["submit", "--site", "site.yaml", "--config", "c.yaml"],
+         "eos_volume_range", files={"site.yaml": "SITE", "c.yaml": "validation: {eos_volume_range: 0.8}\n"}),
 ]
 
 

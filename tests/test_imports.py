@@ -6,7 +6,7 @@ imports only modules of its own layer or of a layer it may use (``MAY_IMPORT``):
 - core: the library without any scheduler or login-node flow -- ``states``, ``errors``,
   ``files``, ``processes``, ``config``, ``templates``, ``frames``, ``physics``, ``splits``,
   ``store.*``, ``dataset_prep``, ``dataset_files``, ``pacemaker.*``, ``evaluation``,
-  ``registry``, ``warm_start``, ``run_folder``, ``example_data`` and the package itself.
+  ``registry``, ``warm_start``, ``run_folder``, ``example_data``, ``validate.*`` and the package itself.
   It never imports ``scheduler``, ``submission``, ``generation``, ``jobs``, ``active`` or ``cli``.
 - backend: ``scheduler`` and ``scheduler.*`` (local and SLURM); core only.
 - compute: ``jobs``, the bodies the backends run on compute nodes; core only. The backends
@@ -111,6 +111,7 @@ CORE = [
     "autopipec_hpc.dataset_prep", "autopipec_hpc.dataset_files", "autopipec_hpc.pacemaker",
     "autopipec_hpc.pacemaker.*", "autopipec_hpc.evaluation", "autopipec_hpc.registry",
     "autopipec_hpc.warm_start", "autopipec_hpc.run_folder", "autopipec_hpc.example_data",
+    "autopipec_hpc.validate", "autopipec_hpc.validate.*",
 ]
 LAYERS: dict[str, list[str]] = {
     "core": CORE,

@@ -11,7 +11,7 @@ import ase.db
 import ase.io
 import numpy as np
 import pytest
-from ase import Atoms
+from ase import Atoms, units
 from ase.build import bulk
 from ase.eos import EquationOfState
 
@@ -237,7 +237,8 @@ def test_insufficient_data_submits_nothing(tmp_path, local_site):
 @pytest.mark.physics
 def test_physics_on_real_dft_copper(tmp_path, cu_dft_path, local_site):
     """Train on 105 FHI-aims Cu structures with tensorpot; the deployed ACE + ZBL gives
-    the DFT lattice constant within 0.5 % and a strongly repulsive Cu dimer at 1.0 A."""
+    the DFT lattice constant within 0.5 % and a strongly repulsive Cu dimer at 1.0 A; it is
+    validated (issue 18) and its validated a0 and B0 match the A1_murnaghan rows."""
     db_path = str(tmp_path / "cu.db")
     DatabaseManager(db_path).import_files([cu_dft_path])
     site = local_site(evaluator="tensorpot")
@@ -269,3 +270,15 @@ def test_physics_on_real_dft_copper(tmp_path, cu_dft_path, local_site):
     e_dimer = dimer.get_potential_energy() - 2 * record.data["reference_energies"]["Cu"]
     print(f"Cu2 at 1.0 A: {e_dimer:.1f} eV above two reference atoms")
     assert e_dimer > 10.0
+
+    # Issue 18: the demo's production-size config validates before it publishes; against the
+    # A1_murnaghan rows (its own Birch-Murnaghan fit, independent of ASE's above), a0 and B0 hold.
+    _, _, b_dft = EquationOfState([f.get_volume() / len(f) for f in frames],
+                                  [f.get_potential_energy() / len(f) for f in frames], eos="birchmurnaghan").fit()
+    assert record.values["validation"] == "passed", record.values["validation"]
+    published = json.loads((Path(record.values["potential_path"]) / "validation.json").read_text())
+    assert published["elements"][0]["eos"]["reference"] == "DFT A1_murnaghan"
+    print(f"validated: a0 {record.validation_a0:.4f} A, B0 {record.validation_b0_gpa:.1f} GPa (DFT "
+          f"{a_dft:.4f}, {b_dft / units.GPa:.1f}), in {record.validation_wall_time_s:.0f} s")
+    assert abs(record.validation_a0 / a_dft - 1) < 0.01
+    assert abs(record.validation_b0_gpa / (b_dft / units.GPa) - 1) < 0.10

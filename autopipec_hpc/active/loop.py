@@ -16,7 +16,7 @@ from autopipec_hpc.active.select_job import run_selection, wait_for_selection
 from autopipec_hpc.active.selection_claim import live_claims
 from autopipec_hpc.active.selection_folder import SelectionRequest
 from autopipec_hpc.config import SiteConfig, TrainConfig
-from autopipec_hpc.errors import ClaimError, ConfigError
+from autopipec_hpc.errors import ClaimError, ConfigError, ValidationRejectedError
 from autopipec_hpc.generation import reconcile_generation
 from autopipec_hpc.states import LoopAction, RecordState, Strategy, StructureStatus
 from autopipec_hpc.store import DatabaseManager
@@ -62,6 +62,7 @@ _DESCRIPTIONS = {
     LoopAction.LABEL: "label the structures generation {g} requested",
     LoopAction.DONE: "done: generation {g} is published",
     LoopAction.CONVERGED: "stop: generation {g} selected nothing to label",
+    LoopAction.REJECTED: "stop: generation {g} was REJECTED by its validation, not published: {reason}",
 }
 
 
@@ -72,12 +73,13 @@ class LoopStep:
     action: LoopAction
     generation: int
     parent: int | None = None
+    reason: str = ""  # a REJECTED generation's failed properties
 
     def describe(self) -> str:
         if self.action == LoopAction.TRAIN:
             start = f"warm start from generation {self.parent}" if self.parent else "cold start"
             return f"train generation {self.generation} ({start})"
-        return _DESCRIPTIONS[self.action].format(g=self.generation)
+        return _DESCRIPTIONS[self.action].format(g=self.generation, reason=self.reason)
 
 
 def next_step(db: DatabaseManager, generations: int, warm: bool = True, site: SiteConfig | None = None) -> LoopStep:
@@ -96,6 +98,10 @@ def next_step(db: DatabaseManager, generations: int, warm: bool = True, site: Si
             records[k] = r = reconcile_generation(db, r.generation) or r
             if r.status.is_active:
                 return LoopStep(LoopAction.WAIT, r.generation)
+    newest = max(records, key=lambda r: r.generation, default=None)
+    if newest is not None and newest.status == RecordState.REJECTED:
+        # Building on a generation that failed its gate would spread its faults: a person decides.
+        return LoopStep(LoopAction.REJECTED, newest.generation, reason=newest.reason)
     done = [r.generation for r in records if r.status == RecordState.SUCCEEDED]
     if not done:
         return LoopStep(LoopAction.TRAIN, 1)
@@ -131,6 +137,8 @@ def run_loop(
     lost: str | None = None  # the claim this loop lost to another, the step before
     while True:
         step = next_step(db, settings.generations, settings.warm, site)
+        if step.action == LoopAction.REJECTED:
+            raise ValidationRejectedError(f"loop: {step.describe()}")
         say(f"loop: {step.describe()}")
         if step.action in (LoopAction.DONE, LoopAction.CONVERGED):
             return taken

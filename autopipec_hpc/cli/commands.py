@@ -89,7 +89,9 @@ def cmd_submit(args: argparse.Namespace) -> int:
     print_dataset_summary(sub.manifest)
     console.print(
         f"generation {sub.spec.generation} submitted ({sub.jobs.scheduler}): training job {sub.jobs.train.job_id}, "
-        f"evaluation job {sub.jobs.evaluate.job_id} (after training succeeds); run folder {sub.spec.run_dir}"
+        f"evaluation job {sub.jobs.evaluate.job_id} (after training succeeds)"
+        + (f", validation job {sub.jobs.validate_job.job_id} (after the evaluation)" if sub.jobs.validate_job else "")
+        + f"; run folder {sub.spec.run_dir}"
     )
     if not args.wait:
         return 0

@@ -76,11 +76,14 @@ def print_common_holdout(db: DatabaseManager) -> None:
         source = "the intersection of their holdouts"
     table = Table(title=f"every published generation on the same {n} holdout structures "
                         f"({source}; ACE + ZBL + reference energies vs labels)")
-    for col in ("gen", "parent", "structures", "E RMSE meV/at", "F RMSE meV/A", "worst F error meV/A"):
+    for col in ("gen", "parent", "structures", "E RMSE meV/at", "F RMSE meV/A", "worst F error meV/A",
+                *VALIDATION_HEADLINE):
         table.add_column(col)
+    records = {r.generation: r for r in db.records()}
     for r in compared.rows:
         table.add_row(str(r.generation), str(r.parent_generation or "-"), str(r.structures),
-                      _fmt(r.energy_rmse_mev), _fmt(r.force_rmse_mev, 1), _fmt(r.force_max_mev, 1))
+                      _fmt(r.energy_rmse_mev), _fmt(r.force_rmse_mev, 1), _fmt(r.force_max_mev, 1),
+                      *_headline(records.get(r.generation)))
     print_table(table)
     if compared.rows and n < FEW_HOLDOUT_STRUCTURES:
         hint = ("" if compared.fixed else "; name a fixed holdout for the whole loop in the training config: "
@@ -118,7 +121,7 @@ def print_selection(result: SelectionResult) -> None:
 
 # -- presentation ---------------------------------------------------------------
 RECORD_COLOURS = {RecordState.SUCCEEDED: "green", RecordState.FAILED: "red", RecordState.DIVERGED: "red",
-                  RecordState.CANCELLED: "yellow"}
+                  RecordState.CANCELLED: "yellow", RecordState.REJECTED: "red"}
 
 
 def _coloured(status: RecordState) -> str:
@@ -158,8 +161,67 @@ def print_records(records: list[TrainingRecord], detail: bool = False) -> None:
                             _fmt(tot["energy_rmse_mev"]), _fmt(tot["energy_mae_mev"]),
                             _fmt(res["force_rmse_mev"], 1), _fmt(tot["force_rmse_mev"], 1))
             print_table(per)
+        print_validation(r)
         if r.log_tail:
             console.print(f"[b]log tail of generation {r.generation}:[/b]\n{r.log_tail}", highlight=False)
+
+
+# The validation's headline figures beside the holdout (validate/; the first element's).
+VALIDATION_HEADLINE = ("a0 A", "B0 GPa", "C11/C12/C44 GPa", "vacancy eV", "hot MD closest A")
+
+
+def _headline(r: TrainingRecord | None) -> tuple[str, ...]:
+    if r is None or r.validation is None:
+        return ("-",) * len(VALIDATION_HEADLINE)
+    return (_fmt(r.validation_a0, 3), _fmt(r.validation_b0_gpa, 0),
+            "/".join(_fmt(c, 0) for c in (r.validation_c11_gpa, r.validation_c12_gpa, r.validation_c44_gpa)),
+            _fmt(r.validation_vacancy_ev), _fmt(r.validation_md_min_distance))
+
+
+def _with_ref(value: float | None, ref: float | None, digits: int) -> str:
+    return _fmt(value, digits) + (f" ({_fmt(ref, digits)})" if ref is not None else "")
+
+
+def print_validation(r: TrainingRecord) -> None:
+    """The validation table of a generation (validation.json of its run folder): per element,
+    per dimer, and the verdict."""
+    from pathlib import Path
+
+    from autopipec_hpc.validate.report import ValidationReport
+
+    report = ValidationReport.load(Path(r.run_dir) / "validation") if r.run_dir else None
+    if report is None:
+        return
+    table = Table(title=f"generation {r.generation} validation (reference in brackets)")
+    for col in ("element", "a0 A", "B0 GPa", "reference", "C11", "C12", "C44", "Born", "vacancy eV",
+                "hot MD", "closest A", "NVE drift meV/at/ps"):
+        table.add_column(col)
+    for e in report.elements:
+        eos = e.eos
+        table.add_row(f"{e.element} {e.phase}", _with_ref(eos.a0, eos.ref_a0, 3) if eos else "-",
+                      _with_ref(eos.b0_gpa, eos.ref_b0_gpa, 0) if eos else "-", (eos.reference or "-") if eos else "-",
+                      _fmt(e.c11_gpa, 0), _fmt(e.c12_gpa, 0), _fmt(e.c44_gpa, 0),
+                      "-" if e.born_stable is None else ("stable" if e.born_stable else "UNSTABLE"),
+                      _fmt(e.vacancy_ev), f"{_fmt(e.md_temperature_k, 0)} K: {e.md_failure or 'stable'}",
+                      _fmt(e.md_min_distance), _fmt(e.md_nve_drift_mev_per_atom_ps))
+    print_table(table)
+    phases = [(e.element, p) for e in report.elements for p in e.phases]
+    if phases:
+        other = Table(title=f"generation {r.generation} other phases: potential (DFT) on the DFT cells")
+        for col in ("element", "phase", "set", "V0 A^3/atom", "B0 GPa", "above the ground state meV/atom"):
+            other.add_column(col)
+        for element, p in phases:
+            other.add_row(element, p.phase, p.reference, _with_ref(p.v0, p.ref_v0, 2), _with_ref(p.b0_gpa, p.ref_b0_gpa, 0),
+                          _with_ref(p.above_ground_mev, p.ref_above_ground_mev, 1))
+        print_table(other)
+    dimers = Table(title=f"generation {r.generation} dimers")
+    for col in ("pair", "first minimum at A", "E at check eV", "check at A", "repulsive"):
+        dimers.add_column(col)
+    for d in report.dimers:
+        dimers.add_row(d.pair, _fmt(d.r_min), _fmt(d.energy_at_check), _fmt(d.check_distance),
+                       "yes" if d.repulsive else f"no (a well closer than {_fmt(d.min_floor)} A)")
+    print_table(dimers)
+    console.print(f"{report.one_line()} ({report.wall_time_s:.0f} s)", highlight=False, markup=False)
 
 
 def print_dataset_summary(m: DatasetManifest) -> None:

@@ -132,23 +132,26 @@ class SubmittedJob(BaseModel):
 
 
 class SubmittedJobs(BaseModel):
-    """The two jobs of one generation (training, then its evaluation), saved in its run folder."""
+    """The jobs of one generation (training, then its evaluation, then its validation where
+    the config validates), saved in its run folder."""
 
     model_config = ConfigDict(frozen=True)
 
     train: SubmittedJob
     evaluate: SubmittedJob
+    validate_job: SubmittedJob | None = None  # `validate` is a BaseModel method
 
     @property
     def scheduler(self) -> str:
         return self.train.scheduler
 
     @property
-    def all(self) -> tuple[SubmittedJob, SubmittedJob]:
-        return (self.train, self.evaluate)
+    def all(self) -> tuple[SubmittedJob, ...]:
+        """Every job, in the order they run."""
+        return (self.train, self.evaluate) + ((self.validate_job,) if self.validate_job is not None else ())
 
     def by_role(self, role: JobRole) -> SubmittedJob:
-        return {JobRole.TRAIN: self.train, JobRole.EVALUATE: self.evaluate}[JobRole(role)]
+        return next(job for job in self.all if job.role == JobRole(role))
 
     def save(self, run_dir: str | Path) -> None:
         atomic_write_text(RunFolder(run_dir).jobs_file, self.model_dump_json(indent=2))

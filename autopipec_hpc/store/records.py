@@ -22,16 +22,15 @@ from pathlib import Path
 from typing import Any
 
 from ase import Atoms
-from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
+from pydantic import ConfigDict, ValidationError, field_validator
 
 from autopipec_hpc.errors import ClaimError, DatabaseBusyError, DatabaseError, PublicationError
 from autopipec_hpc.store.database import Database, _clean_value, _guarded, is_url, redact
+from autopipec_hpc.validate.values import ValidationValues
 
 log = logging.getLogger(__name__)
 
-
 TRAINING_RECORD = "training"
-
 
 LOCK_TIMEOUT_S = 60.0
 # Keys of a record's data: the published record a forced re-claim keeps until its run replaces it,
@@ -40,7 +39,7 @@ PUBLISHED = "published"
 RETRAINS = "retrains"
 
 
-class RecordValues(BaseModel):
+class RecordValues(ValidationValues):
     """Every key-value pair the pipeline writes on a training record, typed. Each write
     sets some of them (a claim, the job ids, a running attempt, the final metrics);
     the row keeps the union. Keys a newer or older version wrote are ignored here
@@ -83,7 +82,7 @@ class RecordValues(BaseModel):
     potential_path: Path | None = None
     parent_generation: int | None = None
 
-    @field_validator("train_job", "evaluate_job", "cuda_visible_devices", "resumed_from", mode="before")
+    @field_validator("train_job", "evaluate_job", "validate_job", "cuda_visible_devices", "resumed_from", mode="before")
     @classmethod
     def _stored_text(cls, value: Any) -> str | None:
         # ase.db refuses number-like strings, so they are stored as numbers or quoted
