@@ -97,3 +97,7 @@ class SelectionError(AutopipecError):
 
 class LabellingError(AutopipecError):
     """A calculator spec or its arguments are unusable, or it failed on a structure."""
+
+
+class LevelOfTheoryError(AutopipecError):
+    """The rows a training set would use were labelled at different levels of theory."""

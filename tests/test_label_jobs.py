@@ -192,3 +192,29 @@ def test_gpaw_with_too_few_scf_iterations_is_tagged_kohn_sham_convergence_error(
     row = db.get_row(row_id)
     assert outcome.failed == {row_id: row.label_error} and row.status == StructureStatus.LABEL_FAILED
     assert row.label_error.startswith("KohnShamConvergenceError") and row.labeller_code == "gpaw"
+
+
+# -- one level of theory per training set ---------------------------------------------------------
+def test_mixed_levels_of_theory_are_refused_by_name_unless_one_is_chosen(example_db, tmp_path, capsys):
+    from autopipec_hpc.active.label_job import label_rows
+
+    db = DatabaseManager(example_db)
+    imported = db.count(status="TRAINING_READY")
+    ids = requested(example_db, 4)
+    emt = LabellerConfig(name="emt", calculator="ase.calculators.emt:EMT")
+    other = LabellerConfig(name="emt-asap", calculator="ase.calculators.emt:EMT", kwargs={"asap_cutoff": True})
+    label_rows(db, emt, ids[:3])
+    label_rows(db, other, ids[3:])
+    out = tmp_path / "data"
+    assert main(["prepare", "--db", example_db, "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "mix levels of theory" in err, err
+    assert f"{emt.level} (3 rows)" in err and f"{other.level} (1 rows)" in err and not out.exists()
+    config = tmp_path / "train.yaml"
+    config.write_text("level_of_theory: emt\n")
+    assert main(["prepare", "--db", example_db, "--out", str(out), "--config", str(config)]) == 0
+    # the imported rows (no level recorded) and the 3 at the chosen level; not the other's
+    assert len(db.ready_structures("TRAINING_READY", emt.level)) == imported + 3
+    config.write_text("level_of_theory: dft-nobody-ran\n")
+    assert main(["prepare", "--db", example_db, "--out", str(tmp_path / "d2"), "--config", str(config)]) == 2
+    assert "dft-nobody-ran" in capsys.readouterr().err

@@ -25,7 +25,7 @@ from autopipec_hpc.files import fresh_dir
 from autopipec_hpc.scheduler.base import SubmittedJob, job_name
 from autopipec_hpc.states import FINISHED, JobRole, JobState, StructureStatus
 from autopipec_hpc.store import DatabaseManager
-from autopipec_hpc.store.database import absolute_target
+from autopipec_hpc.store.database import absolute_target, is_url
 
 log = logging.getLogger(__name__)
 
@@ -96,7 +96,9 @@ def submit_labels(site: SiteConfig, db: DatabaseManager, labeller: LabellerConfi
     per = labeller.structures_per_task
     ids = [row.id for row in rows]
     tasks = [ids[k:k + per] for k in range(0, len(ids), per)]
-    folder = LabelFolder(fresh_dir(out_dir or default_label_dir(site.output_dir, generation)))
+    # Beside a SQLite database (the site's default is output/structures.db), else in the site's output.
+    home = site.output_dir if is_url(db.target) else Path(db.target).resolve().parent
+    folder = LabelFolder(fresh_dir(out_dir or default_label_dir(home, generation)))
     request = LabelRequest(database=absolute_target(db.target), generation=generation, labeller=labeller,
                            tasks=tasks, retried=retried)
     folder.save_request(request)

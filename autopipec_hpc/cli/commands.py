@@ -58,7 +58,8 @@ def cmd_prepare(args: argparse.Namespace) -> int:
         config = _with_overrides(config, overrides)
     db = DatabaseManager(args.db, must_exist=True)
     try:
-        manifest = prepare_dataset_from_db(db, dataset_settings(config), args.out, args.status)
+        manifest = prepare_dataset_from_db(db, dataset_settings(config), args.out, args.status,
+                                           level_of_theory=config.level_of_theory)
     except OSError as exc:
         # A full disk or a folder that cannot be written: the files already there stay whole.
         raise DatasetError(f"{args.out}: cannot write the dataset ({exc.strerror or exc})") from None

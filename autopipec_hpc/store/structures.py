@@ -88,15 +88,24 @@ def label_of(row) -> str:
 class ReadyStructures:
     """A re-iterable view of the ready rows: each ``iter`` is a fresh streaming query."""
 
-    def __init__(self, db: StructureRows, status: str) -> None:
+    def __init__(self, db: StructureRows, status: str, level: str | None = None) -> None:
         self._db = db
         self._status = status
+        self._level = level  # only rows of this level of theory (or of none recorded): levels.py
 
     def __iter__(self) -> Iterator[Atoms]:
-        return self._db.iter_structures(self._status)
+        return self._db.iter_structures(self._status, level=self._level)
 
     def __len__(self) -> int:
-        return self._db.count(status=self._status)
+        if self._level is None:
+            return self._db.count(status=self._status)
+        return sum(1 for row in self._db.iter_rows(status=self._status) if _at_level(row, self._level))
+
+
+def _at_level(row, level: str | None) -> bool:
+    """Whether ``row`` belongs in a training set restricted to ``level`` (NAME#HASH)."""
+    name = row.get("labeller")
+    return level is None or name is None or f"{name}#{row.get('labeller_hash', '')}" == level
 
 
 # Keys the pipeline writes on structure rows; provenance never overwrites them.
@@ -372,10 +381,12 @@ class StructureRows(Database):
             db.update(int(row_id), delete_keys=list(LABEL_CLAIM_KEYS), status=StructureStatus.DFT_REQUESTED.value,
                       **extra)
 
-    def ready_structures(self, status: str = StructureStatus.TRAINING_READY) -> "ReadyStructures":
-        return ReadyStructures(self, status)
+    def ready_structures(self, status: str = StructureStatus.TRAINING_READY, level: str | None = None
+                         ) -> "ReadyStructures":
+        return ReadyStructures(self, status, level)
 
-    def iter_structures(self, status: str = StructureStatus.TRAINING_READY) -> Iterator[Atoms]:
+    def iter_structures(self, status: str = StructureStatus.TRAINING_READY, level: str | None = None
+                        ) -> Iterator[Atoms]:
         """Stream the rows with ``status``, as Atoms carrying their labels.
 
         ``info`` holds ``db_id`` and ``config_type``; the calculator holds the
@@ -383,6 +394,8 @@ class StructureRows(Database):
         is in ``arrays['force_mask']``.
         """
         for row in self._select_paged(status=str(status)):
+            if not _at_level(row, level):
+                continue
             atoms = Atoms(numbers=row.numbers, positions=row.positions, cell=row.cell, pbc=row.pbc)
             energy = row.get("energy")
             forces = row.get("forces")
