@@ -401,7 +401,7 @@ def test_interrupted_loop_resumes_without_repeating_a_finished_step(tmp_path, mo
     def interrupted(*a, **k):
         raise KeyboardInterrupt  # the loop process dies while labelling
 
-    monkeypatch.setattr(loop, "label_requested", interrupted)
+    monkeypatch.setattr(loop, "label_step", interrupted)
     with pytest.raises(KeyboardInterrupt):
         run_loop(site, db, config, settings, timeout_s=900)
     assert db.get_record(1).status == "SUCCEEDED" and len(db.markers("selection")) == 1

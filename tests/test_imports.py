@@ -111,6 +111,7 @@ CORE = [
     "autopipec_hpc.dataset_prep", "autopipec_hpc.dataset_files", "autopipec_hpc.pacemaker",
     "autopipec_hpc.pacemaker.*", "autopipec_hpc.evaluation", "autopipec_hpc.registry",
     "autopipec_hpc.warm_start", "autopipec_hpc.run_folder", "autopipec_hpc.example_data",
+    "autopipec_hpc.levels",
 ]
 LAYERS: dict[str, list[str]] = {
     "core": CORE,

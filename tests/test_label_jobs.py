@@ -218,3 +218,28 @@ def test_mixed_levels_of_theory_are_refused_by_name_unless_one_is_chosen(example
     config.write_text("level_of_theory: dft-nobody-ran\n")
     assert main(["prepare", "--db", example_db, "--out", str(tmp_path / "d2"), "--config", str(config)]) == 2
     assert "dft-nobody-ran" in capsys.readouterr().err
+
+
+# -- the loop's gate on failed labels ---------------------------------------------------------------
+def test_the_loop_trains_on_under_the_failed_fraction_and_stops_over_it_naming_the_failures(tmp_path):
+    from autopipec_hpc.active import loop
+    from autopipec_hpc.active.label_array import check_label_gate
+    from autopipec_hpc.errors import LabellingError
+    from autopipec_hpc.example_data import tiny_train_config
+    from autopipec_hpc.states import LoopAction
+
+    database = str(tmp_path / "s.db")
+    ids = requested(database, 5)
+    db = DatabaseManager(database)
+    faults = LabellerConfig(name="emt", calculator=FAULTS, kwargs={"fail_rows": [ids[0]]})
+    from autopipec_hpc.active.label_job import label_rows
+
+    label_rows(db, faults, ids)
+    assert check_label_gate(db, 1, 0.2) == (4, 1)  # 20 %: at the gate, trains on
+    settings = loop.LoopSettings(generations=3, select=5, calculator="ase.calculators.emt:EMT")
+    assert settings.labeller.max_failed_fraction == 0.05
+    with pytest.raises(LabellingError, match=rf"generation 1: 1 of 5 labels failed \(20%, over max_failed_fraction "
+                                             rf"0.05\): id={ids[0]}: InjectedFault"):
+        loop._take(loop.LoopStep(LoopAction.TRAIN, 2, parent=1), local_site(tmp_path), db, tiny_train_config(),
+                   settings, 60, print)
+    assert db.records() == []  # nothing claimed or submitted

@@ -20,7 +20,7 @@ from autopipec_hpc.active.label_job import LabelTask
 from autopipec_hpc.active.labeller_config import LabellerConfig
 from autopipec_hpc.active.labelling import recover_labels
 from autopipec_hpc.config import SiteConfig
-from autopipec_hpc.errors import SchedulerError, one_line
+from autopipec_hpc.errors import LabellingError, SchedulerError, one_line
 from autopipec_hpc.files import fresh_dir
 from autopipec_hpc.scheduler.base import SubmittedJob, job_name
 from autopipec_hpc.states import FINISHED, JobRole, JobState, StructureStatus
@@ -178,3 +178,44 @@ def run_labels(site: SiteConfig, db: DatabaseManager, labeller: LabellerConfig, 
         return None
     timeout = site.result_timeout_s if timeout_s is None else timeout_s
     return wait_for_labels(site, db, sub.folder.path, timeout, notify=notify)
+
+
+# -- the loop's label step and its gate ---------------------------------------------------------
+def label_step(site: SiteConfig, db: DatabaseManager, labeller: LabellerConfig, timeout_s: float,
+               notify: Callable[[str], None] | None = None, poll_s: float = 2.0) -> LabelSummary | None:
+    """The loop's label step: one array for the requested rows, then a wait (``timeout_s`` at
+    most) for rows another label run still holds, so that training sees them labelled."""
+    say = notify or (lambda message: None)
+    deadline = time.monotonic() + timeout_s
+    summary = run_labels(site, db, labeller, timeout_s=timeout_s, notify=say)
+    if summary is not None:
+        say(f"loop: labels of generation {summary_generation(db, summary)}: {summary.describe()}")
+    while db.count(status=StructureStatus.LABELLING):
+        if time.monotonic() > deadline:
+            held = [row.id for row in db.iter_rows(status=StructureStatus.LABELLING)]
+            raise LabellingError(f"structures {', '.join(f'id={i}' for i in held[:10])} are still being labelled "
+                                 f"by another label run after {timeout_s:.0f} s")
+        time.sleep(poll_s)
+        reconcile_labels(db, site)
+    return summary
+
+
+def summary_generation(db: DatabaseManager, summary: LabelSummary) -> int:
+    return LabelFolder(summary.folder).request().generation
+
+
+def check_label_gate(db: DatabaseManager, generation: int, max_failed_fraction: float) -> tuple[int, int]:
+    """The rows generation ``generation`` selected: (labelled, failed). LabellingError naming the
+    failures when more than ``max_failed_fraction`` of them failed (DP-GEN's ratio_failed)."""
+    labelled = db.count(status=StructureStatus.TRAINING_READY, selected_by_generation=int(generation))
+    failed = {row.id: str(row.get("label_error", "")) for row in
+              db.iter_rows(status=StructureStatus.LABEL_FAILED, selected_by_generation=int(generation))}
+    done = labelled + len(failed)
+    if done and len(failed) / done > max_failed_fraction:
+        named = "; ".join(f"id={i}: {why[:120]}" for i, why in sorted(failed.items())[:5])
+        more = f"; and {len(failed) - 5} more" if len(failed) > 5 else ""
+        raise LabellingError(
+            f"generation {generation}: {len(failed)} of {done} labels failed ({len(failed) / done:.0%}, over "
+            f"max_failed_fraction {max_failed_fraction:g}): {named}{more}; fix the labeller and run "
+            "`label --retry-failed`, or raise max_failed_fraction")
+    return labelled, len(failed)

@@ -122,7 +122,10 @@ def build_parser() -> argparse.ArgumentParser:
     site_args(p)
     p.add_argument("--generations", type=int, required=True, help="stop when this generation is published")
     p.add_argument("--select", type=int, required=True, help="structures to label per generation at most")
-    p.add_argument("--calculator", required=True, help="MODULE:CLASS that labels, e.g. ase.calculators.emt:EMT")
+    p.add_argument("--labeller", type=Path, default=None,
+                   help="labeller.yaml: how each generation's structures are labelled (see labeller-template)")
+    p.add_argument("--calculator", default=None,
+                   help="instead of --labeller: MODULE:CLASS that labels, e.g. ase.calculators.emt:EMT")
     p.add_argument("--kwargs", default=None, help="the calculator's keyword arguments as a JSON object")
     p.add_argument("--config", type=Path, default=None, help="TrainConfig YAML (warm_start is set by the loop)")
     p.add_argument("--gamma-min", type=float, default=1.0)
