@@ -18,6 +18,7 @@ from ase.build import bulk
 
 from autopipec_hpc.active.label_array import run_labels
 from autopipec_hpc.active.label_checks import check_result
+from autopipec_hpc.active.label_folder import LabelFolder
 from autopipec_hpc.active.labeller_config import LabellerConfig, labeller_template
 from autopipec_hpc.cli import main
 from autopipec_hpc.config import SiteConfig
@@ -243,3 +244,58 @@ def test_the_loop_trains_on_under_the_failed_fraction_and_stops_over_it_naming_t
         loop._take(loop.LoopStep(LoopAction.TRAIN, 2, parent=1), local_site(tmp_path), db, tiny_train_config(),
                    settings, 60, print)
     assert db.records() == []  # nothing claimed or submitted
+
+
+@pytest.mark.slurm
+def test_gpaw_labels_al_cells_through_a_slurm_job_array_as_a_direct_gpaw_run(tmp_path):
+    """3 rattled 4-atom Al cells, PBE, PW 200 eV, Gamma point (about 2 s each), 2 array tasks."""
+    if not gpaw_available():
+        pytest.skip("gpaw is not installed (pip install -e .[dft], see README)")
+    from tests.helpers import ci_site
+
+    site = ci_site(tmp_path, label={"partition": "cpu", "cpus": 1, "mem_gb": 1, "time_minutes": 10})
+    db = DatabaseManager(site.database)
+    cells = al_cells(3)
+    ids = [db.add_candidate(a, "al") for a in cells]
+    db.update_rows([(i, {"status": "DFT_REQUESTED", "selected_by_generation": 1}) for i in ids])
+    labeller = gpaw_labeller(structures_per_task=2, setup=["export OMP_NUM_THREADS=1"])
+    summary = run_labels(site, db, labeller, timeout_s=300)
+    assert summary.labelled == ids and summary.tasks == 2 and not summary.failed
+    jobs = LabelFolder(summary.folder).jobs()
+    assert [j.job_id.split("_")[1] for j in jobs] == ["0", "1"]  # one array, two tasks
+    assert "export OMP_NUM_THREADS=1" in LabelFolder(summary.folder).job_script().read_text()
+    for row_id, atoms in zip(ids, cells):
+        row = db.get_row(row_id)
+        atoms.calc = labeller.make_calculator()
+        assert row.energy == pytest.approx(atoms.get_potential_energy(), abs=1e-6)
+        assert np.allclose(row.forces, atoms.get_forces(), atol=1e-5)
+        assert (row.labeller, row.labeller_code, row.labeller_hash) == (labeller.name, "gpaw", labeller.settings_hash)
+        assert row.labeller_version and row.status == "TRAINING_READY"
+
+
+@pytest.mark.slurm
+def test_scancel_of_the_label_array_loses_no_row_and_labels_none_twice(tmp_path):
+    import subprocess
+    import time
+
+    from autopipec_hpc.active.label_array import submit_labels, wait_for_labels
+    from tests.helpers import ci_site
+
+    site = ci_site(tmp_path, label={"partition": "cpu", "cpus": 1, "mem_gb": 0.5, "time_minutes": 5})
+    ids = requested(site.database, 4)
+    db = DatabaseManager(site.database)
+    slow = LabellerConfig(name="emt", calculator=FAULTS, structures_per_task=2,
+                          kwargs={"slow_rows": [ids[1], ids[3]], "sleep_s": 120})
+    sub = submit_labels(site, db, slow)
+    deadline = time.monotonic() + 120
+    while db.count(status="LABELLING") < 2 and time.monotonic() < deadline:
+        time.sleep(0.5)  # both tasks labelled their first row and sleep in their second
+    assert db.count(status="LABELLING") == 2
+    subprocess.run(["scancel", sub.jobs[0].job_id.split("_")[0]], check=True)
+    summary = wait_for_labels(site, db, sub.folder.path, timeout_s=120, poll_s=0.5)
+    assert summary.labelled == [ids[0], ids[2]] and summary.returned == [ids[1], ids[3]]
+    assert statuses(site.database, ids) == ["TRAINING_READY", "DFT_REQUESTED"] * 2
+    first = {i: db.get_row(i).mtime for i in (ids[0], ids[2])}
+    again = run_labels(site, db, LabellerConfig(name="emt", calculator=FAULTS), timeout_s=120)
+    assert again.labelled == [ids[1], ids[3]] and statuses(site.database, ids) == ["TRAINING_READY"] * 4
+    assert {i: db.get_row(i).mtime for i in (ids[0], ids[2])} == first  # none labelled twice
