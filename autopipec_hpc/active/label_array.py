@@ -135,7 +135,7 @@ def summarize(db: DatabaseManager, folder: LabelFolder) -> LabelSummary:
 
 
 def wait_for_labels(site: SiteConfig, db: DatabaseManager, folder: str | Path, timeout_s: float,
-                    poll_s: float = 2.0, notify: Callable[[str], None] | None = None) -> LabelSummary:
+                    poll_s: float = 1.0, notify: Callable[[str], None] | None = None) -> LabelSummary:
     """Follow the label array in ``folder`` until every task ended, reconcile the rows of
     tasks that died, and write and return its summary; SchedulerError (one line) if tasks
     are still going after ``timeout_s`` (they keep running)."""
@@ -153,14 +153,16 @@ def wait_for_labels(site: SiteConfig, db: DatabaseManager, folder: str | Path, t
         if counts != last:
             say("label tasks: " + ", ".join(f"{n} {s}" for s, n in sorted(counts.items())))
             last = counts
-        if all(s in FINISHED for s in states):
+        # A task's file is written once its rows are all committed: no need to wait for the
+        # scheduler to see its process gone (the local watcher backs off to seconds).
+        if all(s in FINISHED or labels.task_file(k).exists() for k, s in enumerate(states)):
             break
         if time.monotonic() > deadline:
             raise SchedulerError(f"label array {jobs[0].job_id.split('_')[0]} not finished after {timeout_s:.0f} s; "
                                  f"it keeps running: its folder is {labels.path}")
         time.sleep(poll_s)
-    for job, state in zip(jobs, states):
-        if state != JobState.COMPLETED:
+    for k, (job, state) in enumerate(zip(jobs, states)):
+        if state != JobState.COMPLETED and not labels.task_file(k).exists():
             say(f"label task {job.job_id} ended {state}: {job.last_error() or 'no error written'}")
     reconcile_labels(db, site)
     summary = summarize(db, labels)
