@@ -8,7 +8,7 @@ warm-started, up to generation 3. After every generation: the labels it added (l
 failed), and the holdout errors of the deployed potential (ACE + ZBL + reference energies)
 against GPAW on cells never trained on.
 
-    .venv/bin/python bench/bench_label_loop.py [--start 12] [--pool 60] [--select 6] [--maxiter 100]
+    .venv/bin/python bench/bench_label_loop.py [--start 30] [--pool 60] [--select 6] [--maxiter 100]
 
 About 10 minutes on 2 cores. Needs `pip install -e .[dft]` and pacemaker (README: Installing).
 """
@@ -69,7 +69,8 @@ def holdout_errors(folder: Path, holdout) -> tuple[float, float]:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--start", type=int, default=12)
+    # 4 atoms each: at least --functions environments, or pace_activeset cannot make the active set
+    parser.add_argument("--start", type=int, default=30)
     parser.add_argument("--pool", type=int, default=60)
     parser.add_argument("--holdout", type=int, default=12)
     parser.add_argument("--select", type=int, default=6)
@@ -102,7 +103,7 @@ def main() -> int:
           f"[{time.monotonic() - t0:.0f} s]", flush=True)
 
     config = demo_train_config().model_copy(update={"b_basis_size": args.functions, "maxiter": args.maxiter,
-                                                    "seed": args.seed, "test_fraction": 0.0})
+                                                    "seed": args.seed})
     labeller_file = root / "labeller.yaml"
     labeller_file.write_text(yaml.safe_dump(labeller.model_dump(mode="json")))
     settings = LoopSettings(generations=3, select=args.select, labeller_file=labeller_file, gamma_min=0.0)
