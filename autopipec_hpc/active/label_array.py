@@ -100,7 +100,7 @@ def submit_labels(site: SiteConfig, db: DatabaseManager, labeller: LabellerConfi
     home = site.output_dir if is_url(db.target) else Path(db.target).resolve().parent
     folder = LabelFolder(fresh_dir(out_dir or default_label_dir(home, generation)))
     request = LabelRequest(database=absolute_target(db.target), generation=generation, labeller=labeller,
-                           tasks=tasks, retried=retried)
+                           tasks=tasks, retried=retried, potentials=_potentials(db, rows, labeller))
     folder.save_request(request)
     jobs = scheduler.submit_array(LabelTask(), [(str(folder.path.resolve()), k) for k in range(len(tasks))],
                                   folder=folder, role=JobRole.LABEL,
@@ -110,6 +110,18 @@ def submit_labels(site: SiteConfig, db: DatabaseManager, labeller: LabellerConfi
     say(f"label array submitted ({jobs[0].scheduler}): {len(tasks)} tasks for {len(ids)} structures, "
         f"first task {jobs[0].job_id}; folder {folder.path}")
     return LabelSubmission(folder, request, jobs)
+
+
+def _potentials(db: DatabaseManager, rows: list, labeller: LabellerConfig) -> dict[int, str]:
+    """With an ``energy_window``: the published folder of each generation that selected rows."""
+    if labeller.energy_window is None:
+        return {}
+    found = {}
+    for generation in {int(r.get("selected_by_generation")) for r in rows if r.get("selected_by_generation")}:
+        record = db.get_record(generation)
+        if record is not None and record.potential_path:
+            found[generation] = str(Path(record.potential_path).resolve())
+    return found
 
 
 def summarize(db: DatabaseManager, folder: LabelFolder) -> LabelSummary:

@@ -101,6 +101,52 @@ class LabelCheckFailed(Exception):
     """A result that a sanity check refused (the message says which)."""
 
 
+class SuspiciousLabel(Exception):
+    """A label far from a confident prediction of the generation that selected the structure."""
+
+
+class Predictions:
+    """The deployed potentials of the generations that selected rows (``generation -> folder``),
+    each loaded once per task, for ``energy_window``: where the potential was confident
+    (low gamma) a DFT energy far from its prediction is more likely a broken calculation
+    (a wrong setup, a wrong magnetic state) than new physics."""
+
+    def __init__(self, folders: dict[int, str]) -> None:
+        self.folders = folders
+        self._loaded: dict[int, Any] = {}
+
+    def energy(self, generation: int, atoms: Atoms) -> float | None:
+        if generation not in self.folders:
+            return None
+        if generation not in self._loaded:
+            from autopipec_hpc.registry import load_calculator
+
+            self._loaded[generation] = load_calculator(self.folders[generation])
+        probe = atoms.copy()
+        probe.calc = self._loaded[generation]
+        return float(probe.get_potential_energy())
+
+
+def check_suspicious(atoms: Atoms, energy: float, row: Any, labeller: LabellerConfig,
+                     predictions: Predictions | None) -> None:
+    """SuspiciousLabel when the energy per atom lies outside ``energy_window`` around the
+    selecting generation's prediction on a structure whose gamma_max was at most
+    ``confident_gamma``; nothing where no window, prediction or gamma is known."""
+    if labeller.energy_window is None or predictions is None or not len(atoms):
+        return
+    generation, gamma = row.get("selected_by_generation"), row.get("gamma_max")
+    if generation is None or gamma is None or float(gamma) > labeller.confident_gamma:
+        return
+    predicted = predictions.energy(int(generation), atoms)
+    if predicted is None:
+        return
+    off = abs(energy - predicted) / len(atoms)
+    if off > labeller.energy_window:
+        raise SuspiciousLabel(f"energy {off:.3g} eV/atom from generation {int(generation)}'s prediction where it "
+                              f"was confident (gamma_max {float(gamma):.2g} <= {labeller.confident_gamma:g}); "
+                              f"over energy_window {labeller.energy_window:g}")
+
+
 def _stress(atoms: Atoms) -> np.ndarray | None:
     """The stress where the calculator computes it (periodic cells); None where it does not."""
     if not atoms.pbc.all():

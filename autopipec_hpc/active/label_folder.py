@@ -39,6 +39,8 @@ class LabelRequest(BaseModel):
     labeller: LabellerConfig
     tasks: list[list[int]]  # row ids per array task, assigned by the login side
     retried: list[int] = Field(default_factory=list)  # LABEL_FAILED rows put back by --retry-failed
+    # The published potential of each generation that selected rows (the labeller's energy_window).
+    potentials: dict[int, str] = Field(default_factory=dict)
 
 
 class TaskOutcome(BaseModel):

@@ -15,7 +15,13 @@ import os
 import socket
 import time
 
-from autopipec_hpc.active.label_checks import LabelTimeout, compute_label, reason_of
+from autopipec_hpc.active.label_checks import (
+    LabelTimeout,
+    Predictions,
+    check_suspicious,
+    compute_label,
+    reason_of,
+)
 from autopipec_hpc.active.label_folder import LabelFolder, TaskOutcome
 from autopipec_hpc.active.labeller_config import LabellerConfig
 from autopipec_hpc.errors import JobStopped
@@ -46,13 +52,13 @@ class LabelTask:
         request = labels.request()
         db = DatabaseManager(request.database)
         outcome = label_rows(db, request.labeller, request.tasks[index], folder=str(labels.path),
-                             job_id=task_job_id())
+                             job_id=task_job_id(), predictions=Predictions(request.potentials))
         labels.save_outcome(index, outcome)
         return outcome.model_dump(mode="json")
 
 
 def label_rows(db: DatabaseManager, labeller: LabellerConfig, row_ids: list[int], folder: str = "",
-               job_id: str = "") -> TaskOutcome:
+               job_id: str = "", predictions: Predictions | None = None) -> TaskOutcome:
     """Claim, compute and store each of ``row_ids`` in turn (see the module's docstring)."""
     start = time.monotonic()
     outcome = TaskOutcome()
@@ -70,7 +76,7 @@ def label_rows(db: DatabaseManager, labeller: LabellerConfig, row_ids: list[int]
             outcome.skipped.append(row_id)
             continue
         try:
-            _label_one(db, labeller, row_id, provenance, outcome)
+            _label_one(db, labeller, row_id, provenance, outcome, predictions)
         except BaseException as exc:
             # Stopped, or a failure of our own (the database): the row goes back, unlabelled.
             db.release_label(row_id, error=None if isinstance(exc, JobStopped) else reason_of(exc))
@@ -80,15 +86,18 @@ def label_rows(db: DatabaseManager, labeller: LabellerConfig, row_ids: list[int]
 
 
 def _label_one(db: DatabaseManager, labeller: LabellerConfig, row_id: int, provenance: dict,
-               outcome: TaskOutcome) -> None:
-    atoms = db.get_row(row_id).toatoms()
+               outcome: TaskOutcome, predictions: Predictions | None) -> None:
+    row = db.get_row(row_id)
+    atoms = row.toatoms()
     atoms.calc = None
     atoms.info["label_row_id"] = row_id  # lets a fault-injecting calculator pick its rows
     limit = labeller.time_limit_s
     label, reason = None, None
     for attempt in range(labeller.retries + 1):
         try:
-            label = compute_label(atoms, labeller, limit)
+            result = compute_label(atoms, labeller, limit)
+            check_suspicious(atoms, result.energy, row, labeller, predictions)
+            label = result  # only a result that passed every check
             break
         except JobStopped:
             raise

@@ -42,6 +42,10 @@ class LabellerConfig(_Strict):
     stress: bool = Field(False, description="store the stress too, where the calculator computes it")
     max_net_force: float = Field(0.1, ge=0, description="eV/A: |sum of forces| of a periodic cell above it fails")
     max_displacement: float = Field(1e-3, ge=0, description="A: a calculator that moved atoms further is refused")
+    energy_window: float | None = Field(
+        None, gt=0, description="eV/atom: a label this far from the selecting generation's prediction, on a "
+        "structure it was confident about (gamma_max <= confident_gamma), is refused as suspicious")
+    confident_gamma: float = Field(1.0, gt=0, description="with energy_window: the gamma_max below which it applies")
 
     @field_validator("calculator")
     @classmethod

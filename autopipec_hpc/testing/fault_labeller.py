@@ -24,14 +24,16 @@ class InjectedFault(RuntimeError):
 class FaultInjectingEMT(EMT):
     """EMT, except on ``fail_rows`` (raise), ``nan_rows`` (a NaN energy), ``slow_rows`` (sleep
     ``sleep_s`` first), ``move_rows`` (moves the atoms, as a relaxation would) and
-    ``kill_rows`` (SIGKILL of its own process, once ``kill_marker`` does not exist yet)."""
+    ``kill_rows`` (SIGKILL of its own process, once ``kill_marker`` does not exist yet) and
+    ``shift_rows`` (an energy off by ``shift_ev_per_atom``)."""
 
     def __init__(self, fail_rows: Sequence[int] = (), nan_rows: Sequence[int] = (), slow_rows: Sequence[int] = (),
-                 move_rows: Sequence[int] = (), kill_rows: Sequence[int] = (), sleep_s: float = 5.0,
-                 kill_marker: str = "", **kwargs) -> None:
+                 move_rows: Sequence[int] = (), kill_rows: Sequence[int] = (), shift_rows: Sequence[int] = (),
+                 sleep_s: float = 5.0, shift_ev_per_atom: float = 1.0, kill_marker: str = "", **kwargs) -> None:
         super().__init__(**kwargs)
         self.fault = {"fail": set(fail_rows), "nan": set(nan_rows), "slow": set(slow_rows),
-                      "move": set(move_rows), "kill": set(kill_rows)}
+                      "move": set(move_rows), "kill": set(kill_rows), "shift": set(shift_rows)}
+        self.shift_ev_per_atom = shift_ev_per_atom
         self.sleep_s = sleep_s
         self.kill_marker = kill_marker
 
@@ -46,6 +48,8 @@ class FaultInjectingEMT(EMT):
         if row in self.fault["slow"]:
             time.sleep(self.sleep_s)
         super().calculate(atoms, properties, system_changes)
+        if row in self.fault["shift"]:  # a plausible-looking but wrong energy (a broken setup)
+            self.results["energy"] += self.shift_ev_per_atom * len(self.atoms)
         if row in self.fault["nan"]:
             self.results["energy"] = float("nan")
         if row in self.fault["move"] and atoms is not None:
