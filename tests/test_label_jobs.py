@@ -288,12 +288,14 @@ def test_scancel_of_the_label_array_loses_no_row_and_labels_none_twice(tmp_path)
                           kwargs={"slow_rows": [ids[1], ids[3]], "sleep_s": 120})
     sub = submit_labels(site, db, slow)
     deadline = time.monotonic() + 120
-    while db.count(status="LABELLING") < 2 and time.monotonic() < deadline:
-        time.sleep(0.5)  # both tasks labelled their first row and sleep in their second
-    assert db.count(status="LABELLING") == 2
+    mid = ["TRAINING_READY", "LABELLING"] * 2  # both tasks labelled their first row and sleep in their second
+    while statuses(site.database, ids) != mid and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert statuses(site.database, ids) == mid
     subprocess.run(["scancel", sub.jobs[0].job_id.split("_")[0]], check=True)
     summary = wait_for_labels(site, db, sub.folder.path, timeout_s=120, poll_s=0.5)
-    assert summary.labelled == [ids[0], ids[2]] and summary.returned == [ids[1], ids[3]]
+    assert summary.labelled == [ids[0], ids[2]] and summary.returned == [ids[1], ids[3]], (
+        summary, [dict(DatabaseManager(site.database).get_row(i).key_value_pairs) for i in ids])
     assert statuses(site.database, ids) == ["TRAINING_READY", "DFT_REQUESTED"] * 2
     first = {i: db.get_row(i).mtime for i in (ids[0], ids[2])}
     again = run_labels(site, db, LabellerConfig(name="emt", calculator=FAULTS), timeout_s=120)
@@ -319,3 +321,23 @@ def test_a_label_far_from_a_confident_prediction_is_refused_as_suspicious(traine
     assert list(summary.failed) == [ids[1]]
     assert summary.failed[ids[1]].startswith("SuspiciousLabel: energy ")
     assert "from generation 1's prediction where it was confident (gamma_max 0.5 <= 1)" in summary.failed[ids[1]]
+
+
+def test_label_no_wait_returns_with_the_array_in_flight_and_the_template_command_prints_a_labeller(tmp_path, capsys):
+    from autopipec_hpc.active.label_array import wait_for_labels
+
+    database = str(tmp_path / "s.db")
+    ids = requested(database, 2)
+    assert main(["labeller-template"]) == 0
+    path = tmp_path / "labeller.yaml"
+    path.write_text(capsys.readouterr().out)
+    site = tmp_path / "site.yaml"
+    site.write_text(yaml.safe_dump(local_site(tmp_path).model_dump(mode="json")))
+    assert main(["label", "--site", str(site), "--db", database, "--labeller", str(path), "--no-wait"]) == 0
+    out = capsys.readouterr().out
+    assert "label array submitted: 1 tasks" in out and "summary.json" in out
+    folder = tmp_path / "labels" / "gen-1"
+    summary = wait_for_labels(local_site(tmp_path), DatabaseManager(database), folder, timeout_s=120)
+    assert summary.labelled == ids and (folder / "summary.json").exists()
+    assert main(["label", "--site", str(site), "--db", database, "--labeller", str(path)]) == 0
+    assert "nothing to label" in capsys.readouterr().out

@@ -29,6 +29,9 @@ from autopipec_hpc.store.database import absolute_target, is_url
 
 log = logging.getLogger(__name__)
 
+# How long the summary waits for the rows of ended tasks to settle (see wait_for_labels).
+SETTLE_S = 15.0
+
 
 @dataclass(frozen=True)
 class LabelSubmission:
@@ -176,7 +179,18 @@ def wait_for_labels(site: SiteConfig, db: DatabaseManager, folder: str | Path, t
     for k, (job, state) in enumerate(zip(jobs, states)):
         if state != JobState.COMPLETED and not labels.task_file(k).exists():
             say(f"label task {job.job_id} ended {state}: {job.last_error() or 'no error written'}")
-    reconcile_labels(db, site)
+    # sacct says CANCELLED as soon as an array is scancelled, while its tasks may still be
+    # ending (a claim just before the signal, a release after it): reconcile until this
+    # step's rows are settled, for a few seconds at most; any row still held then is
+    # reconciled by the next label or loop.
+    settle = time.monotonic() + SETTLE_S
+    ids = [i for task in labels.request().tasks for i in task]
+    while True:
+        reconcile_labels(db, site)
+        if time.monotonic() > settle or not any(db.get_row(i).get("status") == StructureStatus.LABELLING
+                                                for i in ids):
+            break
+        time.sleep(0.5)
     summary = summarize(db, labels)
     from autopipec_hpc.files import atomic_write_text
 
