@@ -21,7 +21,7 @@ from autopipec_hpc.active.labeller_config import LabellerConfig
 from autopipec_hpc.active.labelling import recover_labels
 from autopipec_hpc.config import SiteConfig
 from autopipec_hpc.errors import LabellingError, SchedulerError, one_line
-from autopipec_hpc.files import fresh_dir
+from autopipec_hpc.files import atomic_write_text, fresh_dir
 from autopipec_hpc.scheduler.base import SubmittedJob, job_name
 from autopipec_hpc.states import FINISHED, JobRole, JobState, StructureStatus
 from autopipec_hpc.store import DatabaseManager
@@ -187,15 +187,18 @@ def wait_for_labels(site: SiteConfig, db: DatabaseManager, folder: str | Path, t
     ids = [i for task in labels.request().tasks for i in task]
     while True:
         reconcile_labels(db, site)
-        if time.monotonic() > settle or not any(db.get_row(i).get("status") == StructureStatus.LABELLING
-                                                for i in ids):
+        if time.monotonic() > settle or not any(_held_here(db.get_row(i), labels) for i in ids):
             break
         time.sleep(0.5)
     summary = summarize(db, labels)
-    from autopipec_hpc.files import atomic_write_text
-
     atomic_write_text(labels.summary_file, summary.model_dump_json(indent=2))
     return summary
+
+
+def _held_here(row, labels: LabelFolder) -> bool:
+    """Whether ``row`` is LABELLING by a task of this label folder (not of another run's)."""
+    return row.get("status") == StructureStatus.LABELLING and \
+        Path(str(row.get("label_folder", ""))).resolve() == labels.path.resolve()
 
 
 def run_labels(site: SiteConfig, db: DatabaseManager, labeller: LabellerConfig, retry_failed: bool = False,
