@@ -303,26 +303,6 @@ def test_scancel_of_the_label_array_loses_no_row_and_labels_none_twice(tmp_path)
     assert {i: db.get_row(i).mtime for i in (ids[0], ids[2])} == first  # none labelled twice
 
 
-@pytest.mark.slow
-@pytest.mark.pacemaker
-def test_a_label_far_from_a_confident_prediction_is_refused_as_suspicious(trained, tmp_path):
-    from tests.helpers import copy_db
-
-    database = copy_db(trained, tmp_path)
-    db = DatabaseManager(database)
-    ids = [db.add_candidate(a, "near") for a in near_candidates(3, seed=8)]
-    # selected by generation 1 where it was confident (gamma_max 0.5), except the last
-    db.update_rows([(i, {"status": "DFT_REQUESTED", "selected_by_generation": 1, "gamma_max": g})
-                    for i, g in zip(ids, (0.5, 0.5, 3.0))])
-    labeller = LabellerConfig(name="emt", calculator=FAULTS, energy_window=0.3, structures_per_task=3,
-                              kwargs={"shift_rows": [ids[1], ids[2]], "shift_ev_per_atom": 1.0})
-    summary = run_labels(local_site(tmp_path), db, labeller, timeout_s=300)
-    assert summary.labelled == [ids[0], ids[2]]  # the shifted one with a high gamma: new physics, kept
-    assert list(summary.failed) == [ids[1]]
-    assert summary.failed[ids[1]].startswith("SuspiciousLabel: energy ")
-    assert "from generation 1's prediction where it was confident (gamma_max 0.5 <= 1)" in summary.failed[ids[1]]
-
-
 def test_label_no_wait_returns_with_the_array_in_flight_and_the_template_command_prints_a_labeller(tmp_path, capsys):
     from autopipec_hpc.active.label_array import wait_for_labels
 
