@@ -105,6 +105,10 @@ class TrainConfig(_Strict):
     warm_start: int | None = Field(
         None, ge=1, description="start pacemaker from this published generation's potential (warm_start.py)"
     )
+    level_of_theory: str | None = Field(
+        None, description="train only on rows labelled at this level (a labeller name, or NAME#HASH); "
+        "needed when the labelled rows mix levels (levels.py); rows imported with labels record none",
+    )
     holdout: FixedHoldout | None = Field(
         None, description="a fixed holdout, test in every generation and compared on: {config_type: NAME or "
         "[NAMES]} and/or {file: EXTXYZ} (structures of the database with that content; splits.py)",

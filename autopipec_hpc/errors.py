@@ -105,3 +105,7 @@ class PropertyError(AutopipecError):
 
 class ValidationRejectedError(AutopipecError):
     """A generation failed its validation gate: REJECTED, not published."""
+
+
+class LevelOfTheoryError(AutopipecError):
+    """The rows a training set would use were labelled at different levels of theory."""

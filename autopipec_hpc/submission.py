@@ -18,6 +18,7 @@ from autopipec_hpc.errors import InsufficientDataError, one_line
 from autopipec_hpc.files import atomic_write_text
 from autopipec_hpc.generation import Generation, reconcile_generation
 from autopipec_hpc.jobs import EvaluateJob, TrainJob, ValidateJob
+from autopipec_hpc.levels import chosen_level
 from autopipec_hpc.pacemaker.files import count_parameters
 from autopipec_hpc.preflight import check_parent_potential, run_preflight
 from autopipec_hpc.run_folder import RunSpec, new_run_folder
@@ -105,12 +106,15 @@ def with_fixed_holdout(db: DatabaseManager, config: TrainConfig) -> TrainConfig:
 
 
 def prepare_dataset_from_db(
-    db: DatabaseManager, settings: DatasetSettings, out: Path, status: str = StructureStatus.TRAINING_READY
+    db: DatabaseManager, settings: DatasetSettings, out: Path, status: str = StructureStatus.TRAINING_READY,
+    level_of_theory: str | None = None,
 ) -> DatasetManifest:
-    """The delta datasets of the rows with ``status``, written into ``out``."""
+    """The delta datasets of the rows with ``status``, written into ``out``: of one level of
+    theory (``levels.py``: mixed levels refused unless ``level_of_theory`` picks one)."""
     if db.count(status=status) == 0:
         raise InsufficientDataError(f"no structures with status={status} in {db.target}; nothing written")
-    return DatasetBuilder(settings).prepare_dataset(db.ready_structures(status), out)
+    level = chosen_level(db, status, level_of_theory)
+    return DatasetBuilder(settings).prepare_dataset(db.ready_structures(status, level), out)
 
 
 def prepare_run(
@@ -130,6 +134,7 @@ def prepare_run(
             f"no structures with status={StructureStatus.TRAINING_READY} in {db.target}; nothing written"
         )
     config = with_fixed_holdout(db, config)  # a holdout named wrong is refused before the claim
+    chosen_level(db, StructureStatus.TRAINING_READY, config.level_of_theory)  # mixed levels, too
     if generation is not None:
         reconcile_generation(db, generation)  # a stale record must not block the claim
     work = Path(site.work_dir).resolve()
@@ -148,7 +153,8 @@ def prepare_run(
     )
     try:
         spec.save()
-        manifest = prepare_dataset_from_db(db, dataset_settings(config), spec.dataset_dir)
+        manifest = prepare_dataset_from_db(db, dataset_settings(config), spec.dataset_dir,
+                                           level_of_theory=config.level_of_theory)
     except BaseException as exc:
         db.update_record(generation, run_dir, RecordState.FAILED, reason=f"not submitted: {one_line(exc)}")
         raise

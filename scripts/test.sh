@@ -10,6 +10,8 @@ cd "$(dirname "$0")/.."
 bash scripts/bootstrap.sh
 # bootstrap.sh installed pacemaker: its tests fail rather than skip here.
 export AUTOPIPEC_REQUIRE_PACEMAKER=1
+# ... and GPAW (the `dft` extra): the DFT labelling tests fail rather than skip.
+export AUTOPIPEC_REQUIRE_GPAW=1
 started_slurm=0
 started_pg=0
 stop() {

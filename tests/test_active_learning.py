@@ -401,7 +401,7 @@ def test_interrupted_loop_resumes_without_repeating_a_finished_step(tmp_path, mo
     def interrupted(*a, **k):
         raise KeyboardInterrupt  # the loop process dies while labelling
 
-    monkeypatch.setattr(loop, "label_requested", interrupted)
+    monkeypatch.setattr(loop, "label_step", interrupted)
     with pytest.raises(KeyboardInterrupt):
         run_loop(site, db, config, settings, timeout_s=900)
     assert db.get_record(1).status == "SUCCEEDED" and len(db.markers("selection")) == 1
@@ -585,3 +585,27 @@ def test_common_holdout_compares_on_the_rows_left_when_one_was_deleted(trained, 
     db._db.delete([test_ids[0]])
     common, rows = common_holdout(db)
     assert common == sorted(test_ids[1:]) and rows[0].structures == len(test_ids) - 1
+
+
+@pytest.mark.slow
+@pytest.mark.pacemaker
+def test_a_label_far_from_a_confident_prediction_is_refused_as_suspicious(trained, tmp_path):
+    """The labeller's energy_window (issue 17), here beside the ``trained`` fixture it needs."""
+    from autopipec_hpc.active.label_array import run_labels
+    from autopipec_hpc.active.labeller_config import LabellerConfig
+
+    database = copy_db(trained, tmp_path)
+    db = DatabaseManager(database)
+    ids = [db.add_candidate(a, "near") for a in near_candidates(3, seed=8)]
+    # selected by generation 1 where it was confident (gamma_max 0.5), except the last
+    db.update_rows([(i, {"status": "DFT_REQUESTED", "selected_by_generation": 1, "gamma_max": g})
+                    for i, g in zip(ids, (0.5, 0.5, 3.0))])
+    labeller = LabellerConfig(name="emt", calculator="autopipec_hpc.testing.fault_labeller:FaultInjectingEMT",
+                              energy_window=0.3, structures_per_task=3,
+                              kwargs={"shift_rows": [ids[1], ids[2]], "shift_ev_per_atom": 1.0})
+    site = SiteConfig(work_dir=tmp_path / "runs", output_dir=tmp_path / "output", database=database)
+    summary = run_labels(site, db, labeller, timeout_s=300)
+    assert summary.labelled == [ids[0], ids[2]]  # the shifted one with a high gamma: new physics, kept
+    assert list(summary.failed) == [ids[1]]
+    assert summary.failed[ids[1]].startswith("SuspiciousLabel: energy ")
+    assert "from generation 1's prediction where it was confident (gamma_max 0.5 <= 1)" in summary.failed[ids[1]]

@@ -421,7 +421,7 @@ def test_a_loop_rerun_follows_the_select_job_in_flight_and_a_dead_one_is_recover
     def interrupted(*a, **k):
         raise KeyboardInterrupt  # stop the rerun after its selection step
 
-    monkeypatch.setattr(loop, "label_requested", interrupted)
+    monkeypatch.setattr(loop, "label_step", interrupted)
     said: list[str] = []
     settings = loop.LoopSettings(generations=2, select=3, calculator="ase.calculators.emt:EMT")
     with pytest.raises(KeyboardInterrupt):

@@ -112,6 +112,7 @@ CORE = [
     "autopipec_hpc.pacemaker.*", "autopipec_hpc.evaluation", "autopipec_hpc.registry",
     "autopipec_hpc.warm_start", "autopipec_hpc.run_folder", "autopipec_hpc.example_data",
     "autopipec_hpc.validate", "autopipec_hpc.validate.*",
+    "autopipec_hpc.levels",
 ]
 LAYERS: dict[str, list[str]] = {
     "core": CORE,

@@ -170,7 +170,7 @@ def test_the_loop_on_a_slurm_site_selects_with_the_same_job(trained, tmp_path, m
     def interrupted(*a, **k):
         raise KeyboardInterrupt  # stop the loop after its select step
 
-    monkeypatch.setattr(loop, "label_requested", interrupted)
+    monkeypatch.setattr(loop, "label_step", interrupted)
     said: list[str] = []
     with pytest.raises(KeyboardInterrupt):
         settings = loop.LoopSettings(generations=2, select=3, calculator="ase.calculators.emt:EMT")

@@ -10,8 +10,10 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 
-from autopipec_hpc.active.labelling import Labeller, label_requested
+from autopipec_hpc.active.label_array import check_label_gate, label_step
+from autopipec_hpc.active.labeller_config import LabellerConfig, load_labeller
 from autopipec_hpc.active.select_job import run_selection, wait_for_selection
 from autopipec_hpc.active.selection_claim import live_claims
 from autopipec_hpc.active.selection_folder import SelectionRequest
@@ -33,21 +35,22 @@ class LoopSettings:
 
     generations: int  # stop once this generation is published
     select: int  # structures to label per generation at most
-    calculator: str  # MODULE:CLASS that labels
+    calculator: str | None = None  # MODULE:CLASS that labels (a labeller with default settings)
     kwargs: str | None = None  # its keyword arguments, a JSON object
+    labeller_file: Path | None = None  # labeller.yaml, instead of --calculator
     gamma_min: float = 1.0
     strategy: Strategy = Strategy.D_OPTIMAL
     warm: bool = True  # each generation warm-started from the one before
     seed: int = 0  # for --strategy random
     max_atoms: int | None = None  # a budget in atoms per generation, besides --select
-    labeller: Labeller = field(init=False, compare=False, repr=False)
+    labeller: LabellerConfig = field(init=False, compare=False, repr=False)
 
     def __post_init__(self) -> None:
         if self.generations < 1:
             raise ConfigError(f"--generations must be at least 1, got {self.generations}")
         strategy = self.selection(1).strategy  # checks --select, --gamma-min, --strategy
         object.__setattr__(self, "strategy", strategy)
-        object.__setattr__(self, "labeller", Labeller.load(self.calculator, self.kwargs))
+        object.__setattr__(self, "labeller", load_labeller(self.labeller_file, self.calculator, self.kwargs))
 
     def selection(self, generation: int) -> SelectionRequest:
         return SelectionRequest(generation=generation, max_select=self.select, gamma_min=self.gamma_min,
@@ -163,6 +166,8 @@ def _take(step: LoopStep, site: SiteConfig, db: DatabaseManager, config: TrainCo
     if step.action == LoopAction.WAIT:
         wait_for_generation(find_run(site, step.generation, db.target), timeout)
     elif step.action == LoopAction.TRAIN:
+        if step.generation > 1:  # the labels the last generation asked for: too many failed stops here
+            check_label_gate(db, step.generation - 1, settings.labeller.max_failed_fraction)
         cfg = config.model_copy(update={"warm_start": step.parent, "reference_energies": None}
                                 if step.parent else {"warm_start": None})
         sub = submit_generation(db.target, site, cfg, step.generation, notify=say)
@@ -174,7 +179,7 @@ def _take(step: LoopStep, site: SiteConfig, db: DatabaseManager, config: TrainCo
     elif step.action == LoopAction.WAIT_SELECTION:
         _follow_selection(site, db, step.generation, timeout, say)
     elif step.action == LoopAction.LABEL:
-        label_requested(db, settings.labeller, notify=say, wait_s=timeout)
+        label_step(site, db, settings.labeller, timeout, notify=say)
 
 
 def _follow_selection(site: SiteConfig, db: DatabaseManager, generation: int, timeout: float,

@@ -21,6 +21,7 @@ from autopipec_hpc.cli.show import (
     console,
     print_common_holdout,
     print_dataset_summary,
+    print_label_summary,
     print_records,
     print_selection,
     print_table,
@@ -57,7 +58,8 @@ def cmd_prepare(args: argparse.Namespace) -> int:
         config = _with_overrides(config, overrides)
     db = DatabaseManager(args.db, must_exist=True)
     try:
-        manifest = prepare_dataset_from_db(db, dataset_settings(config), args.out, args.status)
+        manifest = prepare_dataset_from_db(db, dataset_settings(config), args.out, args.status,
+                                           level_of_theory=config.level_of_theory)
     except OSError as exc:
         # A full disk or a folder that cannot be written: the files already there stay whole.
         raise DatasetError(f"{args.out}: cannot write the dataset ({exc.strerror or exc})") from None
@@ -250,13 +252,32 @@ def cmd_select(args: argparse.Namespace) -> int:
 
 
 def cmd_label(args: argparse.Namespace) -> int:
-    from autopipec_hpc.active.labelling import Labeller, label_requested
+    from autopipec_hpc.active.label_array import run_labels, submit_labels
+    from autopipec_hpc.active.labeller_config import load_labeller
 
-    labeller = Labeller.load(args.calculator, args.kwargs)  # a bad spec is named before the database opens
+    labeller = load_labeller(args.labeller, args.calculator, args.kwargs)  # named before the database opens
     site, database = _site_and_db(args)
-    result = label_requested(DatabaseManager(database, must_exist=True), labeller, notify=_say)
-    console.print(f"{len(result.labelled)} structures ({result.atoms} atoms) labelled with {args.calculator}: "
-                  "now TRAINING_READY")
+    db = DatabaseManager(database, must_exist=True)
+    if args.no_wait:
+        sub = submit_labels(site, db, labeller, retry_failed=args.retry_failed, notify=_say)
+        if sub is not None:
+            console.print(f"label array submitted: {len(sub.jobs)} tasks, first {sub.jobs[0].job_id}; "
+                          f"its summary will be {sub.folder.summary_file}", highlight=False)
+            return 0
+        summary = None
+    else:
+        summary = run_labels(site, db, labeller, retry_failed=args.retry_failed, notify=_say)
+    if summary is None:
+        console.print("nothing to label: no DFT_REQUESTED structures", highlight=False)
+    else:
+        print_label_summary(summary)
+    return 0
+
+
+def cmd_labeller_template(args: argparse.Namespace) -> int:
+    from autopipec_hpc.active.labeller_config import labeller_template
+
+    sys.stdout.write(labeller_template(gpaw=args.gpaw))
     return 0
 
 
@@ -264,8 +285,8 @@ def cmd_loop(args: argparse.Namespace) -> int:
     from autopipec_hpc.active.loop import LoopSettings, run_loop
 
     settings = LoopSettings(generations=args.generations, select=args.select, calculator=args.calculator,
-                            kwargs=args.kwargs, gamma_min=args.gamma_min, strategy=args.strategy,
-                            warm=not args.cold, seed=args.seed, max_atoms=args.max_atoms)  # checked before anything is opened or written
+                            kwargs=args.kwargs, labeller_file=args.labeller, gamma_min=args.gamma_min,
+                            strategy=args.strategy, warm=not args.cold, seed=args.seed, max_atoms=args.max_atoms)  # checked before anything is opened or written
     site, database = _site_and_db(args)
     config = TrainConfig.from_yaml(args.config)
     if settings.warm and config.ladder_step is not None:

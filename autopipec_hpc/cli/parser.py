@@ -122,7 +122,10 @@ def build_parser() -> argparse.ArgumentParser:
     site_args(p)
     p.add_argument("--generations", type=int, required=True, help="stop when this generation is published")
     p.add_argument("--select", type=int, required=True, help="structures to label per generation at most")
-    p.add_argument("--calculator", required=True, help="MODULE:CLASS that labels, e.g. ase.calculators.emt:EMT")
+    p.add_argument("--labeller", type=Path, default=None,
+                   help="labeller.yaml: how each generation's structures are labelled (see labeller-template)")
+    p.add_argument("--calculator", default=None,
+                   help="instead of --labeller: MODULE:CLASS that labels, e.g. ase.calculators.emt:EMT")
     p.add_argument("--kwargs", default=None, help="the calculator's keyword arguments as a JSON object")
     p.add_argument("--config", type=Path, default=None, help="TrainConfig YAML (warm_start is set by the loop)")
     p.add_argument("--gamma-min", type=float, default=1.0)
@@ -133,11 +136,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cold", action="store_true", help="train every generation from scratch")
     p.set_defaults(func="cmd_loop")
 
-    p = sub.add_parser("label", help="label DFT_REQUESTED structures with an ASE calculator")
+    p = sub.add_parser("label", help="label DFT_REQUESTED structures as a job array of the site's scheduler")
     site_args(p)
-    p.add_argument("--calculator", required=True, help="MODULE:CLASS, e.g. ase.calculators.emt:EMT")
-    p.add_argument("--kwargs", default=None, help="the calculator's keyword arguments as a JSON object")
+    p.add_argument("--labeller", type=Path, default=None, help="labeller.yaml (see labeller-template)")
+    p.add_argument("--calculator", default=None,
+                   help="shortcut for a labeller with default settings: MODULE:CLASS, e.g. ase.calculators.emt:EMT")
+    p.add_argument("--kwargs", default=None, help="with --calculator: its keyword arguments as a JSON object")
+    p.add_argument("--retry-failed", action="store_true", help="label the LABEL_FAILED structures again too")
+    p.add_argument("--no-wait", action="store_true", help="print the array's first task and its folder, and return")
     p.set_defaults(func="cmd_label")
+
+    p = sub.add_parser("labeller-template", help="print a labeller.yaml to start from")
+    p.add_argument("--gpaw", action="store_true", help="a GPAW labeller that runs as is (pip install .[dft])")
+    p.set_defaults(func="cmd_labeller_template")
 
     return parser
 

@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING
 from autopipec_hpc.states import RecordState
 
 if TYPE_CHECKING:  # annotations only: a command imports what it prints when it runs
+    from autopipec_hpc.active.label_folder import LabelSummary
     from autopipec_hpc.active.selection import SelectionResult
     from autopipec_hpc.dataset_prep import DatasetManifest
     from autopipec_hpc.generation import GenerationProgress
@@ -117,6 +118,13 @@ def print_selection(result: SelectionResult) -> None:
     console.print(f"{len(result.selected_ids)} structures now DFT_REQUESTED ({result.selected_atoms} atoms to "
                   f"label); summary and gamma histograms "
                   f"({figures}) in {result.folder}", highlight=False)
+
+
+def print_label_summary(summary: LabelSummary) -> None:
+    """One line for the step, then one per failed structure with its reason."""
+    console.print(f"{summary.describe()}; folder {summary.folder}", highlight=False, markup=False)
+    for row_id, reason in sorted(summary.failed.items()):
+        console.print(f"  LABEL_FAILED id={row_id}: {reason}", highlight=False, markup=False)
 
 
 # -- presentation ---------------------------------------------------------------

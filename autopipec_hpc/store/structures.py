@@ -30,7 +30,9 @@ SELECTION_RECORD = "selection"
 # lock before anything is scored or submitted, deleted in the transaction that commits.
 SELECTION_CLAIM = "selection-claim"
 # What a labeller writes on the row it claimed (LABELLING), and why a label failed.
-LABEL_CLAIM_KEYS = ("label_claimed_by", "label_claimed_at")
+# Who holds a LABELLING row: a process (host:pid), and for a label job array's task its job
+# id and label folder, so the login side can ask the scheduler whether that task ended.
+LABEL_CLAIM_KEYS = ("label_claimed_by", "label_claimed_at", "label_job", "label_folder")
 LABEL_ERROR_KEY = "label_error"
 
 
@@ -86,21 +88,31 @@ def label_of(row) -> str:
 class ReadyStructures:
     """A re-iterable view of the ready rows: each ``iter`` is a fresh streaming query."""
 
-    def __init__(self, db: StructureRows, status: str) -> None:
+    def __init__(self, db: StructureRows, status: str, level: str | None = None) -> None:
         self._db = db
         self._status = status
+        self._level = level  # only rows of this level of theory (or of none recorded): levels.py
 
     def __iter__(self) -> Iterator[Atoms]:
-        return self._db.iter_structures(self._status)
+        return self._db.iter_structures(self._status, level=self._level)
 
     def __len__(self) -> int:
-        return self._db.count(status=self._status)
+        if self._level is None:
+            return self._db.count(status=self._status)
+        return sum(1 for row in self._db.iter_rows(status=self._status) if _at_level(row, self._level))
+
+
+def _at_level(row, level: str | None) -> bool:
+    """Whether ``row`` belongs in a training set restricted to ``level`` (NAME#HASH)."""
+    name = row.get("labeller")
+    return level is None or name is None or f"{name}#{row.get('labeller_hash', '')}" == level
 
 
 # Keys the pipeline writes on structure rows; provenance never overwrites them.
 PIPELINE_KEYS = frozenset({
     "status", "config_type", "source", "frame", "generation", "split", "record",
     "gamma_max", "gamma_mean", "scored_by_generation", "selected_by_generation", "labelled_by",
+    "labeller", "labeller_code", "labeller_version", "labeller_hash", "label_retries",
     *LABEL_CLAIM_KEYS, LABEL_ERROR_KEY,
 })
 
@@ -262,14 +274,17 @@ class StructureRows(Database):
                 clean = {k: _clean_value(v) for k, v in values.items()}
                 db.update(int(row_id), **{k: v for k, v in clean.items() if v is not None})
 
-    def set_labels(self, row_id: int, energy: float, forces: np.ndarray, status: str, **values: Any) -> None:
+    def set_labels(self, row_id: int, energy: float, forces: np.ndarray, status: str,
+                   stress: np.ndarray | None = None, **values: Any) -> None:
         """Store a row's labels and new status; the row keeps its id, unique_id,
         key-value pairs and data (ase.db's ``update(atoms=...)`` would draw a new unique_id)."""
         from ase.db.row import AtomsRow
 
         old = self._db.get(id=int(row_id))
         atoms = old.toatoms()
-        atoms.calc = SinglePointCalculator(atoms, energy=float(energy), forces=np.asarray(forces, dtype=float))
+        extra = {} if stress is None else {"stress": np.asarray(stress, dtype=float)}
+        atoms.calc = SinglePointCalculator(atoms, energy=float(energy), forces=np.asarray(forces, dtype=float),
+                                           **extra)
         # A labelled row no longer has a claimant or an error.
         kvp = {k: v for k, v in old.key_value_pairs.items() if k not in (*LABEL_CLAIM_KEYS, LABEL_ERROR_KEY)}
         kvp.update({k: _clean_value(v) for k, v in values.items() if _clean_value(v) is not None})
@@ -327,15 +342,38 @@ class StructureRows(Database):
     def drop_selection_claim(self, row_id: int) -> None:
         self._db.delete([int(row_id)])
 
-    def claim_label(self, row_id: int, claimant: str) -> bool:
-        """Make a DFT_REQUESTED row LABELLING, held by ``claimant``; False if it is not
-        DFT_REQUESTED (labelled, or claimed, by another)."""
+    def claim_label(self, row_id: int, claimant: str, **holder: Any) -> bool:
+        """Make a DFT_REQUESTED row LABELLING, held by ``claimant`` (and ``holder``: its
+        ``label_job`` and ``label_folder``); False if it is not DFT_REQUESTED (labelled, or
+        claimed, by another)."""
         with self._transaction() as db:
             if db.get(id=int(row_id)).get("status") != StructureStatus.DFT_REQUESTED:
                 return False
+            extra = {k: _clean_value(v) for k, v in holder.items() if k in LABEL_CLAIM_KEYS}
             db.update(int(row_id), status=StructureStatus.LABELLING.value, label_claimed_by=claimant,
-                      label_claimed_at=time.time())
+                      label_claimed_at=time.time(), **extra)
             return True
+
+    def fail_label(self, row_id: int, error: str, **values: Any) -> bool:
+        """A LABELLING row given up: LABEL_FAILED with its one-line reason (and ``values``:
+        the labeller that failed); False if the row is not LABELLING (nothing changed)."""
+        with self._transaction() as db:
+            if db.get(id=int(row_id)).get("status") != StructureStatus.LABELLING:
+                return False
+            clean = {k: _clean_value(v) for k, v in values.items()}
+            db.update(int(row_id), delete_keys=list(LABEL_CLAIM_KEYS), status=StructureStatus.LABEL_FAILED.value,
+                      **{LABEL_ERROR_KEY: error[:500]}, **{k: v for k, v in clean.items() if v is not None})
+            return True
+
+    def retry_failed_labels(self) -> list[int]:
+        """Every LABEL_FAILED row back to DFT_REQUESTED (its ``label_retries`` counted, its
+        last error kept until it is labelled), in one transaction; their ids."""
+        ids = [row.id for row in self._select_paged(status=StructureStatus.LABEL_FAILED.value)]
+        with self._transaction() as db:
+            for row_id in ids:
+                retries = int(db.get(id=row_id).get("label_retries", 0))
+                db.update(row_id, status=StructureStatus.DFT_REQUESTED.value, label_retries=retries + 1)
+        return ids
 
     def release_label(self, row_id: int, error: str | None = None) -> None:
         """A LABELLING row back to DFT_REQUESTED, with why its label failed (if it did)."""
@@ -346,10 +384,12 @@ class StructureRows(Database):
             db.update(int(row_id), delete_keys=list(LABEL_CLAIM_KEYS), status=StructureStatus.DFT_REQUESTED.value,
                       **extra)
 
-    def ready_structures(self, status: str = StructureStatus.TRAINING_READY) -> "ReadyStructures":
-        return ReadyStructures(self, status)
+    def ready_structures(self, status: str = StructureStatus.TRAINING_READY, level: str | None = None
+                         ) -> "ReadyStructures":
+        return ReadyStructures(self, status, level)
 
-    def iter_structures(self, status: str = StructureStatus.TRAINING_READY) -> Iterator[Atoms]:
+    def iter_structures(self, status: str = StructureStatus.TRAINING_READY, level: str | None = None
+                        ) -> Iterator[Atoms]:
         """Stream the rows with ``status``, as Atoms carrying their labels.
 
         ``info`` holds ``db_id`` and ``config_type``; the calculator holds the
@@ -357,6 +397,8 @@ class StructureRows(Database):
         is in ``arrays['force_mask']``.
         """
         for row in self._select_paged(status=str(status)):
+            if not _at_level(row, level):
+                continue
             atoms = Atoms(numbers=row.numbers, positions=row.positions, cell=row.cell, pbc=row.pbc)
             energy = row.get("energy")
             forces = row.get("forces")
