@@ -112,3 +112,37 @@ def test_a_fit_stopped_early_ends_as_a_normal_fit(tmp_path):
     assert (run / OUTPUT_POTENTIAL).exists() and (run / "test_pred.pckl.gzip").exists()
     assert result.test_rmse_energy_mev is not None
     assert int(read_metrics_table(run / "metrics.txt")["iter_num"].max()) == result.iterations
+
+
+@pytest.mark.pacemaker
+@pytest.mark.slow
+def test_early_stopping_raised_after_the_last_iteration_still_ends_as_a_normal_fit(tmp_path):
+    """When the optimizer has ended (maxiter), tensorpot computes the test metrics once more
+    outside scipy; if that pass completes early stopping's window, pacemaker's
+    TestLossChangeTooSmallException escapes the fit and pacemaker exits 1 without its output
+    potential (found on a warm start in the exploring loop). maxiter = patience - 1 with
+    display_step 1 puts the window's completion exactly on that last pass. Every iteration
+    ran: the wrapper keeps the last iterate and reports the fit as stopped early, not FAILED."""
+    pytest.importorskip("tensorpotential")
+    from pathlib import Path
+
+    from autopipec_hpc.dataset_prep import DatasetBuilder, DatasetSettings
+    from autopipec_hpc.example_data import example_structures, tiny_train_config
+    from autopipec_hpc.pacemaker.files import INTERIM_POTENTIAL, OUTPUT_POTENTIAL, STDOUT_LOG
+    from autopipec_hpc.pacemaker.run import PacemakerWrapper
+    from tests.helpers import PACEMAKER
+
+    structures = []
+    for k, (atoms, ctype) in enumerate(example_structures()):
+        atoms.info.update(db_id=k + 1, config_type=ctype)
+        structures.append(atoms)
+    dataset = DatasetBuilder(DatasetSettings()).prepare_dataset(structures, tmp_path / "ds")
+    config = tiny_train_config().model_copy(
+        update={"maxiter": 9, "early_stopping_patience": 10, "early_stopping_min_improvement": 0.5})
+    result = PacemakerWrapper(command=str(PACEMAKER), evaluator="tensorpot", threads=2).run_training(
+        dataset.train_paths, dataset.test_paths, config, run_dir=tmp_path / "attempt")
+    run = Path(result.run_dir)
+    out = (run / STDOUT_LOG).read_text()
+    assert "TestLossChangeTooSmallException" in out.strip().splitlines()[-1]  # pacemaker did exit on it
+    assert result.stopped_early and result.iterations == 9
+    assert (run / OUTPUT_POTENTIAL).read_text() == (run / INTERIM_POTENTIAL).read_text()

@@ -177,6 +177,26 @@ def stopped_early(run_dir: Path) -> bool:
         return False
 
 
+# When the optimizer has already ended (maxiter), tensorpot computes the test metrics once
+# more outside scipy, and a window that now qualifies raises pacemaker's early-stopping
+# exception straight out of the fit: exit 1, no output_potential.yaml, although every
+# iteration ran (interim_potential_0.yaml holds the last iterate). Seen on warm starts.
+LATE_EARLY_STOP = "pyace.generalfit.TestLossChangeTooSmallException:"
+
+
+def ended_by_late_early_stop(run_dir: Path) -> bool:
+    """Whether pacemaker's exit came from its early stopping raised after the optimizer's
+    last iteration (the last line of its output names that exception), with the last
+    iterate saved."""
+    path = Path(run_dir) / STDOUT_LOG
+    try:
+        lines = path.read_text(errors="replace").splitlines()[-5:]
+    except OSError:
+        return False
+    last = next((line for line in reversed(lines) if line.strip()), "")
+    return last.startswith(LATE_EARLY_STOP) and (Path(run_dir) / INTERIM_POTENTIAL).exists()
+
+
 def iterations_done(run_dir: Path) -> int:
     """Iterations an attempt completed, from pacemaker's metrics table."""
     table = read_metrics_table(Path(run_dir) / TRAIN_METRICS)

@@ -24,6 +24,7 @@ from autopipec_hpc.errors import TrainingDivergenceError, TrainingFailedError, T
 from autopipec_hpc.files import atomic_write_text, fresh_dir
 from autopipec_hpc.pacemaker.environment import thread_environment
 from autopipec_hpc.pacemaker.files import (
+    INTERIM_POTENTIAL,
     OUTPUT_POTENTIAL,
     PACEMAKER_INPUT,
     PROGRESS_FILE,
@@ -32,6 +33,7 @@ from autopipec_hpc.pacemaker.files import (
     TRAIN_METRICS,
     LiveProgress,
     TrainingResult,
+    ended_by_late_early_stop,
     last_metrics,
     log_tail,
     read_metrics_table,
@@ -213,7 +215,11 @@ class PacemakerWrapper:
         start = time.monotonic()
         returncode = self._run(args, run, config.timeout_hours * 3600.0, config.maxiter)
         wall = time.monotonic() - start
-        if returncode != 0:
+        late_stop = returncode != 0 and ended_by_late_early_stop(run)
+        if late_stop:
+            # The fit is complete: keep its last iterate as pacemaker would have written it.
+            atomic_write_text(run / OUTPUT_POTENTIAL, (run / INTERIM_POTENTIAL).read_text())
+        elif returncode != 0:
             raise TrainingFailedError(
                 f"pacemaker exited with code {returncode} in {run}", log_tail=log_tail(run)
             )
@@ -233,7 +239,7 @@ class PacemakerWrapper:
             train_rmse_force_mev=f_train,
             test_rmse_energy_mev=e_test,
             test_rmse_force_mev=f_test,
-            stopped_early=stopped_early(run),
+            stopped_early=late_stop or stopped_early(run),
         )
         result.save()
         check_divergence(config, e_train, f_train, "training")
