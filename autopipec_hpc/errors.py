@@ -97,3 +97,7 @@ class SelectionError(AutopipecError):
 
 class LabellingError(AutopipecError):
     """A calculator spec or its arguments are unusable, or it failed on a structure."""
+
+
+class ExplorationError(AutopipecError):
+    """An exploration plan cannot run (no starts, unknown elements) or its tasks failed."""

@@ -21,6 +21,7 @@ from autopipec_hpc.cli.show import (
     console,
     print_common_holdout,
     print_dataset_summary,
+    print_exploration,
     print_records,
     print_selection,
     print_table,
@@ -244,6 +245,30 @@ def cmd_select(args: argparse.Namespace) -> int:
                       f"{sub.folder.summary_file}, its log {sub.task.stderr}", highlight=False)
         return 0
     print_selection(run_selection(site, db, request, notify=_say))
+    return 0
+
+
+def cmd_explore(args: argparse.Namespace) -> int:
+    from autopipec_hpc.active.explore_job import finish_exploration, start_exploration
+    from autopipec_hpc.active.explore_plan import ExplorePlan
+
+    plan = ExplorePlan.from_yaml(args.plan)  # checked before anything is opened
+    site, database = _site_and_db(args)
+    db = DatabaseManager(database, must_exist=True)
+    run = start_exploration(site, db, plan, args.generation, notify=_say)
+    if args.no_wait:
+        ids = ", ".join(t.job_id for t in run.tasks) or "none (every trajectory is harvested)"
+        console.print(f"exploration tasks {ids}; explore again to follow them and import the harvest "
+                      f"({run.folder.path})", highlight=False)
+        return 0
+    print_exploration(finish_exploration(site, db, run.folder, args.generation, notify=_say))
+    return 0
+
+
+def cmd_plan_template(args: argparse.Namespace) -> int:
+    from autopipec_hpc.active.explore_plan import plan_template
+
+    sys.stdout.write(plan_template())  # plain text: no rich markup or wrapping
     return 0
 
 

@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING
 from autopipec_hpc.states import RecordState
 
 if TYPE_CHECKING:  # annotations only: a command imports what it prints when it runs
+    from autopipec_hpc.active.explore_report import ExploreSummary
     from autopipec_hpc.active.selection import SelectionResult
     from autopipec_hpc.dataset_prep import DatasetManifest
     from autopipec_hpc.generation import GenerationProgress
@@ -114,6 +115,23 @@ def print_selection(result: SelectionResult) -> None:
     console.print(f"{len(result.selected_ids)} structures now DFT_REQUESTED ({result.selected_atoms} atoms to "
                   f"label); summary and gamma histograms "
                   f"({figures}) in {result.folder}", highlight=False)
+
+
+def print_exploration(summary: "ExploreSummary") -> None:
+    from autopipec_hpc.states import StopReason
+
+    table = Table(title=f"exploration with generation {summary.generation} (accurate: max gamma <= "
+                        f"{summary.gamma_lo:g}, candidates up to {summary.gamma_hi:g})")
+    for col in ("ensemble, T", "trajectories", "frames seen", "accurate", "candidates", "beyond trust", "kept",
+                "trajectories stopped by"):
+        table.add_column(col, justify="left" if col in ("ensemble, T", "trajectories stopped by") else "right")
+    for name, c in [*summary.groups.items(), ("[b]total", summary.total)]:
+        stops = ", ".join(f"{r.value} {c.stops[r.value]}" for r in StopReason if c.stops.get(r.value))
+        table.add_row(name, str(c.trajectories), str(c.seen), f"{c.accurate} ({c.accurate_share:.0%})",
+                      str(c.candidates), str(c.beyond), str(c.kept), stops)
+    print_table(table)
+    console.print(f"{summary.imported} frames now CANDIDATE rows; accurate share {summary.accurate_share:.3f}; "
+                  f"summary and {summary.figure or 'no figure'} in {summary.folder}", highlight=False)
 
 
 # -- presentation ---------------------------------------------------------------
