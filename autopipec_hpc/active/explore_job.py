@@ -29,7 +29,7 @@ from autopipec_hpc.active.selection import published_potential
 from autopipec_hpc.config import SiteConfig
 from autopipec_hpc.errors import ClaimError, ExplorationError, SchedulerError
 from autopipec_hpc.scheduler.base import SubmittedJob, job_name
-from autopipec_hpc.states import FINISHED, JobRole
+from autopipec_hpc.states import FINISHED, JobRole, LoopAction
 from autopipec_hpc.store import DatabaseManager
 from autopipec_hpc.store.database import absolute_target
 from autopipec_hpc.store.explorations import EXPLORATION_RECORD
@@ -129,7 +129,7 @@ def start_exploration(site: SiteConfig, db: DatabaseManager, plan: ExplorePlan, 
         if explored(db, generation) is not None:
             raise ClaimError(f"generation {generation} was explored already "
                              f"({explored(db, generation).get('folder', '')})")
-        folder = ExplorationFolder(exploration_dir(potential.parent.parent, generation))
+        folder = ExplorationFolder(exploration_dir(site.output_dir, generation))
         if folder.plan_file.exists():
             saved = ExplorePlan.model_validate(folder.read_json(folder.plan_file))
             if saved != plan:
@@ -275,3 +275,16 @@ def finish_exploration(site: SiteConfig, db: DatabaseManager, folder: Exploratio
         raise ExplorationError(f"generation {generation}: {missing_report(folder)}; the other trajectories' harvest "
                                f"is kept in {folder.harvest_dir}: run explore again to redo only the missing ones")
     return import_harvest(db, folder, generation)
+
+
+def exploration_step(db: DatabaseManager, generation: int, converge: float | None) -> tuple[LoopAction, str] | None:
+    """The loop's decision after ``generation`` is published, with a plan: explore (no marker
+    yet; its tasks in flight are followed, not doubled), stop (its accurate share reached
+    ``converge``), or None (go on: select among the candidates)."""
+    marker = explored(db, generation)
+    if marker is None:
+        return LoopAction.EXPLORE, ""
+    share = float(marker.get("accurate_share", 0.0))
+    if converge is not None and share >= converge:
+        return LoopAction.ACCURATE, f"{share:.3f} of {int(marker.get('n_seen', 0))} frames accurate >= --converge {converge:g}"
+    return None

@@ -10,7 +10,10 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 
+from autopipec_hpc.active.explore_job import exploration_step, run_exploration
+from autopipec_hpc.active.explore_plan import ExplorePlan
 from autopipec_hpc.active.labelling import Labeller, label_requested
 from autopipec_hpc.active.select_job import run_selection, wait_for_selection
 from autopipec_hpc.active.selection_claim import live_claims
@@ -40,6 +43,8 @@ class LoopSettings:
     warm: bool = True  # each generation warm-started from the one before
     seed: int = 0  # for --strategy random
     max_atoms: int | None = None  # a budget in atoms per generation, besides --select
+    plan: Path | ExplorePlan | None = None  # --plan: each published generation explores first
+    converge: float | None = None  # --converge: stop once this share of explored frames is accurate
     labeller: Labeller = field(init=False, compare=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -48,6 +53,10 @@ class LoopSettings:
         strategy = self.selection(1).strategy  # checks --select, --gamma-min, --strategy
         object.__setattr__(self, "strategy", strategy)
         object.__setattr__(self, "labeller", Labeller.load(self.calculator, self.kwargs))
+        if self.converge is not None and (self.plan is None or not 0 < self.converge <= 1):
+            raise ConfigError(f"--converge must be a share in (0, 1] and goes with --plan, got {self.converge}")
+        if isinstance(self.plan, (str, Path)):
+            object.__setattr__(self, "plan", ExplorePlan.from_yaml(self.plan))
 
     def selection(self, generation: int) -> SelectionRequest:
         return SelectionRequest(generation=generation, max_select=self.select, gamma_min=self.gamma_min,
@@ -62,6 +71,8 @@ _DESCRIPTIONS = {
     LoopAction.LABEL: "label the structures generation {g} requested",
     LoopAction.DONE: "done: generation {g} is published",
     LoopAction.CONVERGED: "stop: generation {g} selected nothing to label",
+    LoopAction.EXPLORE: "explore with generation {g}",
+    LoopAction.ACCURATE: "stop: generation {g}'s exploration is accurate enough",
 }
 
 
@@ -72,21 +83,26 @@ class LoopStep:
     action: LoopAction
     generation: int
     parent: int | None = None
+    detail: str = ""  # what decided it, where there is more to say (a share against --converge)
 
     def describe(self) -> str:
         if self.action == LoopAction.TRAIN:
             start = f"warm start from generation {self.parent}" if self.parent else "cold start"
             return f"train generation {self.generation} ({start})"
-        return _DESCRIPTIONS[self.action].format(g=self.generation)
+        text = _DESCRIPTIONS[self.action].format(g=self.generation)
+        return f"{text} ({self.detail})" if self.detail else text
 
 
-def next_step(db: DatabaseManager, generations: int, warm: bool = True, site: SiteConfig | None = None) -> LoopStep:
+def next_step(db: DatabaseManager, generations: int, warm: bool = True, site: SiteConfig | None = None,
+              explore: bool = False, converge: float | None = None) -> LoopStep:
     """The loop's state machine: train -> (evaluate, publish: the evaluation job) -> select
     -> label -> train the next generation warm-started. Each step leaves a trace in the
     database (a record, a selection claim or row, row statuses), so an interrupted loop
     resumes at the first unfinished step and never repeats a finished one, and a second
     loop on the same database follows the first's steps in flight instead of doubling them.
-    ``site`` asks a select job's state (a claim whose job ended is dropped)."""
+    ``site`` asks a select job's state (a claim whose job ended is dropped). With ``explore``
+    (``--plan``) a published generation explores before it selects (its exploration marker
+    is the trace), and the loop stops once the share of accurate frames reaches ``converge``."""
     records = db.records()
     for k, r in enumerate(records):
         if r.status.is_active:
@@ -102,6 +118,10 @@ def next_step(db: DatabaseManager, generations: int, warm: bool = True, site: Si
     last = max(done)
     if last >= generations:
         return LoopStep(LoopAction.DONE, last)
+    if explore:
+        decided = exploration_step(db, last, converge)
+        if decided is not None:
+            return LoopStep(decided[0], last, detail=decided[1])
     markers = db.markers(SELECTION_RECORD, last)
     if not markers:
         if live_claims(db, last, site):
@@ -130,9 +150,10 @@ def run_loop(
     taken: list[LoopStep] = []
     lost: str | None = None  # the claim this loop lost to another, the step before
     while True:
-        step = next_step(db, settings.generations, settings.warm, site)
+        step = next_step(db, settings.generations, settings.warm, site, explore=settings.plan is not None,
+                         converge=settings.converge)
         say(f"loop: {step.describe()}")
-        if step.action in (LoopAction.DONE, LoopAction.CONVERGED):
+        if step.action in (LoopAction.DONE, LoopAction.CONVERGED, LoopAction.ACCURATE):
             return taken
         taken.append(step)
         try:
@@ -167,6 +188,10 @@ def _take(step: LoopStep, site: SiteConfig, db: DatabaseManager, config: TrainCo
         _follow_selection(site, db, step.generation, timeout, say)
     elif step.action == LoopAction.LABEL:
         label_requested(db, settings.labeller, notify=say, wait_s=timeout)
+    elif step.action == LoopAction.EXPLORE:
+        summary = run_exploration(site, db, settings.plan, step.generation, timeout_s=timeout, notify=say)
+        say(f"loop: generation {step.generation} explored: {summary.total.seen} frames, accurate share "
+            f"{summary.accurate_share:.3f}, {summary.imported} new candidates; {summary.folder}")
 
 
 def _follow_selection(site: SiteConfig, db: DatabaseManager, generation: int, timeout: float,

@@ -288,7 +288,8 @@ def cmd_loop(args: argparse.Namespace) -> int:
 
     settings = LoopSettings(generations=args.generations, select=args.select, calculator=args.calculator,
                             kwargs=args.kwargs, gamma_min=args.gamma_min, strategy=args.strategy,
-                            warm=not args.cold, seed=args.seed, max_atoms=args.max_atoms)  # checked before anything is opened or written
+                            warm=not args.cold, seed=args.seed, max_atoms=args.max_atoms, plan=args.plan,
+                            converge=args.converge)  # checked before anything is opened or written
     site, database = _site_and_db(args)
     config = TrainConfig.from_yaml(args.config)
     if settings.warm and config.ladder_step is not None:

@@ -1,0 +1,183 @@
+"""Exploration: plans, the trajectory checks, the job array, the harvest and the loop that explores."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import signal
+from pathlib import Path
+
+import numpy as np
+import pytest
+from ase import Atoms
+from ase.build import bulk
+from ase.calculators.calculator import Calculator, all_changes
+from ase.calculators.emt import EMT
+
+from autopipec_hpc.active.explore import Trajectory, run_trajectory, sanity_problem
+from autopipec_hpc.active.explore_job import resolve_starts, supercell
+from autopipec_hpc.active.explore_plan import ExplorePlan, plan_template
+from autopipec_hpc.cli import main
+from autopipec_hpc.errors import ExplorationError
+from autopipec_hpc.example_data import write_example_database
+from autopipec_hpc.states import StopReason, StructureStatus
+from autopipec_hpc.store import DatabaseManager
+from tests.helpers import copy_db, tiny_site
+
+PLAN = {"ensembles": [{"ensemble": "nvt", "temperatures_K": [1500]}], "steps": 200, "check_every": 10}
+
+
+def _bytes(path) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def _cell() -> Atoms:
+    return bulk("Cu", "fcc", a=3.61, cubic=True).repeat(2)
+
+
+def displacement_grade(start: Atoms):
+    """A stand-in for gamma that grows as the atoms leave their start (Angstrom): EMT MD
+    then crosses any pair of trust levels on demand, which a real potential does not."""
+    return lambda atoms: np.linalg.norm(atoms.positions - start.positions, axis=1)
+
+
+class CollapsingPairFault(Calculator):
+    """Fault injector: a deliberately bad potential that pulls atoms 0 and 1 together with a
+    stiff spring (and nothing else), as a raw ACE fit without its ZBL core can at short range."""
+
+    implemented_properties = ["energy", "forces"]
+
+    def calculate(self, atoms=None, properties=("energy",), system_changes=all_changes):
+        super().calculate(atoms, properties, system_changes)
+        bond = self.atoms.get_distance(0, 1, mic=True, vector=True)
+        forces = np.zeros((len(self.atoms), 3))
+        forces[0], forces[1] = 20.0 * bond, -20.0 * bond
+        self.results = {"energy": 10.0 * float(bond @ bond), "forces": forces}
+
+
+# -- plans --------------------------------------------------------------------------------
+
+def test_the_plan_template_runs_as_is_and_its_grid_numbers_the_trajectories():
+    plan = ExplorePlan.model_validate(__import__("yaml").safe_load(plan_template()))
+    assert plan.grid() == [("nvt", 300, None), ("nvt", 900, None), ("nvt", 1500, None), ("npt", 600, 0), ("npt", 600, 10)]
+    assert plan.gamma_lo < plan.gamma_hi
+
+
+@pytest.mark.parametrize("text, culprit", [
+    ("steps: 10\nensembles: [{ensemble: nvt, temperatures_K: [300]}]\nsurprise: 1\n", "unknown key 'surprise'"),
+    ("steps: 10\ngamma_lo: 5\ngamma_hi: 5\nensembles: [{ensemble: nvt, temperatures_K: [300]}]\n", "gamma_hi"),
+    ("steps: -3\nensembles: [{ensemble: nvt, temperatures_K: [300]}]\n", "'steps'"),
+    ("steps: 10\nensembles: [{ensemble: nvt, temperatures_K: [.nan]}]\n", "temperatures_K"),
+    ("steps: 10\nensembles: [{ensemble: npt, temperatures_K: [300]}]\n", "pressures_GPa"),
+    ("steps: 10\nensembles: [{ensemble: nve, temperatures_K: [300]}]\n", "ensemble"),
+])
+def test_bad_plans_are_one_line_exit_2_nothing_written(tmp_path, capsys, text, culprit):
+    database = tmp_path / "structures.db"
+    write_example_database(DatabaseManager(database))
+    before = _bytes(database)
+    plan = tmp_path / "explore.yaml"
+    plan.write_text(text)
+    assert main(["explore", "--generation", "1", "--plan", str(plan), "--db", str(database)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and culprit in err and "explore.yaml" in err, err
+    assert _bytes(database) == before and not list(tmp_path.rglob("explorations"))
+
+
+def test_a_config_type_that_matches_no_row_is_named(tmp_path):
+    db = DatabaseManager(tmp_path / "structures.db")
+    write_example_database(db)
+    plan = ExplorePlan.model_validate({**PLAN, "starts": {"config_types": ["fcc_ev", "fcc_typo"]}})
+    with pytest.raises(ExplorationError, match="'fcc_typo' matches no row"):
+        resolve_starts(db, plan, {"Cu"})
+    with pytest.raises(ExplorationError, match="holds Cu, which the potential does not know"):
+        resolve_starts(db, ExplorePlan.model_validate(PLAN), {"Al"})
+    starts = resolve_starts(db, ExplorePlan.model_validate({**PLAN, "starts": {"count": 5, "min_atoms": 30}}), {"Cu"})
+    assert len(starts) == 5 and all(len(a) >= 30 for a in starts)
+
+
+def test_supercells_grow_the_shortest_direction_to_the_minimum_size():
+    assert len(supercell(bulk("Cu", "fcc", a=3.61, cubic=True), 32)) == 32
+    primitive = supercell(bulk("Cu", "fcc", a=3.61), 32)  # 1 atom: 4x3x3, not 4x4x4
+    assert len(primitive) == 36 and np.ptp(primitive.cell.lengths()) < 2.6
+    slab = supercell(Atoms("Cu2", positions=[(0, 0, 0), (1.8, 1.8, 0)], cell=[3.6, 3.6, 20], pbc=[1, 1, 0]), 8)
+    assert len(slab) == 8 and slab.cell.lengths()[2] == 20
+
+
+# -- the trajectory checks ----------------------------------------------------------------
+
+def test_gamma_hi_stops_a_trajectory_and_candidates_between_the_levels_are_capped():
+    start = _cell()
+    plan = ExplorePlan.model_validate({**PLAN, "gamma_lo": 0.1, "gamma_hi": 0.5, "max_frames": 2})
+    result, frames = run_trajectory(start, EMT(), displacement_grade(start), plan, Trajectory(3, 0, "nvt", 1500.0))
+    assert result.stop == StopReason.GAMMA_HI and result.beyond == 1 and result.steps < plan.steps
+    assert result.candidates > 2 and result.kept == len(frames) == 2
+    assert all(0.1 < f.info["explore_gamma_max"] < 0.5 and f.info["trajectory"] == 3 for f in frames)
+    assert result.seen == result.accurate + result.candidates + result.beyond == len(result.gammas)
+    cool, _ = run_trajectory(start, EMT(), displacement_grade(start), plan.model_copy(update={"gamma_hi": 50.0}),
+                             Trajectory(4, 0, "npt", 300.0, 5.0))
+    assert cool.stop == StopReason.COMPLETED and cool.steps == plan.steps
+
+
+def test_a_collision_stops_the_trajectory_and_is_counted():
+    plan = ExplorePlan.model_validate({**PLAN, "min_distance_A": 1.5})
+    result, frames = run_trajectory(_cell(), CollapsingPairFault(), lambda a: np.zeros(len(a)), plan,
+                                    Trajectory(0, 0, "nvt", 300.0))
+    assert result.stop == StopReason.COLLISION and "apart" in result.stop_detail and not frames
+
+
+def test_boxes_that_collapsed_or_skewed_are_not_physical():
+    plan = ExplorePlan.model_validate(PLAN)
+    squeezed = bulk("Cu", "fcc", a=2.5, cubic=True)
+    assert sanity_problem(squeezed, plan)[0] == StopReason.BOX
+    sheared = _cell()
+    sheared.set_cell(sheared.cell[:] @ np.array([[1, 0, 0], [2.5, 1, 0], [0, 0, 1]]), scale_atoms=True)
+    assert sanity_problem(sheared, plan)[0] == StopReason.BOX
+    assert sanity_problem(_cell(), plan) is None
+
+
+# -- with a real (tiny) published potential: the ``trained`` fixture (conftest) -----------------
+
+def _plan_file(tmp_path: Path, **changes) -> Path:
+    import yaml
+
+    plan = {"starts": {"config_types": ["fcc_rattled"], "count": 2, "min_atoms": 32},
+            "ensembles": [{"ensemble": "nvt", "temperatures_K": [600, 1500]}], "steps": 60, "check_every": 10,
+            "gamma_lo": 1.5, "gamma_hi": 20.0, "max_frames": 2, "trajectories_per_task": 2, **changes}
+    path = tmp_path / "explore.yaml"
+    path.write_text(yaml.safe_dump(plan))
+    return path
+
+
+@pytest.mark.slow
+@pytest.mark.pacemaker
+def test_exploration_keeps_candidates_with_provenance_and_a_killed_task_is_redone_alone(trained, tmp_path, capsys):
+    from autopipec_hpc.active.explore_job import finish_exploration, start_exploration
+    from autopipec_hpc.scheduler.local import wait_until_final
+
+    site = tiny_site(tmp_path).model_copy(update={"database": copy_db(trained, tmp_path)})
+    db = DatabaseManager(site.database)
+    bad = _plan_file(tmp_path, starts={"config_types": ["no_such_type"]})
+    assert main(["explore", "--generation", "1", "--plan", str(bad), "--db", site.database]) == 2
+    assert "'no_such_type' matches no row" in capsys.readouterr().err
+    plan = ExplorePlan.from_yaml(_plan_file(tmp_path))
+    run = start_exploration(site, db, plan, 1)
+    assert run.submitted and len(run.tasks) == 2  # 4 trajectories, 2 per task
+    os.kill(int(run.tasks[0].job_id), signal.SIGKILL)  # the local task's controller, before it wrote anything
+    wait_until_final(run.tasks[0], 0.2)
+    with pytest.raises(ExplorationError, match=f"task {run.tasks[0].job_id} \\(2 trajectories: 0, 1;"):
+        finish_exploration(site, db, run.folder, 1, timeout_s=300)
+    assert run.folder.done() == {2, 3} and not db.count(status=StructureStatus.CANDIDATE)
+    again = start_exploration(site, db, plan, 1)
+    assert again.submitted and len(again.tasks) == 1
+    summary = finish_exploration(site, db, run.folder, 1, timeout_s=300)
+    assert run.folder.done() == {0, 1, 2, 3} and summary.total.trajectories == 4
+    rows = list(db.iter_rows(status=StructureStatus.CANDIDATE))
+    assert len(rows) == summary.imported == summary.total.kept
+    for row in rows:
+        assert row.explored_by_generation == 1 and row.ensemble == "nvt" and row.temperature_K in (600, 1500)
+        assert plan.gamma_lo < row.explore_gamma_max < plan.gamma_hi and row.md_step % 10 == 0
+    [marker] = db.markers("exploration", 1)
+    assert marker.n_seen == summary.total.seen and marker.accurate_share == round(summary.accurate_share, 6)
+    assert run.folder.summary_file.exists() and run.folder.figure_file.exists()
+    assert main(["explore", "--generation", "1", "--plan", str(_plan_file(tmp_path)), "--db", site.database]) == 2
+    assert "explored already" in capsys.readouterr().err
