@@ -181,3 +181,50 @@ def test_exploration_keeps_candidates_with_provenance_and_a_killed_task_is_redon
     assert run.folder.summary_file.exists() and run.folder.figure_file.exists()
     assert main(["explore", "--generation", "1", "--plan", str(_plan_file(tmp_path)), "--db", site.database]) == 2
     assert "explored already" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+@pytest.mark.slurm
+@pytest.mark.pacemaker
+def test_on_slurm_the_exploration_is_one_job_array_whose_tasks_sacct_lists(trained, tmp_path):
+    from autopipec_hpc.active.explore_job import run_exploration
+    from tests.helpers import ci_site, wait_state
+
+    site = ci_site(tmp_path, database=copy_db(trained, tmp_path),
+                   explore={"partition": "cpu", "cpus": 1, "mem_gb": 1, "time_minutes": 10})
+    db = DatabaseManager(site.database)
+    plan = ExplorePlan.from_yaml(_plan_file(tmp_path, steps=20))
+    summary = run_exploration(site, db, plan, 1, timeout_s=600, poll_s=1.0)
+    folder = Path(summary.folder)
+    assert "#SBATCH --array=0-1" in (folder / "explore.sbatch").read_text()
+    jobs = [j for rnd in __import__("json").loads((folder / "jobs.json").read_text()) for j in rnd]
+    array = jobs[0]["job"]["job_id"].split("_")[0]
+    assert [j["job"]["job_id"] for j in jobs] == [f"{array}_0", f"{array}_1"]
+    for job in jobs:
+        assert wait_state(job["job"]["job_id"], {"COMPLETED", "FAILED"}, 60, job["job"]["name"]) == "COMPLETED"
+    assert summary.total.trajectories == 4 and db.markers("exploration", 1)
+
+
+@pytest.mark.slow
+@pytest.mark.pacemaker
+def test_the_loop_with_a_plan_explores_selects_labels_trains_and_stops_by_its_rule(trained, tmp_path):
+    from autopipec_hpc.active.loop import LoopSettings, next_step, run_loop
+    from autopipec_hpc.example_data import tiny_train_config
+    from autopipec_hpc.states import LoopAction
+
+    site = tiny_site(tmp_path).model_copy(update={"database": copy_db(trained, tmp_path)})
+    db = DatabaseManager(site.database)
+    plan = _plan_file(tmp_path, gamma_lo=1.0)
+    said: list[str] = []
+    settings = LoopSettings(generations=2, select=3, calculator="ase.calculators.emt:EMT", plan=plan, converge=0.9999)
+    steps = run_loop(site, db, tiny_train_config(), settings, timeout_s=900, notify=said.append)
+    assert [s.action for s in steps] == [LoopAction.EXPLORE, LoopAction.SELECT, LoopAction.LABEL, LoopAction.TRAIN]
+    assert db.count(status=StructureStatus.TRAINING_READY) == 33 + 3
+    assert {r.get("explored_by_generation") for r in db.iter_rows(selected_by_generation=1)} == {1}
+    # Resumed with one more generation and a rule its exploration meets: explore, then stop.
+    settings = LoopSettings(generations=3, select=3, calculator="ase.calculators.emt:EMT", plan=plan, converge=1e-6)
+    steps = run_loop(site, db, tiny_train_config(), settings, timeout_s=900, notify=said.append)
+    assert [s.action for s in steps] == [LoopAction.EXPLORE]
+    final = next_step(db, 3, explore=True, converge=1e-6)
+    assert final.action == LoopAction.ACCURATE and "--converge 1e-06" in final.describe()
+    assert any("accurate enough" in line for line in said)

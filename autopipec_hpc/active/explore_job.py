@@ -260,17 +260,19 @@ def import_harvest(db: DatabaseManager, folder: ExplorationFolder, generation: i
 
 
 def run_exploration(site: SiteConfig, db: DatabaseManager, plan: ExplorePlan, generation: int,
-                    timeout_s: float | None = None, notify: Callable[[str], None] | None = None) -> ExploreSummary:
+                    timeout_s: float | None = None, notify: Callable[[str], None] | None = None,
+                    poll_s: float = 2.0) -> ExploreSummary:
     """Explore ``generation`` with ``plan``: submit (or follow) its tasks, wait for them, and
     import the harvest; ExplorationError naming the tasks whose trajectories have no harvest."""
     run = start_exploration(site, db, plan, generation, notify=notify)
-    return finish_exploration(site, db, run.folder, generation, timeout_s, notify)
+    return finish_exploration(site, db, run.folder, generation, timeout_s, notify, poll_s)
 
 
 def finish_exploration(site: SiteConfig, db: DatabaseManager, folder: ExplorationFolder, generation: int,
-                       timeout_s: float | None = None, notify: Callable[[str], None] | None = None) -> ExploreSummary:
+                       timeout_s: float | None = None, notify: Callable[[str], None] | None = None,
+                       poll_s: float = 2.0) -> ExploreSummary:
     timeout = site.result_timeout_s if timeout_s is None else timeout_s
-    wait_for_tasks(site, folder, timeout, notify=notify)
+    wait_for_tasks(site, folder, timeout, poll_s, notify=notify)
     if {t.id for t in read_trajectories(folder)} - folder.done():
         raise ExplorationError(f"generation {generation}: {missing_report(folder)}; the other trajectories' harvest "
                                f"is kept in {folder.harvest_dir}: run explore again to redo only the missing ones")
