@@ -22,6 +22,7 @@ from autopipec_hpc.cli.show import (
     print_common_holdout,
     print_dataset_summary,
     print_exploration,
+    print_exploration_shares,
     print_records,
     print_selection,
     print_table,
@@ -210,13 +211,16 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from autopipec_hpc.generation import wait_for_generation
     from autopipec_hpc.demo import DemoLoop, run_demo_loop, submit_demo
 
+    if args.explore and args.loop is None:
+        raise ConfigError("--explore goes with --loop K")
     site = SiteConfig.from_yaml(args.site)
     if args.loop is not None:
-        demo = DemoLoop(args.loop, args.select, args.pool, args.data)  # checked before anything is written
+        demo = DemoLoop(args.loop, args.select, args.pool, args.data, args.explore)  # checked before anything is written
         run = run_demo_loop(site, args.db, demo, args.config, notify=_say)
         console.print(f"loop: {len(run.steps)} steps taken; run it again to resume or to see it done")
         print_records(run.db.records())
         print_common_holdout(run.db)
+        print_exploration_shares(run.db)
         return 0
     sub = submit_demo(site, args.db, args.data, args.config, notify=_say)
     print_dataset_summary(sub.manifest)

@@ -99,6 +99,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "(own folders: <work_dir>/loop-demo, <output_dir>/loop-demo)")
     p.add_argument("--select", type=int, default=10, help="with --loop: structures to label per generation")
     p.add_argument("--pool", type=int, default=200, help="with --loop: unlabelled candidates to start with")
+    p.add_argument("--explore", action="store_true",
+                   help="with --loop: no pool; each generation explores with MD (the plan-template plan)")
     p.set_defaults(func="cmd_demo")
 
     p = sub.add_parser("select", help="score candidates by extrapolation grade; request labels for the best")

@@ -134,6 +134,22 @@ def print_exploration(summary: "ExploreSummary") -> None:
                   f"summary and {summary.figure or 'no figure'} in {summary.folder}", highlight=False)
 
 
+def print_exploration_shares(db: "DatabaseManager") -> None:
+    """Each explored generation's accurate share, from its ``record=exploration`` row."""
+    rows = db.markers("exploration")
+    if not rows:
+        return
+    table = Table(title="explorations: share of frames seen that the generation knows (max gamma <= gamma_lo)")
+    for col in ("gen", "frames seen", "accurate share", "candidates", "imported", "trajectories stopped"):
+        table.add_column(col, justify="right")
+    for row in rows:
+        stops = ", ".join(f"{k[len('n_stop_'):]} {row.get(k)}" for k in sorted(row.key_value_pairs)
+                          if k.startswith("n_stop_") and row.get(k))
+        table.add_row(str(row.generation), str(row.get("n_seen", 0)), f"{float(row.get('accurate_share', 0)):.3f}",
+                      str(row.get("n_candidates", 0)), str(row.get("n_imported", 0)), stops)
+    print_table(table)
+
+
 # -- presentation ---------------------------------------------------------------
 RECORD_COLOURS = {RecordState.SUCCEEDED: "green", RecordState.FAILED: "red", RecordState.DIVERGED: "red",
                   RecordState.CANCELLED: "yellow"}
