@@ -217,7 +217,9 @@ def test_the_loop_with_a_plan_explores_selects_labels_trains_and_stops_by_its_ru
     plan = _plan_file(tmp_path, gamma_lo=1.0)
     said: list[str] = []
     settings = LoopSettings(generations=2, select=3, calculator="ase.calculators.emt:EMT", plan=plan, converge=0.9999)
-    steps = run_loop(site, db, tiny_train_config(), settings, timeout_s=900, notify=said.append)
+    # Generation 2 warm-starts from 1: a few iterations make it a published generation (the budget of CI time).
+    config = tiny_train_config().model_copy(update={"maxiter": 5})
+    steps = run_loop(site, db, config, settings, timeout_s=900, notify=said.append)
     assert [s.action for s in steps] == [LoopAction.EXPLORE, LoopAction.SELECT, LoopAction.LABEL, LoopAction.TRAIN]
     [selection] = db.markers("selection", 1)
     assert 1 <= selection.n_selected <= 3
@@ -225,7 +227,7 @@ def test_the_loop_with_a_plan_explores_selects_labels_trains_and_stops_by_its_ru
     assert {r.get("explored_by_generation") for r in db.iter_rows(selected_by_generation=1)} == {1}
     # Resumed with one more generation and a rule its exploration meets: explore, then stop.
     settings = LoopSettings(generations=3, select=3, calculator="ase.calculators.emt:EMT", plan=plan, converge=1e-6)
-    steps = run_loop(site, db, tiny_train_config(), settings, timeout_s=900, notify=said.append)
+    steps = run_loop(site, db, config, settings, timeout_s=900, notify=said.append)
     assert [s.action for s in steps] == [LoopAction.EXPLORE]
     final = next_step(db, 3, explore=True, converge=1e-6)
     assert final.action == LoopAction.ACCURATE and "--converge 1e-06" in final.describe()

@@ -129,7 +129,7 @@ def start_exploration(site: SiteConfig, db: DatabaseManager, plan: ExplorePlan, 
         if explored(db, generation) is not None:
             raise ClaimError(f"generation {generation} was explored already "
                              f"({explored(db, generation).get('folder', '')})")
-        folder = ExplorationFolder(exploration_dir(site.output_dir, generation))
+        folder = ExplorationFolder(exploration_dir(site.output_dir, generation).resolve())  # jobs run elsewhere
         if folder.plan_file.exists():
             saved = ExplorePlan.model_validate(folder.read_json(folder.plan_file))
             if saved != plan:
