@@ -59,7 +59,8 @@ class CollapsingPairFault(Calculator):
 
 def test_the_plan_template_runs_as_is_and_its_grid_numbers_the_trajectories():
     plan = ExplorePlan.model_validate(__import__("yaml").safe_load(plan_template()))
-    assert plan.grid() == [("nvt", 300, None), ("nvt", 900, None), ("nvt", 1500, None), ("npt", 600, 0), ("npt", 600, 10)]
+    assert plan.grid() == [("nvt", 300, None), ("nvt", 900, None), ("nvt", 1500, None),
+                           ("npt", 600, 0), ("npt", 600, 10)]
     assert plan.gamma_lo < plan.gamma_hi
 
 

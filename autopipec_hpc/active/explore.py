@@ -127,8 +127,8 @@ def run_trajectory(start: Atoms, calc, grade: Grader, plan: ExplorePlan, traj: T
     return result, kept
 
 
-def _advance(dyn, atoms: Atoms, grade: Grader, plan: ExplorePlan, traj: Trajectory, result: TrajectoryResult, kept: list[Atoms],
-             rng: np.random.Generator) -> tuple[StopReason, str] | None:
+def _advance(dyn, atoms: Atoms, grade: Grader, plan: ExplorePlan, traj: Trajectory, result: TrajectoryResult,
+             kept: list[Atoms], rng: np.random.Generator) -> tuple[StopReason, str] | None:
     """``check_every`` steps more, then the frame checked and counted; why to stop, or None."""
     block = min(plan.check_every, plan.steps - result.steps)
     result.steps += block

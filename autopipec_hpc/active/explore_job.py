@@ -152,7 +152,8 @@ def start_exploration(site: SiteConfig, db: DatabaseManager, plan: ExplorePlan, 
                                        role=JobRole.EXPLORE, name=job_name(generation, JobRole.EXPLORE, folder.path),
                                        resources=site.resources(JobRole.EXPLORE), max_parallel=plan.max_parallel)
         rounds = folder.read_json(folder.jobs_file) if folder.jobs_file.exists() else []
-        rounds.append([{"job": task.model_dump(mode="json"), "trajectories": chunk} for task, chunk in zip(tasks, chunks)])
+        rounds.append([{"job": task.model_dump(mode="json"), "trajectories": chunk}
+                       for task, chunk in zip(tasks, chunks)])
         folder.write_json(folder.jobs_file, rounds)
     say(f"exploration of generation {generation}: {len(missing)} trajectories in {len(tasks)} tasks "
         f"({tasks[0].scheduler} {tasks[0].job_id.split('_')[0]}{'' if len(tasks) == 1 else ', ...'}); {folder.path}")
@@ -288,5 +289,6 @@ def exploration_step(db: DatabaseManager, generation: int, converge: float | Non
         return LoopAction.EXPLORE, ""
     share = float(marker.get("accurate_share", 0.0))
     if converge is not None and share >= converge:
-        return LoopAction.ACCURATE, f"{share:.3f} of {int(marker.get('n_seen', 0))} frames accurate >= --converge {converge:g}"
+        seen = int(marker.get("n_seen", 0))
+        return LoopAction.ACCURATE, f"{share:.3f} of {seen} frames accurate >= --converge {converge:g}"
     return None

@@ -215,7 +215,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
         raise ConfigError("--explore goes with --loop K")
     site = SiteConfig.from_yaml(args.site)
     if args.loop is not None:
-        demo = DemoLoop(args.loop, args.select, args.pool, args.data, args.explore)  # checked before anything is written
+        # Checked before anything is written.
+        demo = DemoLoop(args.loop, args.select, args.pool, args.data, args.explore)
         run = run_demo_loop(site, args.db, demo, args.config, notify=_say)
         console.print(f"loop: {len(run.steps)} steps taken; run it again to resume or to see it done")
         print_records(run.db.records())
