@@ -174,9 +174,13 @@ def test_exploration_keeps_candidates_with_provenance_and_a_killed_task_is_redon
     assert run.folder.done() == {0, 1, 2, 3} and summary.total.trajectories == 4
     rows = list(db.iter_rows(status=StructureStatus.CANDIDATE))
     assert len(rows) == summary.imported == summary.total.kept
+    from autopipec_hpc.active.gamma import GammaScorer
+
+    scorer = GammaScorer(Path(trained[2].potential_path))  # as select grades: the same numbers
     for row in rows:
         assert row.explored_by_generation == 1 and row.ensemble == "nvt" and row.temperature_K in (600, 1500)
         assert plan.gamma_lo < row.explore_gamma_max < plan.gamma_hi and row.md_step % 10 == 0
+        assert scorer.gammas([row.toatoms()])[0].max() == pytest.approx(row.explore_gamma_max, rel=1e-3)
     [marker] = db.markers("exploration", 1)
     assert marker.n_seen == summary.total.seen and marker.accurate_share == round(summary.accurate_share, 6)
     assert run.folder.summary_file.exists() and run.folder.figure_file.exists()

@@ -5,8 +5,8 @@ the frames the potential does not know.
 Every ``check_every`` steps a frame is checked: finite energy and positions, no pair
 closer than ``min_distance_A`` (a collision: what the ZBL baseline exists to prevent),
 a sane box, a temperature below ``max_temperature_factor`` x its target, then its
-extrapolation grade as ``select`` computes it (``GammaScorer``: the published
-potential.yaml and potential.asi). A failed check ends the trajectory with its reason;
+extrapolation grade as ``select`` computes it (the published potential.yaml and
+potential.asi; ``graded_calculator``). A failed check ends the trajectory with its reason;
 a grade at or above ``gamma_hi`` too (beyond it frames are noise). Frames with
 ``gamma_lo < max gamma < gamma_hi`` are candidates; at most ``max_frames`` per trajectory
 are kept, a uniform draw (reservoir sampling, seeded by the trajectory) over the whole
@@ -22,6 +22,7 @@ import math
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from ase import Atoms, units
@@ -195,6 +196,23 @@ def read_trajectories(folder: ExplorationFolder) -> list[Trajectory]:
     return [Trajectory(**t) for t in folder.read_json(folder.trajectories_file)]
 
 
+def graded_calculator(potential: Path) -> tuple[Any, Grader]:
+    """The published potential's deployed calculator, and the per-atom gamma of the frame it
+    last evaluated. The grade comes with the MD step's own evaluation (the ACE part carries
+    the active set: about 1 % more per step), the same numbers as ``select``'s batched
+    B-projections (``GammaScorer.gammas``, to 1e-10), which would cost 2.5 evaluations per check."""
+    from autopipec_hpc import registry
+
+    calc = registry.load_calculator(potential, active_set=True)
+    ace = calc.mixer.calcs[0]
+
+    def grade(atoms: Atoms) -> np.ndarray:
+        atoms.get_potential_energy()  # evaluated at these positions already: cached, not recomputed
+        return np.asarray(ace.results["gamma"], dtype=float)
+
+    return calc, grade
+
+
 class ExploreTask:
     """An exploration task's body: run ``trajectory_ids`` of the folder's plan, skipping
     those already harvested (a rerun), each harvest written as soon as it is done."""
@@ -203,24 +221,19 @@ class ExploreTask:
         die_with_local_controller()
         from ase.io import read
 
-        from autopipec_hpc import registry
-        from autopipec_hpc.active.gamma import GammaScorer
-
         folder = ExplorationFolder(folder_path)
         plan = ExplorePlan.model_validate(folder.read_json(folder.plan_file))
         potential = Path(folder.read_json(folder.request_file)["potential"])
         starts = read(folder.starts_file, index=":")
         by_id = {t.id: t for t in read_trajectories(folder)}
-        calc = registry.load_calculator(potential)
-        scorer = GammaScorer(potential)
+        calc, grade = graded_calculator(potential)
         done = folder.done()
         ran = []
         for tid in trajectory_ids:
             if tid in done:
                 continue
             traj = by_id[tid]
-            result, frames = run_trajectory(starts[traj.start], calc, lambda a: scorer.gammas([a])[0], plan, traj,
-                                            seed=plan.seed)
+            result, frames = run_trajectory(starts[traj.start], calc, grade, plan, traj, seed=plan.seed)
             write_harvest(folder, result, frames)
             print(f"trajectory {tid}: {result.steps} steps, {result.seen} frames seen, {result.kept} kept, "
                   f"stopped: {result.stop} {result.stop_detail}", flush=True)

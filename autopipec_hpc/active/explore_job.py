@@ -55,20 +55,18 @@ def resolve_starts(db: DatabaseManager, plan: ExplorePlan, elements: set[str]) -
     from autopipec_hpc.frames import read_frames
 
     starts = plan.starts
-    pool: list[Atoms] = []
+    # Rows by id until the draw (a pool may be large), file frames as read.
+    pool: list[int | Atoms] = []
+    labels: dict[int, str] = {}
     if starts.use_database:
         found: dict[str, int] = {}
         for row in db.iter_rows(status=starts.status):
-            if row.get("record"):
-                continue
             ctype = label_of(row)
-            if starts.config_types and ctype not in starts.config_types:
+            if row.get("record") or (starts.config_types and ctype not in starts.config_types):
                 continue
             found[ctype] = found.get(ctype, 0) + 1
-            atoms = row.toatoms()
-            atoms.calc = None
-            atoms.info = {"config_type": ctype, "start_row": row.id}
-            pool.append(atoms)
+            labels[row.id] = ctype
+            pool.append(row.id)
         missing = [c for c in starts.config_types if c not in found]
         if missing:
             raise ExplorationError(f"plan starts.config_types: {', '.join(map(repr, missing))} matches no row of "
@@ -87,6 +85,11 @@ def resolve_starts(db: DatabaseManager, plan: ExplorePlan, elements: set[str]) -
     out = []
     for k in chosen:
         atoms = pool[int(k)]
+        if isinstance(atoms, int):
+            row_id = atoms
+            atoms = db.get_row(row_id).toatoms()
+            atoms.calc = None
+            atoms.info = {"config_type": labels[row_id], "start_row": row_id}
         unknown = sorted(set(atoms.get_chemical_symbols()) - elements)
         if unknown:
             raise ExplorationError(f"plan starts: {atoms.info['config_type']!r} holds {', '.join(unknown)}, which the "
