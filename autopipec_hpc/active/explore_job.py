@@ -17,6 +17,7 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from ase import Atoms
@@ -110,7 +111,7 @@ class ExplorationRun:
     submitted: bool  # this call submitted the tasks (False: it follows tasks in flight)
 
 
-def explored(db: DatabaseManager, generation: int) -> dict | None:
+def explored(db: DatabaseManager, generation: int) -> Any | None:
     """The marker row of ``generation``'s imported exploration, if there is one."""
     markers = db.markers(EXPLORATION_RECORD, generation)
     return markers[-1] if markers else None
