@@ -55,6 +55,22 @@ class CollapsingPairFault(Calculator):
         self.results = {"energy": 10.0 * float(bond @ bond), "forces": forces}
 
 
+class KickingFault(Calculator):
+    """Fault injector: random forces of 5 eV/A (a potential gone wrong heats the cell far
+    beyond any thermostat), or NaN energies (``nan=True``, a broken evaluation)."""
+
+    implemented_properties = ["energy", "forces"]
+
+    def __init__(self, nan: bool = False) -> None:
+        super().__init__()
+        self.nan, self.rng = nan, np.random.default_rng(0)
+
+    def calculate(self, atoms=None, properties=("energy",), system_changes=all_changes):
+        super().calculate(atoms, properties, system_changes)
+        self.results = {"energy": float("nan") if self.nan else 0.0,
+                        "forces": self.rng.normal(0.0, 5.0, (len(self.atoms), 3))}
+
+
 # -- plans --------------------------------------------------------------------------------
 
 def test_the_plan_template_runs_as_is_and_its_grid_numbers_the_trajectories():
@@ -114,9 +130,9 @@ def test_gamma_hi_stops_a_trajectory_and_candidates_between_the_levels_are_cappe
     assert result.candidates > 2 and result.kept == len(frames) == 2
     assert all(0.1 < f.info["explore_gamma_max"] < 0.5 and f.info["trajectory"] == 3 for f in frames)
     assert result.seen == result.accurate + result.candidates + result.beyond == len(result.gammas)
-    cool, _ = run_trajectory(start, EMT(), displacement_grade(start), plan.model_copy(update={"gamma_hi": 50.0}),
-                             Trajectory(4, 0, "npt", 300.0, 5.0))
-    assert cool.stop == StopReason.COMPLETED and cool.steps == plan.steps
+    calm = plan.model_copy(update={"gamma_hi": 50.0, "steps": 60})
+    cool, _ = run_trajectory(start, EMT(), displacement_grade(start), calm, Trajectory(4, 0, "npt", 300.0, 5.0))
+    assert cool.stop == StopReason.COMPLETED and cool.steps == calm.steps == cool.seen * calm.check_every
 
 
 def test_a_collision_stops_the_trajectory_and_is_counted():
@@ -124,6 +140,14 @@ def test_a_collision_stops_the_trajectory_and_is_counted():
     result, frames = run_trajectory(_cell(), CollapsingPairFault(), lambda a: np.zeros(len(a)), plan,
                                     Trajectory(0, 0, "nvt", 300.0))
     assert result.stop == StopReason.COLLISION and "apart" in result.stop_detail and not frames
+
+
+@pytest.mark.parametrize("fault, reason", [(KickingFault(), StopReason.TEMPERATURE),
+                                           (KickingFault(nan=True), StopReason.NAN)])
+def test_a_temperature_blow_up_and_a_nan_stop_the_trajectory(fault, reason):
+    plan = ExplorePlan.model_validate(PLAN)
+    result, frames = run_trajectory(_cell(), fault, lambda a: np.zeros(len(a)), plan, Trajectory(0, 0, "nvt", 300.0))
+    assert result.stop == reason and result.steps == plan.check_every and result.seen == 0 and not frames
 
 
 def test_boxes_that_collapsed_or_skewed_are_not_physical():
