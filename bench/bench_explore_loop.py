@@ -100,6 +100,9 @@ def arm(root: Path, base: Path, name: str) -> tuple[SiteConfig, DatabaseManager]
 def table(name: str, db: DatabaseManager, holdout, shares: dict[int, float]) -> None:
     print(f"\n{name}: generation, labels used so far, holdout E RMSE meV/atom, F RMSE meV/A, accurate share")
     for record in db.records():
+        if record.potential_path is None:
+            print(f"  {record.generation}  {record.status}: {record.reason}")
+            continue
         e, f = holdout_metrics(Path(record.potential_path), holdout)
         used = sum(1 for r in db.iter_rows(status=StructureStatus.TRAINING_READY)
                    if r.get("selected_by_generation") is not None and int(r.selected_by_generation) < record.generation)
