@@ -261,3 +261,22 @@ def test_the_loop_with_a_plan_explores_selects_labels_trains_and_stops_by_its_ru
     final = next_step(db, 3, explore=True, converge=1e-6)
     assert final.action == LoopAction.ACCURATE and "--converge 1e-06" in final.describe()
     assert any("accurate enough" in line for line in said)
+
+
+@pytest.mark.parametrize("extra, culprit", [
+    (["--plan", "no_such_plan.yaml"], "no_such_plan.yaml: no such file"),
+    (["--converge", "0.9"], "--converge"),
+    (["--plan", "PLAN", "--converge", "1.5"], "--converge"),
+])
+def test_bad_loop_plans_are_one_line_exit_2_database_unchanged(tmp_path, capsys, extra, culprit):
+    database = tmp_path / "structures.db"
+    write_example_database(DatabaseManager(database))
+    before = _bytes(database)
+    plan = tmp_path / "explore.yaml"
+    plan.write_text(plan_template())
+    argv = ["loop", "--generations", "2", "--select", "2", "--calculator", "ase.calculators.emt:EMT",
+            *[str(plan) if a == "PLAN" else a for a in extra], "--db", str(database)]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and culprit in err, err
+    assert _bytes(database) == before
