@@ -10,6 +10,9 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import yaml
+
+from autopipec_hpc.active.explore_plan import ExplorePlan, plan_template
 from autopipec_hpc.active.loop import LoopSettings, LoopStep, run_loop
 from autopipec_hpc.config import SiteConfig, TrainConfig
 from autopipec_hpc.errors import ConfigError
@@ -64,6 +67,7 @@ class DemoLoop:
     select: int = 10
     pool: int = 200
     data: Sequence[Path] | None = None
+    explore: bool = False  # --explore: each generation explores (the template plan) instead of a pool
     settings: LoopSettings = field(init=False, compare=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -72,7 +76,8 @@ class DemoLoop:
         if self.pool < 1:
             raise ConfigError(f"--pool must be at least 1 candidate, got {self.pool}")
         object.__setattr__(self, "settings", LoopSettings(generations=self.generations, select=self.select,
-                                                          calculator=DEMO_LABELLER))
+                                                          calculator=DEMO_LABELLER, plan=demo_plan() if self.explore
+                                                          else None))
         if self.data:
             raise ConfigError("--data cannot go with --loop: the loop labels its picks with EMT, "
                               "which must also have labelled the starting data")
@@ -84,12 +89,20 @@ def demo_loop_site(site: SiteConfig) -> SiteConfig:
                                    "output_dir": site.output_dir / DEMO_LOOP_DIR})
 
 
+def demo_plan() -> ExplorePlan:
+    """The exploration of ``demo --loop K --explore``: the plan ``plan-template`` prints."""
+    return ExplorePlan.model_validate(yaml.safe_load(plan_template()))
+
+
 def seed_demo_loop_database(db: DatabaseManager, pool: int) -> str | None:
     """An empty database gets the 33 labelled cells and ``pool`` unlabelled candidates
-    (imbalanced, as MD harvests are); returns what was written, or None if it had rows."""
+    (imbalanced, as MD harvests are; none when the loop explores); returns what was
+    written, or None if it had rows."""
     if db.count():
         return None  # a rerun: the loop resumes on what is there
     n = write_example_database(db)
+    if not pool:
+        return f"wrote {n} example copper structures (EMT labels) into {db.target}"
     m = write_example_candidates(db, pool)
     return f"wrote {n} example copper structures (EMT labels) and {m} unlabelled candidates into {db.target}"
 
@@ -109,7 +122,7 @@ def run_demo_loop(site: SiteConfig, database: str | None, demo: DemoLoop, config
     config = demo_config(site, config_file)  # a bad --config is named before anything is written
     db = DatabaseManager(database or str(site.output_dir / "structures.db"))  # a refused URL: before any folder
     site.output_dir.mkdir(parents=True, exist_ok=True)
-    seeded = seed_demo_loop_database(db, demo.pool)
+    seeded = seed_demo_loop_database(db, 0 if demo.explore else demo.pool)
     if seeded:
         say(seeded)
     steps = run_loop(site, db, config, demo.settings, notify=say)

@@ -109,3 +109,7 @@ class ValidationRejectedError(AutopipecError):
 
 class LevelOfTheoryError(AutopipecError):
     """The rows a training set would use were labelled at different levels of theory."""
+
+
+class ExplorationError(AutopipecError):
+    """An exploration plan cannot run (no starts, unknown elements) or its tasks failed."""

@@ -224,14 +224,20 @@ def read_manifest(directory: str | Path) -> PotentialManifest:
         raise PublicationError(f"{path}: not a potential manifest ({one_line(exc)[:160]})") from None
 
 
-def load_calculator(directory: str | Path) -> SumCalculator:
-    """The deployed model of a published (or staged) potential as one ASE calculator."""
+def load_calculator(directory: str | Path, active_set: bool = False) -> SumCalculator:
+    """The deployed model of a published (or staged) potential as one ASE calculator. With
+    ``active_set``, its ACE part (the first) carries ``potential.asi``: each evaluation then
+    leaves the per-atom extrapolation grade in that part's ``results["gamma"]``, at about
+    1 % more time (MD that watches gamma: active/explore.py)."""
     from pyace import PyACECalculator
 
     manifest = read_manifest(directory)
+    ace = PyACECalculator(str(Path(directory) / POTENTIAL_YAML))
+    if active_set:
+        ace.set_active_set(str(Path(directory) / ACTIVE_SET))
     return SumCalculator(
         [
-            PyACECalculator(str(Path(directory) / POTENTIAL_YAML)),
+            ace,
             ZBLCalculator(manifest.zbl_inner, manifest.zbl_outer),
             ReferenceEnergyCalculator(manifest.reference_energies),
         ]

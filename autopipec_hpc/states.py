@@ -117,3 +117,19 @@ class LoopAction(StrEnum):
     CONVERGED = "converged"
     # The newest generation failed its validation gate: the loop stops instead of building on it.
     REJECTED = "rejected"
+    # With an exploration plan (active/explore_job.py): explore with the last published
+    # generation, or follow its exploration in flight; stop once its frames are accurate enough.
+    EXPLORE = "explore"
+    ACCURATE = "accurate"
+
+
+class StopReason(StrEnum):
+    """Why an exploration trajectory ended (``active/explore.py``), counted in its report."""
+
+    COMPLETED = "completed"  # ran all its steps
+    GAMMA_HI = "gamma_hi"  # a frame beyond the upper trust level: what follows is noise
+    COLLISION = "collision"  # a pair closer than the plan's min_distance_A
+    NAN = "nan"  # energy, forces, positions or gamma not finite
+    TEMPERATURE = "temperature"  # hotter than max_temperature_factor x its target
+    BOX = "box"  # the cell collapsed, exploded or skewed (NPT)
+    ERROR = "error"  # the calculator raised on the frame

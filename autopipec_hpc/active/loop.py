@@ -12,6 +12,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from autopipec_hpc.active.explore_job import exploration_step, run_exploration
+from autopipec_hpc.active.explore_plan import ExplorePlan
 from autopipec_hpc.active.label_array import check_label_gate, label_step
 from autopipec_hpc.active.labeller_config import LabellerConfig, load_labeller
 from autopipec_hpc.active.select_job import run_selection, wait_for_selection
@@ -43,6 +45,8 @@ class LoopSettings:
     warm: bool = True  # each generation warm-started from the one before
     seed: int = 0  # for --strategy random
     max_atoms: int | None = None  # a budget in atoms per generation, besides --select
+    plan: Path | ExplorePlan | None = None  # --plan: each published generation explores first
+    converge: float | None = None  # --converge: stop once this share of explored frames is accurate
     labeller: LabellerConfig = field(init=False, compare=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -51,6 +55,10 @@ class LoopSettings:
         strategy = self.selection(1).strategy  # checks --select, --gamma-min, --strategy
         object.__setattr__(self, "strategy", strategy)
         object.__setattr__(self, "labeller", load_labeller(self.labeller_file, self.calculator, self.kwargs))
+        if self.converge is not None and (self.plan is None or not 0 < self.converge <= 1):
+            raise ConfigError(f"--converge must be a share in (0, 1] and goes with --plan, got {self.converge}")
+        if isinstance(self.plan, (str, Path)):
+            object.__setattr__(self, "plan", ExplorePlan.from_yaml(self.plan))
 
     def selection(self, generation: int) -> SelectionRequest:
         return SelectionRequest(generation=generation, max_select=self.select, gamma_min=self.gamma_min,
@@ -65,7 +73,9 @@ _DESCRIPTIONS = {
     LoopAction.LABEL: "label the structures generation {g} requested",
     LoopAction.DONE: "done: generation {g} is published",
     LoopAction.CONVERGED: "stop: generation {g} selected nothing to label",
-    LoopAction.REJECTED: "stop: generation {g} was REJECTED by its validation, not published: {reason}",
+    LoopAction.REJECTED: "stop: generation {g} was REJECTED by its validation, not published: {detail}",
+    LoopAction.EXPLORE: "explore with generation {g}",
+    LoopAction.ACCURATE: "stop: generation {g}'s exploration is accurate enough",
 }
 
 
@@ -76,22 +86,29 @@ class LoopStep:
     action: LoopAction
     generation: int
     parent: int | None = None
-    reason: str = ""  # a REJECTED generation's failed properties
+    # What decided it, where there is more to say: a share against --converge, a REJECTED
+    # generation's failed properties.
+    detail: str = ""
 
     def describe(self) -> str:
         if self.action == LoopAction.TRAIN:
             start = f"warm start from generation {self.parent}" if self.parent else "cold start"
             return f"train generation {self.generation} ({start})"
-        return _DESCRIPTIONS[self.action].format(g=self.generation, reason=self.reason)
+        template = _DESCRIPTIONS[self.action]
+        text = template.format(g=self.generation, detail=self.detail)
+        return f"{text} ({self.detail})" if self.detail and "{detail}" not in template else text
 
 
-def next_step(db: DatabaseManager, generations: int, warm: bool = True, site: SiteConfig | None = None) -> LoopStep:
+def next_step(db: DatabaseManager, generations: int, warm: bool = True, site: SiteConfig | None = None,
+              explore: bool = False, converge: float | None = None) -> LoopStep:
     """The loop's state machine: train -> (evaluate, publish: the evaluation job) -> select
     -> label -> train the next generation warm-started. Each step leaves a trace in the
     database (a record, a selection claim or row, row statuses), so an interrupted loop
     resumes at the first unfinished step and never repeats a finished one, and a second
     loop on the same database follows the first's steps in flight instead of doubling them.
-    ``site`` asks a select job's state (a claim whose job ended is dropped)."""
+    ``site`` asks a select job's state (a claim whose job ended is dropped). With ``explore``
+    (``--plan``) a published generation explores before it selects (its exploration marker
+    is the trace), and the loop stops once the share of accurate frames reaches ``converge``."""
     records = db.records()
     for k, r in enumerate(records):
         if r.status.is_active:
@@ -104,13 +121,17 @@ def next_step(db: DatabaseManager, generations: int, warm: bool = True, site: Si
     newest = max(records, key=lambda r: r.generation, default=None)
     if newest is not None and newest.status == RecordState.REJECTED:
         # Building on a generation that failed its gate would spread its faults: a person decides.
-        return LoopStep(LoopAction.REJECTED, newest.generation, reason=newest.reason)
+        return LoopStep(LoopAction.REJECTED, newest.generation, detail=newest.reason or "")
     done = [r.generation for r in records if r.status == RecordState.SUCCEEDED]
     if not done:
         return LoopStep(LoopAction.TRAIN, 1)
     last = max(done)
     if last >= generations:
         return LoopStep(LoopAction.DONE, last)
+    if explore:
+        decided = exploration_step(db, last, converge)
+        if decided is not None:
+            return LoopStep(decided[0], last, detail=decided[1])
     markers = db.markers(SELECTION_RECORD, last)
     if not markers:
         if live_claims(db, last, site):
@@ -139,11 +160,12 @@ def run_loop(
     taken: list[LoopStep] = []
     lost: str | None = None  # the claim this loop lost to another, the step before
     while True:
-        step = next_step(db, settings.generations, settings.warm, site)
+        step = next_step(db, settings.generations, settings.warm, site, explore=settings.plan is not None,
+                         converge=settings.converge)
         if step.action == LoopAction.REJECTED:
             raise ValidationRejectedError(f"loop: {step.describe()}")
         say(f"loop: {step.describe()}")
-        if step.action in (LoopAction.DONE, LoopAction.CONVERGED):
+        if step.action in (LoopAction.DONE, LoopAction.CONVERGED, LoopAction.ACCURATE):
             return taken
         taken.append(step)
         try:
@@ -180,6 +202,10 @@ def _take(step: LoopStep, site: SiteConfig, db: DatabaseManager, config: TrainCo
         _follow_selection(site, db, step.generation, timeout, say)
     elif step.action == LoopAction.LABEL:
         label_step(site, db, settings.labeller, timeout, notify=say)
+    elif step.action == LoopAction.EXPLORE:
+        summary = run_exploration(site, db, settings.plan, step.generation, timeout_s=timeout, notify=say)
+        say(f"loop: generation {step.generation} explored: {summary.total.seen} frames, accurate share "
+            f"{summary.accurate_share:.3f}, {summary.imported} new candidates; {summary.folder}")
 
 
 def _follow_selection(site: SiteConfig, db: DatabaseManager, generation: int, timeout: float,

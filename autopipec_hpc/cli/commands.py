@@ -21,6 +21,8 @@ from autopipec_hpc.cli.show import (
     console,
     print_common_holdout,
     print_dataset_summary,
+    print_exploration,
+    print_exploration_shares,
     print_label_summary,
     print_records,
     print_selection,
@@ -213,13 +215,17 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from autopipec_hpc.generation import wait_for_generation
     from autopipec_hpc.demo import DemoLoop, run_demo_loop, submit_demo
 
+    if args.explore and args.loop is None:
+        raise ConfigError("--explore goes with --loop K")
     site = SiteConfig.from_yaml(args.site)
     if args.loop is not None:
-        demo = DemoLoop(args.loop, args.select, args.pool, args.data)  # checked before anything is written
+        # Checked before anything is written.
+        demo = DemoLoop(args.loop, args.select, args.pool, args.data, args.explore)
         run = run_demo_loop(site, args.db, demo, args.config, notify=_say)
         console.print(f"loop: {len(run.steps)} steps taken; run it again to resume or to see it done")
         print_records(run.db.records())
         print_common_holdout(run.db)
+        print_exploration_shares(run.db)
         return 0
     sub = submit_demo(site, args.db, args.data, args.config, notify=_say)
     print_dataset_summary(sub.manifest)
@@ -248,6 +254,30 @@ def cmd_select(args: argparse.Namespace) -> int:
                       f"{sub.folder.summary_file}, its log {sub.task.stderr}", highlight=False)
         return 0
     print_selection(run_selection(site, db, request, notify=_say))
+    return 0
+
+
+def cmd_explore(args: argparse.Namespace) -> int:
+    from autopipec_hpc.active.explore_job import finish_exploration, start_exploration
+    from autopipec_hpc.active.explore_plan import ExplorePlan
+
+    plan = ExplorePlan.from_yaml(args.plan)  # checked before anything is opened
+    site, database = _site_and_db(args)
+    db = DatabaseManager(database, must_exist=True)
+    run = start_exploration(site, db, plan, args.generation, notify=_say)
+    if args.no_wait:
+        ids = ", ".join(t.job_id for t in run.tasks) or "none (every trajectory is harvested)"
+        console.print(f"exploration tasks {ids}; explore again to follow them and import the harvest "
+                      f"({run.folder.path})", highlight=False)
+        return 0
+    print_exploration(finish_exploration(site, db, run.folder, args.generation, notify=_say))
+    return 0
+
+
+def cmd_plan_template(args: argparse.Namespace) -> int:
+    from autopipec_hpc.active.explore_plan import plan_template
+
+    sys.stdout.write(plan_template())  # plain text: no rich markup or wrapping
     return 0
 
 
@@ -286,7 +316,8 @@ def cmd_loop(args: argparse.Namespace) -> int:
 
     settings = LoopSettings(generations=args.generations, select=args.select, calculator=args.calculator,
                             kwargs=args.kwargs, labeller_file=args.labeller, gamma_min=args.gamma_min,
-                            strategy=args.strategy, warm=not args.cold, seed=args.seed, max_atoms=args.max_atoms)  # checked before anything is opened or written
+                            strategy=args.strategy, warm=not args.cold, seed=args.seed, max_atoms=args.max_atoms,
+                            plan=args.plan, converge=args.converge)  # checked before anything is opened or written
     site, database = _site_and_db(args)
     config = TrainConfig.from_yaml(args.config)
     if settings.warm and config.ladder_step is not None:

@@ -99,6 +99,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "(own folders: <work_dir>/loop-demo, <output_dir>/loop-demo)")
     p.add_argument("--select", type=int, default=10, help="with --loop: structures to label per generation")
     p.add_argument("--pool", type=int, default=200, help="with --loop: unlabelled candidates to start with")
+    p.add_argument("--explore", action="store_true",
+                   help="with --loop: no pool; each generation explores with MD (the plan-template plan)")
     p.set_defaults(func="cmd_demo")
 
     p = sub.add_parser("select", help="score candidates by extrapolation grade; request labels for the best")
@@ -118,6 +120,17 @@ def build_parser() -> argparse.ArgumentParser:
                    help="on a SLURM site: print the select job's id and where its summary will be, and return")
     p.set_defaults(func="cmd_select")
 
+    p = sub.add_parser("explore", help="MD with a published generation; keep the frames it does not know as candidates")
+    site_args(p)
+    p.add_argument("--generation", type=_generation, required=True, help="the published generation that runs the MD")
+    p.add_argument("--plan", type=Path, required=True, help="exploration plan YAML (see plan-template)")
+    p.add_argument("--no-wait", action="store_true",
+                   help="print the tasks submitted and return; explore again to follow and import them")
+    p.set_defaults(func="cmd_explore")
+
+    p = sub.add_parser("plan-template", help="print a commented exploration plan to copy and edit")
+    p.set_defaults(func="cmd_plan_template")
+
     p = sub.add_parser("loop", help="train -> evaluate -> select -> label -> train warm-started, resumable")
     site_args(p)
     p.add_argument("--generations", type=int, required=True, help="stop when this generation is published")
@@ -134,6 +147,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-atoms", type=int, default=None,
                    help="a budget in atoms per generation, besides --select (DFT cost follows atoms)")
     p.add_argument("--cold", action="store_true", help="train every generation from scratch")
+    p.add_argument("--plan", type=Path, default=None,
+                   help="exploration plan YAML: each published generation explores, then selects among what it found")
+    p.add_argument("--converge", type=float, default=None,
+                   help="with --plan: stop once this share of a generation's explored frames is accurate (e.g. 0.99)")
     p.set_defaults(func="cmd_loop")
 
     p = sub.add_parser("label", help="label DFT_REQUESTED structures as a job array of the site's scheduler")

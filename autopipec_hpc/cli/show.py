@@ -13,6 +13,7 @@ from autopipec_hpc.states import RecordState
 
 if TYPE_CHECKING:  # annotations only: a command imports what it prints when it runs
     from autopipec_hpc.active.label_folder import LabelSummary
+    from autopipec_hpc.active.explore_report import ExploreSummary
     from autopipec_hpc.active.selection import SelectionResult
     from autopipec_hpc.dataset_prep import DatasetManifest
     from autopipec_hpc.generation import GenerationProgress
@@ -125,6 +126,39 @@ def print_label_summary(summary: LabelSummary) -> None:
     console.print(f"{summary.describe()}; folder {summary.folder}", highlight=False, markup=False)
     for row_id, reason in sorted(summary.failed.items()):
         console.print(f"  LABEL_FAILED id={row_id}: {reason}", highlight=False, markup=False)
+
+
+def print_exploration(summary: "ExploreSummary") -> None:
+    from autopipec_hpc.states import StopReason
+
+    table = Table(title=f"exploration with generation {summary.generation} (accurate: max gamma <= "
+                        f"{summary.gamma_lo:g}, candidates up to {summary.gamma_hi:g})")
+    for col in ("ensemble, T", "trajectories", "frames seen", "accurate", "candidates", "beyond trust", "kept",
+                "trajectories stopped by"):
+        table.add_column(col, justify="left" if col in ("ensemble, T", "trajectories stopped by") else "right")
+    for name, c in [*summary.groups.items(), ("[b]total", summary.total)]:
+        stops = ", ".join(f"{r.value} {c.stops[r.value]}" for r in StopReason if c.stops.get(r.value))
+        table.add_row(name, str(c.trajectories), str(c.seen), f"{c.accurate} ({c.accurate_share:.0%})",
+                      str(c.candidates), str(c.beyond), str(c.kept), stops)
+    print_table(table)
+    console.print(f"{summary.imported} frames now CANDIDATE rows; accurate share {summary.accurate_share:.3f}; "
+                  f"summary and {summary.figure or 'no figure'} in {summary.folder}", highlight=False)
+
+
+def print_exploration_shares(db: "DatabaseManager") -> None:
+    """Each explored generation's accurate share, from its ``record=exploration`` row."""
+    rows = db.markers("exploration")
+    if not rows:
+        return
+    table = Table(title="explorations: share of frames seen that the generation knows (max gamma <= gamma_lo)")
+    for col in ("gen", "frames seen", "accurate share", "candidates", "imported", "trajectories stopped"):
+        table.add_column(col, justify="right")
+    for row in rows:
+        stops = ", ".join(f"{k[len('n_stop_'):]} {row.get(k)}" for k in sorted(row.key_value_pairs)
+                          if k.startswith("n_stop_") and row.get(k))
+        table.add_row(str(row.generation), str(row.get("n_seen", 0)), f"{float(row.get('accurate_share', 0)):.3f}",
+                      str(row.get("n_candidates", 0)), str(row.get("n_imported", 0)), stops)
+    print_table(table)
 
 
 # -- presentation ---------------------------------------------------------------
