@@ -81,6 +81,18 @@ def test_stopped_early_reads_pacemakers_log(tmp_path):
     assert stopped_early(tmp_path)
 
 
+def _example_dataset(folder):
+    """The demo's 30 EMT copper cells as pacemaker datasets, with a test split."""
+    from autopipec_hpc.dataset_prep import DatasetBuilder, DatasetSettings
+    from autopipec_hpc.example_data import example_structures
+
+    structures = []
+    for k, (atoms, ctype) in enumerate(example_structures()):
+        atoms.info.update(db_id=k + 1, config_type=ctype)
+        structures.append(atoms)
+    return DatasetBuilder(DatasetSettings()).prepare_dataset(structures, folder)
+
+
 @pytest.mark.pacemaker
 @pytest.mark.slow
 def test_a_fit_stopped_early_ends_as_a_normal_fit(tmp_path):
@@ -90,17 +102,12 @@ def test_a_fit_stopped_early_ends_as_a_normal_fit(tmp_path):
     pytest.importorskip("tensorpotential")
     from pathlib import Path
 
-    from autopipec_hpc.dataset_prep import DatasetBuilder, DatasetSettings
-    from autopipec_hpc.example_data import example_structures, tiny_train_config
+    from autopipec_hpc.example_data import tiny_train_config
     from autopipec_hpc.pacemaker.files import OUTPUT_POTENTIAL, read_metrics_table
     from autopipec_hpc.pacemaker.run import PacemakerWrapper
     from tests.helpers import PACEMAKER
 
-    structures = []
-    for k, (atoms, ctype) in enumerate(example_structures()):
-        atoms.info.update(db_id=k + 1, config_type=ctype)
-        structures.append(atoms)
-    dataset = DatasetBuilder(DatasetSettings()).prepare_dataset(structures, tmp_path / "ds")
+    dataset = _example_dataset(tmp_path / "ds")
     assert dataset.test_ids
     config = tiny_train_config().model_copy(
         update={"maxiter": 200, "early_stopping_patience": 5, "early_stopping_min_improvement": 0.5})
@@ -126,17 +133,12 @@ def test_early_stopping_raised_after_the_last_iteration_still_ends_as_a_normal_f
     pytest.importorskip("tensorpotential")
     from pathlib import Path
 
-    from autopipec_hpc.dataset_prep import DatasetBuilder, DatasetSettings
-    from autopipec_hpc.example_data import example_structures, tiny_train_config
+    from autopipec_hpc.example_data import tiny_train_config
     from autopipec_hpc.pacemaker.files import INTERIM_POTENTIAL, OUTPUT_POTENTIAL, STDOUT_LOG
     from autopipec_hpc.pacemaker.run import PacemakerWrapper
     from tests.helpers import PACEMAKER
 
-    structures = []
-    for k, (atoms, ctype) in enumerate(example_structures()):
-        atoms.info.update(db_id=k + 1, config_type=ctype)
-        structures.append(atoms)
-    dataset = DatasetBuilder(DatasetSettings()).prepare_dataset(structures, tmp_path / "ds")
+    dataset = _example_dataset(tmp_path / "ds")
     config = tiny_train_config().model_copy(
         update={"maxiter": 9, "early_stopping_patience": 10, "early_stopping_min_improvement": 0.5})
     result = PacemakerWrapper(command=str(PACEMAKER), evaluator="tensorpot", threads=2).run_training(

@@ -145,15 +145,20 @@ def load_labeller(path: str | Path | None, calculator: str | None, kwargs_json: 
         return LabellerConfig.from_yaml(path)
     if calculator is None:
         raise ConfigError("label: give --labeller labeller.yaml (see labeller-template) or --calculator MODULE:CLASS")
-    kwargs: Any = {}
-    if kwargs_json:
-        try:
-            kwargs = json.loads(kwargs_json)
-        except json.JSONDecodeError as exc:
-            raise LabellingError(f"--kwargs is not valid JSON ({exc})") from None
-        if not isinstance(kwargs, dict):
-            raise LabellingError(f"--kwargs must be a JSON object, got {type(kwargs).__name__}")
-    return LabellerConfig.shortcut(calculator, kwargs)
+    return LabellerConfig.shortcut(calculator, parse_kwargs(kwargs_json))
+
+
+def parse_kwargs(kwargs_json: str | None) -> dict[str, Any]:
+    """``--kwargs``: a calculator's keyword arguments as a JSON object ({} when absent)."""
+    if not kwargs_json:
+        return {}
+    try:
+        kwargs = json.loads(kwargs_json)
+    except json.JSONDecodeError as exc:
+        raise LabellingError(f"--kwargs is not valid JSON ({exc})") from None
+    if not isinstance(kwargs, dict):
+        raise LabellingError(f"--kwargs must be a JSON object, got {type(kwargs).__name__}")
+    return kwargs
 
 
 GPAW_TEMPLATE = """\

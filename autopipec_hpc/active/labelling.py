@@ -20,6 +20,7 @@ import time
 
 import numpy as np
 
+from autopipec_hpc.active.labeller_config import parse_kwargs
 from autopipec_hpc.errors import LabellingError, one_line
 from autopipec_hpc.processes import pid_alive
 from autopipec_hpc.states import StructureStatus
@@ -41,14 +42,7 @@ def load_calculator_class(spec: str, kwargs_json: str | None = None) -> tuple[ty
     cls = getattr(module, class_name, None)
     if not isinstance(cls, type):
         raise LabellingError(f"--calculator {spec!r}: {module_name} has no class {class_name!r}")
-    kwargs: Any = {}
-    if kwargs_json:
-        try:
-            kwargs = json.loads(kwargs_json)
-        except json.JSONDecodeError as exc:
-            raise LabellingError(f"--kwargs is not valid JSON ({exc})") from None
-        if not isinstance(kwargs, dict):
-            raise LabellingError(f"--kwargs must be a JSON object, got {type(kwargs).__name__}")
+    kwargs = parse_kwargs(kwargs_json)
     try:
         cls(**kwargs)
     except Exception as exc:
