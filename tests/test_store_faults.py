@@ -337,6 +337,7 @@ def _peak_import_bytes(tmp_path: Path, n: int) -> int:
         tracemalloc.stop()
 
 
+@pytest.mark.slow  # 2,500 frames under tracemalloc: ~15 s, the fast tier's slowest by far
 def test_candidate_import_streams(tmp_path):
     """Peak Python memory of a candidate import does not grow with the file: 4x the frames,
     well under 2x the peak (holding every frame, it grew ~4x)."""
