@@ -56,7 +56,10 @@ def test_real_fit_on_the_gpu_partition_then_dependent_evaluation(tmp_path, examp
     site_file.write_text(__import__("json").dumps(site.model_dump(mode="json")))
     out = subprocess.run([*CLI, "status", "--site", str(site_file)],
                          capture_output=True, text=True, timeout=60)
-    assert "SUCCEEDED" in out.stdout and f"{sub.jobs.train.job_id} COMPLETED" in out.stdout
+    # A final record's jobs are not asked again (issue 19: status must not pay sacct for
+    # finished generations); the row names them.
+    jobs_cell = f"{sub.jobs.train.job_id} / {sub.jobs.evaluate.job_id} (record final: not asked)"
+    assert "SUCCEEDED" in out.stdout and jobs_cell in out.stdout, out.stdout
 
 
 def test_failing_training_cancels_the_evaluation_and_records_failed(tmp_path, example_db):
