@@ -104,3 +104,20 @@ def machine_line() -> str:
 
 def fmt_rate(x: float) -> str:
     return f"{x:>12,.0f}"
+
+
+def holdout_errors(folder: Path, holdout) -> tuple[float, float, float]:
+    """The published potential in ``folder`` (the deployed ACE + ZBL + reference energies)
+    on ``holdout`` [(atoms, energy, forces)]: energy RMSE (meV/atom), force RMSE and max
+    force error (meV/A, per component)."""
+    from autopipec_hpc.registry import load_calculator
+
+    calc = load_calculator(folder)
+    de, df = [], []
+    for atoms, energy, forces in holdout:
+        a = atoms.copy()
+        a.calc = calc
+        de.append((a.get_potential_energy() - energy) / len(a))
+        df.append((a.get_forces() - forces).ravel())
+    de_a, df_a = np.asarray(de), np.concatenate(df)
+    return 1000 * float(np.sqrt(np.mean(de_a**2))), 1000 * float(np.sqrt(np.mean(df_a**2))), 1000 * float(np.abs(df_a).max())

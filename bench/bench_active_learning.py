@@ -41,8 +41,9 @@ from autopipec_hpc.config import SiteConfig
 from autopipec_hpc.store import DatabaseManager
 from autopipec_hpc.example_data import CANDIDATE_SHARES, candidate_structure, demo_train_config
 from autopipec_hpc.pacemaker.files import read_metrics_table
-from autopipec_hpc.registry import load_calculator
 from autopipec_hpc.submission import train_generation
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import holdout_errors  # noqa: E402
 
 KINDS = tuple(CANDIDATE_SHARES)
 GENERATIONS = 4
@@ -54,18 +55,6 @@ def labelled(atoms):
     atoms = atoms.copy()
     atoms.calc = EMT()
     return atoms, float(atoms.get_potential_energy()), atoms.get_forces().copy()
-
-
-def holdout_metrics(folder: Path, holdout) -> tuple[float, float, float]:
-    calc = load_calculator(folder)
-    de, df = [], []
-    for atoms, energy, forces in holdout:
-        a = atoms.copy()
-        a.calc = calc
-        de.append((a.get_potential_energy() - energy) / len(a))
-        df.append((a.get_forces() - forces).ravel())
-    de_a, df_a = np.asarray(de), np.concatenate(df)
-    return 1000 * float(np.sqrt(np.mean(de_a**2))), 1000 * float(np.sqrt(np.mean(df_a**2))), 1000 * float(np.abs(df_a).max())
 
 
 def share_above(folder: Path, pool, threshold: float = 5.0) -> float:
@@ -133,7 +122,7 @@ def main() -> int:
     for atoms, kind in pool:
         db.add_candidate(atoms, kind)
     gen1 = train_generation(site_for(root / "base", base_db), config, generation=1, timeout_s=3600)
-    gen1_metrics = holdout_metrics(Path(gen1.potential_path), holdout)
+    gen1_metrics = holdout_errors(Path(gen1.potential_path), holdout)
     gen1_share = share_above(Path(gen1.potential_path), pool)
     print(f"generation 1 (shared start): holdout E {gen1_metrics[0]:.2f} meV/at, F {gen1_metrics[1]:.1f} meV/A, "
           f"worst F {gen1_metrics[2]:.0f} meV/A; pool above gamma 5: {100 * gen1_share:.0f} %  [{time.monotonic() - t0:.0f} s]")
@@ -155,7 +144,7 @@ def main() -> int:
             record = sdb.get_record(g)
             folder = Path(record.potential_path)
             labels = record.values["n_train"] + record.values["n_test"]
-            rows.append((g, labels, *holdout_metrics(folder, holdout), share_above(folder, pool)))
+            rows.append((g, labels, *holdout_errors(folder, holdout), share_above(folder, pool)))
         table[strategy] = rows
         roots[strategy] = sroot
         print(f"{strategy}: done [{time.monotonic() - t0:.0f} s]")

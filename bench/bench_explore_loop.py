@@ -27,6 +27,7 @@ import logging
 import shutil
 import tempfile
 import time
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -39,10 +40,11 @@ from autopipec_hpc.config import SiteConfig
 from autopipec_hpc.demo import demo_plan
 from autopipec_hpc.example_data import candidate_pool, demo_train_config, write_example_database
 from autopipec_hpc.preflight import local_evaluator
-from autopipec_hpc.registry import load_calculator
 from autopipec_hpc.states import StructureStatus
 from autopipec_hpc.store import DatabaseManager
 from autopipec_hpc.submission import train_generation
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import holdout_errors  # noqa: E402
 
 START_ROWS = 33
 
@@ -73,17 +75,6 @@ def md_holdout(seed: int, per_point: int = 10):
     return out
 
 
-def holdout_metrics(folder: Path, holdout) -> tuple[float, float]:
-    calc = load_calculator(folder)
-    de, df = [], []
-    for atoms, energy, forces in holdout:
-        a = atoms.copy()
-        a.calc = calc
-        de.append((a.get_potential_energy() - energy) / len(a))
-        df.append((a.get_forces() - forces).ravel())
-    return 1000 * float(np.sqrt(np.mean(np.square(de)))), 1000 * float(np.sqrt(np.mean(np.square(np.concatenate(df)))))
-
-
 def site_for(root: Path) -> SiteConfig:
     return SiteConfig(name="bench-explore", scheduler="local", work_dir=root / "runs", output_dir=root / "output",
                       database=str(root / "structures.db"), pacemaker={"command": "pacemaker", "evaluator": "auto"},
@@ -103,7 +94,7 @@ def table(name: str, db: DatabaseManager, holdout, shares: dict[int, float]) -> 
         if record.potential_path is None:
             print(f"  {record.generation}  {record.status}: {record.reason}")
             continue
-        e, f = holdout_metrics(Path(record.potential_path), holdout)
+        e, f = holdout_errors(Path(record.potential_path), holdout)[:2]
         used = sum(1 for r in db.iter_rows(status=StructureStatus.TRAINING_READY)
                    if r.get("selected_by_generation") is not None and int(r.selected_by_generation) < record.generation)
         share = f"{shares[record.generation]:.3f}" if record.generation in shares else "-"

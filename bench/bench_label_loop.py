@@ -35,8 +35,9 @@ from autopipec_hpc.active.labeller_config import LabellerConfig, labeller_templa
 from autopipec_hpc.active.loop import LoopSettings, run_loop  # noqa: E402
 from autopipec_hpc.config import SiteConfig  # noqa: E402
 from autopipec_hpc.example_data import demo_train_config  # noqa: E402
-from autopipec_hpc.registry import load_calculator  # noqa: E402
 from autopipec_hpc.store import DatabaseManager  # noqa: E402
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import holdout_errors  # noqa: E402
 
 KINDS = ("equilibrium", "strained", "hot")
 
@@ -54,17 +55,6 @@ def cell(kind: str, rng: np.random.Generator):
         atoms = bulk("Al", "fcc", a=4.04 * rng.uniform(1.0, 1.02), cubic=True)
         atoms.rattle(rng.uniform(0.15, 0.25), seed=seed)
     return atoms
-
-
-def holdout_errors(folder: Path, holdout) -> tuple[float, float]:
-    calc = load_calculator(folder)
-    de, df = [], []
-    for atoms, energy, forces in holdout:
-        a = atoms.copy()
-        a.calc = calc
-        de.append((a.get_potential_energy() - energy) / len(a))
-        df.append((a.get_forces() - forces).ravel())
-    return 1000 * float(np.sqrt(np.mean(np.square(de)))), 1000 * float(np.sqrt(np.mean(np.square(np.concatenate(df)))))
 
 
 def main() -> int:
@@ -114,7 +104,7 @@ def main() -> int:
     label_lines = [m for m in said if m.startswith("loop: labels of generation")]
     for g in range(1, 4):
         record = db.get_record(g)
-        e, f = holdout_errors(Path(record.potential_path), holdout)
+        e, f = holdout_errors(Path(record.potential_path), holdout)[:2]
         added = next((m.split(": ", 2)[2] for m in label_lines if f"generation {g}:" in m), "-")
         print(f"{g:>3} {record.values['n_train'] + record.values['n_test']:>10} {e:>14.2f} {f:>13.1f}   {added}")
     levels = {(r.get("labeller"), r.get("labeller_hash")) for r in db.iter_rows(status="TRAINING_READY")}
