@@ -27,7 +27,7 @@ from ase.build import bulk
 from autopipec_hpc.config import SiteConfig
 from autopipec_hpc.example_data import tiny_train_config, write_example_database
 from autopipec_hpc.store import DatabaseManager
-from tests.helpers import CU_DFT, PACEMAKER, postgres_database, tiny_site
+from tests.helpers import CU_DFT, PACEMAKER, TOY_EVALUATOR, postgres_database, tiny_site
 
 
 @functools.cache
@@ -39,6 +39,12 @@ def pacemaker_missing() -> str | None:
         import pyace  # noqa: F401
     except ImportError as exc:
         return f"needs pacemaker: import pyace fails ({exc}) (pip install -e .[pacemaker])"
+    if TOY_EVALUATOR == "tensorpot":  # found, not imported: TensorFlow costs seconds and memory here
+        import importlib.util
+
+        absent = [name for name in ("tensorflow", "tensorpotential") if importlib.util.find_spec(name) is None]
+        if absent:
+            return f"needs pacemaker's tensorpot evaluator: {', '.join(absent)} not installed (bash scripts/bootstrap.sh)"
     return None
 
 
@@ -119,7 +125,7 @@ def database(request, tmp_path) -> str:
 def local_site(tmp_path):
     """Makes local-executor sites whose work, output folders and database lie in ``tmp_path``."""
 
-    def make(command: str = "pacemaker", evaluator: str = "pyace") -> SiteConfig:
+    def make(command: str = "pacemaker", evaluator: str = TOY_EVALUATOR) -> SiteConfig:
         return SiteConfig(
             name="test-local",
             scheduler="local",
@@ -135,7 +141,7 @@ def local_site(tmp_path):
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
-    """Generation 1 trained on the 30 example structures (pyace, 16 functions, 20 iterations):
+    """Generation 1 trained on the 30 example structures (tensorpot, 16 functions, 20 iterations):
     ``(root, site, record)``. Tests that use it carry the ``pacemaker`` marker; copy its
     database (helpers.copy_db) before changing anything."""
     from autopipec_hpc.submission import train_generation

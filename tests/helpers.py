@@ -103,11 +103,18 @@ def wait_state(job_id: str, wanted: set[str], timeout_s: float = 60, name: str |
 
 # -- active learning: the site of the ``trained`` fixture and candidates around it -----------
 
+# The tests' toy fits (tiny_train_config: 116 parameters, 20 iterations) train on pacemaker's
+# TensorFlow evaluator: pyace has no analytic gradient, so each iteration costs it 117 loss
+# evaluations, 88 s a fit on the example data against tensorpot's 20 s (startup included).
+# Tests that need a slow fit (a time limit that must strike mid-fit) name pyace themselves.
+TOY_EVALUATOR = "tensorpot"
+
+
 def tiny_site(root: Path) -> SiteConfig:
-    """A local site in ``root`` training with pyace on 2 cores (the ``trained`` fixture's)."""
+    """A local site in ``root`` training toy fits on 2 cores (the ``trained`` fixture's)."""
     return SiteConfig(name="al-test", scheduler="local", work_dir=root / "runs", output_dir=root / "output",
-                      database=str(root / "structures.db"), pacemaker={"command": "pacemaker", "evaluator": "pyace"},
-                      train={"cpus": 2})
+                      database=str(root / "structures.db"),
+                      pacemaker={"command": "pacemaker", "evaluator": TOY_EVALUATOR}, train={"cpus": 2})
 
 
 def copy_db(trained, tmp_path: Path) -> str:

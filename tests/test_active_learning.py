@@ -105,13 +105,13 @@ def test_select_scores_like_pyace_and_chooses_the_far_structures(trained, tmp_pa
         assert rows[i].gamma_max == pytest.approx(calc.results["gamma"].max(), rel=1e-12)
         assert rows[i].gamma_mean == pytest.approx(calc.results["gamma"].mean(), rel=1e-12)
     sel = tmp_path / "sel"
-    assert (sel / "selection.json").exists() and (sel / "gamma.png").exists()
-    assert sorted(p.name for p in sel.glob("*.png")) == ["gamma.png"]  # one figure for every config_type
+    assert (sel / "selection.json").exists() and (sel / "gamma.svg").exists()
+    assert sorted(p.name for p in sel.glob("gamma.*")) == ["gamma.svg"]  # one figure for every config_type
     from autopipec_hpc.active.select_job import read_selection
     from autopipec_hpc.active.selection_folder import SelectionFolder
 
     summary = read_selection(SelectionFolder(sel))
-    assert summary.histograms == ["gamma.png"] and summary.selected_ids == chosen
+    assert summary.histograms == ["gamma.svg"] and summary.selected_ids == chosen
     assert set(summary.by_config_type) == {"near", "far0", "far1", "far2"}
     assert sum(c.selected for c in summary.by_config_type.values()) == 3
     marker = db.markers("selection", 1)
@@ -483,7 +483,7 @@ def test_a_number_like_config_type_is_summarised_under_its_one_label(tmp_path, m
     assert set(plain).isdisjoint(result.selected_ids)
     # the summary as written and read back, and the marker's copy, say the same
     saved = read_selection(SelectionFolder(tmp_path / "sel"))
-    assert saved == result and saved.histograms == ["gamma.png"] and (tmp_path / "sel" / "gamma.png").exists()
+    assert saved == result and saved.histograms == ["gamma.svg"] and (tmp_path / "sel" / "gamma.svg").exists()
     [marker] = db.markers("selection", 1)
     assert set(marker.data["by_config_type"]) == {"1234", "plain"}
     assert marker.data["by_config_type"]["1234"]["selected"] == 3

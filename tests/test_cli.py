@@ -52,10 +52,10 @@ def test_prepare_refuses_unknown_config_key_by_name(tmp_path, capsys):
     assert "unknown key 'kappa_typo'" in capsys.readouterr().err
 
 
-def _pyace_site(tmp_path: Path) -> Path:
+def _toy_site(tmp_path: Path) -> Path:
     site = tmp_path / "site.yaml"
     site.write_text("name: loop-demo-test\nscheduler: local\nwork_dir: runs\noutput_dir: output\n"
-                    "database: output/structures.db\npacemaker:\n  command: pacemaker\n  evaluator: pyace\n"
+                    "database: output/structures.db\npacemaker:\n  command: pacemaker\n  evaluator: tensorpot\n"
                     "train:\n  cpus: 2\n")
     return site
 
@@ -70,7 +70,7 @@ def test_demo_loop_runs_two_generations_and_a_rerun_resumes_as_done(tmp_path):
     config = tmp_path / "tiny.yaml"
     toy = tiny_train_config().model_copy(update={"max_energy_rmse_mev": 1e5, "max_force_rmse_mev": 1e6})
     config.write_text(yaml.safe_dump(toy.model_dump(mode="json", exclude_none=True)))  # toy fits: no divergence guard
-    argv = ["demo", "--site", str(_pyace_site(tmp_path)), "--loop", "2", "--select", "3", "--pool", "20",
+    argv = ["demo", "--site", str(_toy_site(tmp_path)), "--loop", "2", "--select", "3", "--pool", "20",
             "--config", str(config)]
     done = subprocess.run([*CLI, *argv], capture_output=True, text=True, cwd=tmp_path, timeout=900)
     assert done.returncode == 0, done.stdout + done.stderr
@@ -98,7 +98,7 @@ def test_demo_loop_runs_two_generations_and_a_rerun_resumes_as_done(tmp_path):
 ])
 def test_bad_demo_loop_options_are_one_line_exit_2_nothing_written(tmp_path, capsys, monkeypatch, extra, culprit):
     monkeypatch.chdir(tmp_path)  # the site's folders are relative
-    code = main(["demo", "--site", str(_pyace_site(tmp_path)), *extra])
+    code = main(["demo", "--site", str(_toy_site(tmp_path)), *extra])
     err = capsys.readouterr().err.strip()
     assert code == 2 and len(err.splitlines()) == 1 and culprit in err, err
     assert not (tmp_path / "output").exists() and not (tmp_path / "runs").exists()

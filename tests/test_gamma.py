@@ -167,13 +167,17 @@ def test_the_d_optimal_choice_on_the_scorers_projections_is_pace_selects(scorer,
     candidates = [_cell(rng, n, True) for n in (3, 6, 8, 10, 12, 14) * 3]
     folder = scorer.folder
     chooser = _DOptimalChooser(folder, max_select=5)
+    chooser.CHUNK = 9  # a MaxVol pass per page offered
+    whole = _DOptimalChooser(folder, max_select=5)  # the default: one pass over all 18, at the end
     bconf = BBasisConfiguration(str(folder / registry.POTENTIAL_YAML))
     extra = compute_A_active_inverse(load_active_inverse_set(str(folder / registry.ACTIVE_SET)))
     kept: list[tuple[int, Atoms]] = []
     for start in (0, 9):  # two chunks, as select offers a page at a time
         chunk = list(enumerate(candidates))[start:start + 9]
         scores = score_batch(scorer, [a for _, a in chunk], with_projections=True)
-        chooser.offer([(k, len(a), float(s.gamma.max()), s.projections) for (k, a), s in zip(chunk, scores)])
+        offered = [(k, len(a), float(s.gamma.max()), s.projections) for (k, a), s in zip(chunk, scores)]
+        chooser.offer(offered)
+        whole.offer(offered)
         pool = kept + chunk
         df = pd.DataFrame({"row_id": [k for k, _ in pool], "ase_atoms": [a for _, a in pool]})
         chosen = select_structures_maxvol(df, bconf, extra_A0_projections_dict={st: a.copy() for st, a in extra.items()},
@@ -181,3 +185,32 @@ def test_the_d_optimal_choice_on_the_scorers_projections_is_pace_selects(scorer,
         kept = [(int(k), a) for k, a in zip(chosen["row_id"], chosen["ase_atoms"])]
         assert [k for k, *_ in chooser.kept] == [k for k, _ in kept]
     assert len(kept) == 5
+    assert not whole.kept and len(whole.pending) == 18  # nothing chosen before the end
+    df = pd.DataFrame({"row_id": list(range(18)), "ase_atoms": candidates})
+    chosen = select_structures_maxvol(df, bconf, extra_A0_projections_dict={st: a.copy() for st, a in extra.items()},
+                                      batch_size_option="none", max_structures=5, verbose=False)
+    assert sorted(k for k, _ in whole.ranked()) == sorted(int(k) for k in chosen["row_id"])
+
+
+def test_the_gamma_figure_counts_every_candidate_in_its_row_and_draws_the_thresholds(tmp_path):
+    import xml.etree.ElementTree as ET
+
+    from autopipec_hpc.active.gamma_figure import write_gamma_figure
+
+    rng = np.random.default_rng(4)
+    rows = [("bulk <fcc>", 10 ** rng.uniform(-1, 0.5, 40)), ("surface & co", 10 ** rng.uniform(0, 3, 17)),
+            ("empty", np.array([]))]
+    path = tmp_path / "gamma.svg"
+    assert write_gamma_figure(path, rows, "generation 2", [(1.0, "gamma_min"), (5.0, "extrapolating")])
+    svg = "{http://www.w3.org/2000/svg}"
+    root = ET.parse(path).getroot()  # well-formed: the labels' < > & are escaped
+    labels = [t.text for t in root.iter(f"{svg}text")]
+    assert "bulk <fcc>" in labels and "surface & co" in labels and "empty" not in labels
+    cells = [r for r in root.iter(f"{svg}rect") if r.find(f"{svg}title") is not None]
+    by_row: dict[str, int] = {}
+    for cell in cells:
+        by_row[cell.get("y")] = by_row.get(cell.get("y"), 0) + int(cell.find(f"{svg}title").text)
+    assert sorted(by_row.values()) == [17, 40]  # every candidate lands in one cell of its row
+    assert sum(1 for line in root.iter(f"{svg}line") if line.get("stroke") == "red") == 2
+    assert not write_gamma_figure(tmp_path / "none.svg", [("empty", np.array([]))], "t", [])
+    assert not (tmp_path / "none.svg").exists()

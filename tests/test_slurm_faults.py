@@ -20,7 +20,7 @@ from autopipec_hpc.example_data import tiny_train_config, write_example_database
 from autopipec_hpc.registry import potentials_root
 from autopipec_hpc.generation import cancel_generation, wait_for_generation
 from autopipec_hpc.submission import submit_generation
-from tests.helpers import CLI, ci_site, postgres_database, wait_state
+from tests.helpers import CLI, TOY_EVALUATOR, ci_site, postgres_database, wait_state
 
 pytestmark = [pytest.mark.slurm, pytest.mark.pacemaker]  # every test submits: preflight imports pyace
 
@@ -40,7 +40,7 @@ def _first_iteration(run_dir: Path, timeout_s: float = 180) -> None:
 
 @pytest.mark.slow
 def test_scancel_of_the_evaluation_while_training_runs_ends_failed(tmp_path, example_db):
-    site = ci_site(tmp_path, pacemaker={"evaluator": "pyace"})
+    site = ci_site(tmp_path, pacemaker={"evaluator": TOY_EVALUATOR})
     sub = submit_generation(example_db, site, tiny_train_config())
     assert wait_state(sub.jobs.train.job_id, {"RUNNING"}) == "RUNNING"
     subprocess.run(["scancel", sub.jobs.evaluate.job_id], check=True, timeout=30)
@@ -79,7 +79,7 @@ def test_scancel_of_the_training_by_hand_ends_cancelled(tmp_path, example_db):
 
 @pytest.mark.slow
 def test_a_requeue_started_by_slurm_is_never_a_failure(tmp_path, example_db):
-    site = ci_site(tmp_path, pacemaker={"evaluator": "pyace"})
+    site = ci_site(tmp_path, pacemaker={"evaluator": TOY_EVALUATOR})
     sub = submit_generation(example_db, site, tiny_train_config().model_copy(update={"maxiter": 60}))
     run = Path(sub.spec.run_dir)
     _first_iteration(run)
@@ -125,7 +125,7 @@ def test_a_partition_that_does_not_exist_is_refused_before_submitting(tmp_path, 
 
 
 def test_status_shows_every_record_when_accounting_cannot_answer(tmp_path, example_db):
-    site = ci_site(tmp_path, pacemaker={"evaluator": "pyace"})
+    site = ci_site(tmp_path, pacemaker={"evaluator": TOY_EVALUATOR})
     sub = submit_generation(example_db, site, tiny_train_config())
     fake = tmp_path / "bin"
     fake.mkdir()
@@ -143,7 +143,7 @@ def test_status_shows_every_record_when_accounting_cannot_answer(tmp_path, examp
 def test_a_whole_slurm_run_through_postgresql(tmp_path):
     url = postgres_database()
     write_example_database(DatabaseManager(url))
-    site = ci_site(tmp_path, database=url, pacemaker={"evaluator": "pyace"})
+    site = ci_site(tmp_path, database=url, pacemaker={"evaluator": TOY_EVALUATOR})
     sub = submit_generation(url, site, tiny_train_config())
     record = wait_for_generation(Path(sub.spec.run_dir), timeout_s=900)
     assert record.status == RecordState.SUCCEEDED
@@ -187,8 +187,9 @@ def test_a_node_set_down_while_training_runs_is_a_requeue_and_ends_succeeded(tmp
     held a while (as if the node stayed down): meanwhile the record says SUBMITTED
     (requeued), never FAILED, and once released the requeued attempt resumes and the
     generation ends SUCCEEDED."""
-    site = ci_site(tmp_path, pacemaker={"evaluator": "pyace"})
-    sub = submit_generation(example_db, site, tiny_train_config())
+    site = ci_site(tmp_path, pacemaker={"evaluator": TOY_EVALUATOR})
+    # 150 iterations (~0.2 s each on tensorpot): the fit is still running when the node goes down
+    sub = submit_generation(example_db, site, tiny_train_config().model_copy(update={"maxiter": 150}))
     run = Path(sub.spec.run_dir)
     _first_iteration(run)
     _alone_on_the_cluster(sub.jobs.train.job_id, sub.jobs.evaluate.job_id)

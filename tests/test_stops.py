@@ -195,11 +195,13 @@ def test_ctrl_c_of_submit_wait_ends_only_the_wait_and_a_loop_rerun_follows_the_j
         jobs = SubmittedJobs.load(run_dir)
         pacemaker = int(attempt.read_text())
         os.killpg(waiter.pid, signal.SIGINT)  # Ctrl-C
-        rc = waiter.wait(timeout=90)  # a bound, not a speed: a loaded machine took over 30 s once
+        # Read both pipes while waiting: a waiter whose stdout pipe filled up (nobody read
+        # it) blocked in its exit's flush, which once looked like a Ctrl-C not obeyed.
+        _, err = waiter.communicate(timeout=90)
+        rc = waiter.returncode
     finally:
         if waiter.poll() is None:
             waiter.kill()
-    err = waiter.stderr.read()
     try:
         assert rc == 130, err
         assert err.count("\n") == 1 and "generation 1 goes on" in err and "status --generation 1" in err, err
@@ -266,9 +268,9 @@ def test_scancel_of_a_running_evaluation_publishes_nothing_and_ends_cancelled(tm
     """The README's promise on the real CI cluster: before the fix, an evaluation scancelled
     in its Python phase published and wrote SUCCEEDED a second later; one scancelled while
     pace_activeset ran ended FAILED "exit -15"."""
-    from tests.helpers import ci_site, wait_state
+    from tests.helpers import TOY_EVALUATOR, ci_site, wait_state
 
-    site = ci_site(tmp_path, pacemaker={"command": str(_tools(tmp_path, phase)), "evaluator": "pyace"})
+    site = ci_site(tmp_path, pacemaker={"command": str(_tools(tmp_path, phase)), "evaluator": TOY_EVALUATOR})
     sub = submit_generation(example_db, site, tiny_train_config())
     try:
         _wait_for(lambda: (tmp_path / "signal.now").exists(), 600, "the evaluation's pace_activeset", poll_s=0.02)

@@ -7,9 +7,9 @@ potential and its active set ``potential.asi``: ``PyACECalculator`` +
 ``scored_by_generation`` on every scored row, and chooses at most M of those with
 ``gamma_max > gamma_min`` by D-optimality together with the existing active set,
 with pacemaker's own MaxVol selection (``pyace.aceselect.select_structures_maxvol``,
-the body of ``pace_select``). The choice is made chunk by chunk (the chunk's
-candidates plus the ones chosen so far), so memory follows the chunk and M,
-never the pool. ``--strategy random`` is the baseline: uniform among every scorable
+the body of ``pace_select``). The choice is made chunk by chunk (up to 1,000
+candidates above gamma_min plus the ones chosen so far), so memory follows the chunk
+and M, never the pool. ``--strategy random`` is the baseline: uniform among every scorable
 candidate, gamma_min or not. A budget in atoms (``max_atoms``) takes the chosen in their
 order (highest gamma first for D-optimal, by key otherwise) and stops before the
 atoms would exceed it. One selection per generation: it holds a claim
@@ -152,6 +152,10 @@ class _DOptimalChooser:
 
     TOLERANCE = 1.01  # select_structures_maxvol's gamma_tolerance
     MAXVOL_ITERS = 300
+    # Candidates (above gamma_min) per MaxVol pass: each pass costs about as much as one over
+    # the whole pool, so few passes matter more than their size; the B-projections of 1,000
+    # candidates of ~30 atoms and 100 functions are ~25 MB, and memory follows this, not the pool.
+    CHUNK = 1000
 
     def __init__(self, folder: Path, max_select: int) -> None:
         from pyace.activelearning import compute_A_active_inverse, load_active_inverse_set
@@ -163,13 +167,20 @@ class _DOptimalChooser:
         self.max_select = max_select
         # (row id, atoms, max gamma, {species type: B-projections})
         self.kept: list[tuple[int, int, float, dict[int, np.ndarray]]] = []
+        self.pending: list[tuple[int, int, float, dict[int, np.ndarray]]] = []
 
     def offer(self, chunk: list[tuple[int, int, float, dict[int, np.ndarray]]]) -> None:
+        """Take ``chunk``'s candidates; MaxVol runs once CHUNK of them wait (and at the end)."""
+        self.pending.extend(chunk)
+        if len(self.pending) >= self.CHUNK:
+            self._reduce()
+
+    def _reduce(self) -> None:
         from collections import Counter
 
         from pyace.activelearning import compute_active_set
 
-        pool = self.kept + chunk
+        pool, self.pending = self.kept + self.pending, []
         if not pool:
             return
         projections, owner = {}, {}
@@ -190,6 +201,8 @@ class _DOptimalChooser:
     def ranked(self) -> list[tuple[int, int]]:
         """(row id, atoms) of the structures kept, the most extrapolative first: the order
         an atoms budget takes them in."""
+        if self.pending:
+            self._reduce()
         return [(row_id, n) for row_id, n, _, _ in sorted(self.kept, key=lambda k: (-k[2], k[0]))]
 
 
@@ -328,34 +341,12 @@ def _select(db: DatabaseManager, request: SelectionRequest, claim: SelectionClai
 
 
 def _histogram(summary: dict[str, _Tally], folder: SelectionFolder, generation: int, gamma_min: float) -> list[str]:
-    """One figure of every config_type's max-gamma histogram: a row per type, a column per
-    (log-spaced, shared) bin, the colour its count; the thresholds as vertical lines.
-    One axes, drawn and written once: a figure or a panel per type spent most of a
-    select's time on axes, ticks and layout (22 figures: 7 s of drawing; this: well under 1)."""
-    from matplotlib.figure import Figure  # no pyplot: no global backend, nothing left open
+    """One figure of every config_type's max-gamma histogram (gamma_figure.py)."""
+    from autopipec_hpc.active.gamma_figure import write_gamma_figure
 
-    kinds = [(ctype, s) for ctype, s in sorted(summary.items()) if s.gamma_max]
-    if not kinds:
-        return []
-    every = np.concatenate([np.asarray(s.gamma_max) for _, s in kinds])
-    # Drawn on log10(gamma) with a linear axis: a log axis's tick locator is slow.
-    lo, hi = np.log10(max(every.min(), 1e-3)), np.log10(max(every.max(), 1e-2) * 1.01)
-    edges = np.linspace(lo, hi, 31)
-    counts = np.array([np.histogram(np.log10(np.maximum(s.gamma_max, 1e-3)), bins=edges)[0] for _, s in kinds])
-    height = 1.4 + 0.22 * len(kinds)
-    fig = Figure(figsize=(7.5, height))
-    ax = fig.add_axes((0.34, 0.9 / height, 0.56, 1 - 1.4 / height))
-    mesh = ax.pcolormesh(edges, np.arange(len(kinds) + 1), np.ma.masked_equal(counts, 0), cmap="viridis")
-    for x, style in ((gamma_min, "--"), (GAMMA_WRITE, ":"), (GAMMA_STOP, "-.")):
-        if x > 0 and lo <= np.log10(x) <= hi:
-            ax.axvline(np.log10(x), color="r", ls=style, lw=1.0)
-    ticks = np.arange(np.ceil(lo), np.floor(hi) + 1)
-    ax.set_xticks(ticks, [f"{10 ** t:g}" for t in ticks])
-    ax.set_yticks(np.arange(len(kinds)) + 0.5, [f"{ct} ({s.scored} scored, {s.selected} selected)"
-                                                for ct, s in kinds], fontsize=7)
-    ax.set_ylim(len(kinds), 0)
-    ax.set_xlabel(f"structure max gamma (lines: gamma_min {gamma_min:g}, {GAMMA_WRITE:g}, {GAMMA_STOP:g})")
-    ax.set_title(f"generation {generation}: candidates per max gamma", fontsize=10)
-    fig.colorbar(mesh, ax=ax, fraction=0.05, pad=0.02, label="candidates")
-    fig.savefig(folder.histogram_file, dpi=100)
-    return [folder.histogram_file.name]
+    rows = [(f"{ct} ({s.scored} scored, {s.selected} selected)", np.asarray(s.gamma_max))
+            for ct, s in sorted(summary.items()) if s.gamma_max]
+    written = write_gamma_figure(
+        folder.histogram_file, rows, f"generation {generation}: candidates per max gamma",
+        [(gamma_min, "gamma_min"), (GAMMA_WRITE, "extrapolating"), (GAMMA_STOP, "stop")])
+    return [folder.histogram_file.name] if written else []

@@ -9,7 +9,7 @@ A selection folder holds the whole story of one ``select`` (its summary folder):
       submitit/            the job's log and pickles
       select.failed        the job's error, for the command that waits for it
       selection.json       the summary, written once the selection is committed
-      gamma.png            the candidates' max gamma, one panel per config_type
+      gamma.svg            the candidates' max gamma, a row per config_type
 
 In-process selections write only the last two.
 """
@@ -29,7 +29,7 @@ from autopipec_hpc.states import JobRole, Strategy
 
 SELECTIONS_DIR = "selections"
 SUMMARY_FILE = "selection.json"
-HISTOGRAM_FILE = "gamma.png"
+HISTOGRAM_FILE = "gamma.svg"
 
 
 class SelectionFolder:

@@ -109,7 +109,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max", type=int, default=20, help="structures to choose at most (default 20)")
     p.add_argument("--gamma-min", type=float, default=1.0, help="only candidates above this max gamma (default 1)")
     p.add_argument("--strategy", default="d-optimal", help="d-optimal (default), top-gamma or random")
-    p.add_argument("--batch", type=int, default=500, help="candidates scored and offered to MaxVol at a time")
+    p.add_argument("--batch", type=int, default=500, help="candidates read and scored at a time (MaxVol takes them 1,000 at a time)")
     p.add_argument("--seed", type=int, default=0, help="for --strategy random")
     p.add_argument("--max-atoms", type=int, default=None,
                    help="a budget in atoms (DFT cost follows atoms): stop before the selected atoms exceed it")
