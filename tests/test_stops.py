@@ -177,6 +177,13 @@ def test_a_local_evaluation_stopped_by_sigterm_publishes_nothing_and_ends_cancel
 
 # -- Ctrl-C of the waiting command -----------------------------------------------------------
 
+def _foreground() -> None:
+    """A terminal's foreground job has SIGINT at its default, whatever started the tests: a
+    suite run in the background (`cmd &`, nohup) passes SIGINT and SIGQUIT on ignored, and
+    the waiter then never heard this test's Ctrl-C (it slept out the 90 s bound)."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 @pytest.mark.pacemaker  # submits: preflight imports pyace
 def test_ctrl_c_of_submit_wait_ends_only_the_wait_and_a_loop_rerun_follows_the_jobs(tmp_path, example_db, local_site):
     """The terminal's SIGINT goes to the waiting command's whole process group: before the
@@ -187,7 +194,9 @@ def test_ctrl_c_of_submit_wait_ends_only_the_wait_and_a_loop_rerun_follows_the_j
     impatient.write_text(json.dumps(site.model_copy(update={"result_timeout_s": 5}).model_dump(mode="json")))
     waiter = subprocess.Popen(CLI + ["submit", "--site", str(site_file), "--wait"], cwd=tmp_path,
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                              start_new_session=True)  # its own group, as a terminal's foreground job
+                              start_new_session=True,  # its own group, as a terminal's foreground job
+                              preexec_fn=_foreground,
+                              env={**os.environ, "PYTHONFAULTHANDLER": "1"})  # SIGABRT: its stacks, if it hangs
     try:
         attempt = _wait_for(lambda: next(iter((tmp_path / "runs").glob("gen-0001*/attempt-1/pacemaker.pid")), None),
                             120, "pacemaker running")
@@ -197,7 +206,15 @@ def test_ctrl_c_of_submit_wait_ends_only_the_wait_and_a_loop_rerun_follows_the_j
         os.killpg(waiter.pid, signal.SIGINT)  # Ctrl-C
         # Read both pipes while waiting: a waiter whose stdout pipe filled up (nobody read
         # it) blocked in its exit's flush, which once looked like a Ctrl-C not obeyed.
-        _, err = waiter.communicate(timeout=90)
+        try:
+            _, err = waiter.communicate(timeout=90)
+        except subprocess.TimeoutExpired:
+            masks = {who: [line for line in Path(f"/proc/{pid}/status").read_text().splitlines()
+                           if line.startswith(("SigBlk", "SigIgn", "SigCgt"))]
+                     for who, pid in (("waiter", waiter.pid), ("pytest", os.getpid()))}
+            waiter.send_signal(signal.SIGABRT)
+            out, err = waiter.communicate(timeout=30)
+            raise AssertionError(f"the waiter outlived its Ctrl-C by 90 s; {masks}; where it was:\n{err[-3000:]}")
         rc = waiter.returncode
     finally:
         if waiter.poll() is None:
