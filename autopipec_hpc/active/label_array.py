@@ -47,8 +47,9 @@ def labeller_site(site: SiteConfig, labeller: LabellerConfig) -> SiteConfig:
 
 def reconcile_labels(db: DatabaseManager, site: SiteConfig | None) -> list[int]:
     """LABELLING rows whose label task has ended (asked of the scheduler, as ``status`` asks
-    for training jobs) go back to DFT_REQUESTED; rows held by a process (the in-process
-    labeller) by its pid or lease (``recover_labels``). Under the records' lock; their ids."""
+    for training jobs) go back to DFT_REQUESTED, or LABEL_FAILED where their task died on
+    them MAX_LABEL_DEATHS times; rows held by a process (the in-process labeller) by its pid
+    or lease (``recover_labels``). Under the records' lock; the ids back to DFT_REQUESTED."""
     from autopipec_hpc.scheduler import scheduler_for
 
     returned: list[int] = []
@@ -71,8 +72,10 @@ def reconcile_labels(db: DatabaseManager, site: SiteConfig | None) -> list[int]:
                     current = db.get_row(row.id)
                     if current.get("status") == StructureStatus.LABELLING and \
                             str(current.get("label_job")) == str(row.get("label_job")):
-                        db.release_label(row.id, error=f"its label task {row.get('label_job')} ended {state}")
-                        returned.append(row.id)
+                        now = db.release_label(row.id, error=f"its label task {row.get('label_job')} ended {state}",
+                                               died=True)
+                        if now == StructureStatus.DFT_REQUESTED:
+                            returned.append(row.id)
     returned += recover_labels(db)[0]
     return returned
 
