@@ -80,6 +80,28 @@ def reconcile_labels(db: DatabaseManager, site: SiteConfig | None) -> list[int]:
     return returned
 
 
+@dataclass(frozen=True)
+class LabellingNow:
+    """Rows one label folder's tasks hold now (LABELLING): what ``status`` shows of them."""
+
+    folder: str
+    jobs: tuple[str, ...]
+    rows: int
+
+
+def labelling_now(db: DatabaseManager, site: SiteConfig | None) -> list[LabellingNow]:
+    """The LABELLING rows by label folder, once the rows of tasks that ended are reconciled
+    (as ``status`` reconciles training records): the label arrays still at work."""
+    reconcile_labels(db, site)
+    held: dict[str, tuple[set[str], list[int]]] = {}
+    for row in db.iter_rows(status=StructureStatus.LABELLING):
+        jobs, rows = held.setdefault(str(row.get("label_folder") or "(in-process labeller)"), (set(), []))
+        if row.get("label_job") is not None:
+            jobs.add(str(row.get("label_job")))
+        rows.append(row.id)
+    return [LabellingNow(folder, tuple(sorted(jobs)), len(rows)) for folder, (jobs, rows) in sorted(held.items())]
+
+
 def submit_labels(site: SiteConfig, db: DatabaseManager, labeller: LabellerConfig, retry_failed: bool = False,
                   out_dir: Path | None = None, notify: Callable[[str], None] | None = None
                   ) -> LabelSubmission | None:
