@@ -161,6 +161,61 @@ def test_a_task_killed_mid_row_leaves_its_rows_requested_and_a_rerun_completes(t
     assert again.labelled == ids[2:] and statuses(database, ids) == ["TRAINING_READY"] * 4
 
 
+def test_a_row_that_kills_its_task_every_time_ends_label_failed_and_costs_no_more_tasks(tmp_path):
+    """Before: a row whose labeller dies on it (out of memory, a crash of the code) went back
+    to DFT_REQUESTED after every death, and each rerun or loop generation spent a task on it."""
+    database = str(tmp_path / "s.db")
+    ids = requested(database, 3)
+    site = local_site(tmp_path)
+    killer = LabellerConfig(name="emt", calculator=FAULTS, structures_per_task=1,
+                            kwargs={"kill_rows": [ids[1]]})  # no marker: it dies on that row every time
+    db = DatabaseManager(database)
+    first = run_labels(site, db, killer, timeout_s=120)
+    assert first.labelled == [ids[0], ids[2]] and first.returned == [ids[1]]
+    assert db.get_row(ids[1]).label_deaths == 1
+    second = run_labels(site, db, killer, timeout_s=120)
+    assert second.returned == [] and list(second.failed) == [ids[1]]
+    assert second.failed[ids[1]].startswith("LabelTaskDied: its labeller died while computing it 2 times")
+    assert "ended FAILED" in second.failed[ids[1]]
+    assert statuses(database, ids) == ["TRAINING_READY", "LABEL_FAILED", "TRAINING_READY"]
+    assert db.count(status="DFT_REQUESTED") == 0  # nothing left for a third run to spend a task on
+    retried = run_labels(site, db, LabellerConfig(name="emt", calculator="ase.calculators.emt:EMT"),
+                         retry_failed=True, timeout_s=120)
+    assert retried.labelled == [ids[1]] and statuses(database, ids) == ["TRAINING_READY"] * 3
+
+
+def test_status_shows_the_rows_by_status_and_the_label_tasks_holding_rows(tmp_path, capsys):
+    import time
+
+    database = str(tmp_path / "s.db")
+    ids = requested(database, 2)
+    site = tmp_path / "site.yaml"
+    site.write_text(yaml.safe_dump(local_site(tmp_path).model_dump(mode="json")))
+    slow = tmp_path / "slow.yaml"
+    slow.write_text(yaml.safe_dump({"name": "emt", "calculator": FAULTS, "structures_per_task": 2,
+                                    "kwargs": {"slow_rows": [ids[0]], "sleep_s": 20}}))
+    assert main(["label", "--site", str(site), "--db", database, "--labeller", str(slow), "--no-wait"]) == 0
+    capsys.readouterr()
+    db = DatabaseManager(database)
+    deadline = time.monotonic() + 60
+    while db.get_row(ids[0]).status != "LABELLING" and time.monotonic() < deadline:
+        time.sleep(0.2)
+    job = db.get_row(ids[0]).label_job
+    assert main(["status", "--site", str(site), "--db", database]) == 0
+    out = capsys.readouterr().out
+    assert "structures: 2 DFT_REQUESTED" not in out and "1 LABELLING" in out, out
+    assert f"labelling: 1 held by label task {job} ({tmp_path / 'labels' / 'gen-1'})" in out, out
+    from autopipec_hpc.processes import pid_alive
+
+    os.kill(int(job), 9)  # the task dies: the next status puts its row back
+    deadline = time.monotonic() + 30
+    while pid_alive(int(job)) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert main(["status", "--site", str(site), "--db", database]) == 0
+    out = capsys.readouterr().out
+    assert "structures: 2 DFT_REQUESTED" in out and "labelling:" not in out, out
+
+
 # -- GPAW for real ---------------------------------------------------------------------------------
 def al_cells(n: int) -> list:
     cells = []

@@ -47,8 +47,9 @@ def labeller_site(site: SiteConfig, labeller: LabellerConfig) -> SiteConfig:
 
 def reconcile_labels(db: DatabaseManager, site: SiteConfig | None) -> list[int]:
     """LABELLING rows whose label task has ended (asked of the scheduler, as ``status`` asks
-    for training jobs) go back to DFT_REQUESTED; rows held by a process (the in-process
-    labeller) by its pid or lease (``recover_labels``). Under the records' lock; their ids."""
+    for training jobs) go back to DFT_REQUESTED, or LABEL_FAILED where their task died on
+    them MAX_LABEL_DEATHS times; rows held by a process (the in-process labeller) by its pid
+    or lease (``recover_labels``). Under the records' lock; the ids back to DFT_REQUESTED."""
     from autopipec_hpc.scheduler import scheduler_for
 
     returned: list[int] = []
@@ -71,10 +72,34 @@ def reconcile_labels(db: DatabaseManager, site: SiteConfig | None) -> list[int]:
                     current = db.get_row(row.id)
                     if current.get("status") == StructureStatus.LABELLING and \
                             str(current.get("label_job")) == str(row.get("label_job")):
-                        db.release_label(row.id, error=f"its label task {row.get('label_job')} ended {state}")
-                        returned.append(row.id)
+                        now = db.release_label(row.id, error=f"its label task {row.get('label_job')} ended {state}",
+                                               died=True)
+                        if now == StructureStatus.DFT_REQUESTED:
+                            returned.append(row.id)
     returned += recover_labels(db)[0]
     return returned
+
+
+@dataclass(frozen=True)
+class LabellingNow:
+    """Rows one label folder's tasks hold now (LABELLING): what ``status`` shows of them."""
+
+    folder: str
+    jobs: tuple[str, ...]
+    rows: int
+
+
+def labelling_now(db: DatabaseManager, site: SiteConfig | None) -> list[LabellingNow]:
+    """The LABELLING rows by label folder, once the rows of tasks that ended are reconciled
+    (as ``status`` reconciles training records): the label arrays still at work."""
+    reconcile_labels(db, site)
+    held: dict[str, tuple[set[str], list[int]]] = {}
+    for row in db.iter_rows(status=StructureStatus.LABELLING):
+        jobs, rows = held.setdefault(str(row.get("label_folder") or "(in-process labeller)"), (set(), []))
+        if row.get("label_job") is not None:
+            jobs.add(str(row.get("label_job")))
+        rows.append(row.id)
+    return [LabellingNow(folder, tuple(sorted(jobs)), len(rows)) for folder, (jobs, rows) in sorted(held.items())]
 
 
 def submit_labels(site: SiteConfig, db: DatabaseManager, labeller: LabellerConfig, retry_failed: bool = False,

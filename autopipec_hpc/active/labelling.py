@@ -105,8 +105,8 @@ def recover_labels(db: DatabaseManager) -> tuple[list[int], list[int]]:
                 held.append(row.id)
                 continue
             log.warning("structure id=%s: %s; back to %s", row.id, why, StructureStatus.DFT_REQUESTED)
-            db.release_label(row.id, error=f"labelling abandoned: {why}")
-            recovered.append(row.id)
+            if db.release_label(row.id, error=f"labelling abandoned: {why}", died=True) == StructureStatus.DFT_REQUESTED:
+                recovered.append(row.id)
     return recovered, held
 
 

@@ -15,6 +15,7 @@ from pydantic import ValidationError
 from rich.table import Table
 
 from autopipec_hpc.cli.show import (
+    print_structures,
     ProgressPrinter,
     _coloured,
     _say,
@@ -123,6 +124,8 @@ def cmd_status(args: argparse.Namespace) -> int:
             current = f.progress()
             line = current.describe() if current else f"generation {r.generation}: no iteration reported yet"
             console.print(line, highlight=False, markup=False)
+    if args.generation is None:
+        print_structures(db, site)
     return 0
 
 

@@ -303,3 +303,18 @@ def print_dataset_summary(m: DatasetManifest) -> None:
         console.print("skipped structures: 0")
     files = m.train_files + m.test_files + [f for f in (m.train_extxyz, m.test_extxyz) if f]
     console.print("files: " + ", ".join(files) + ", dataset.json")
+
+
+def print_structures(db: "DatabaseManager", site) -> None:
+    """The structure rows by status, and the label arrays holding rows now (a `label
+    --no-wait` is followed here as a generation is)."""
+    from autopipec_hpc.active.label_array import labelling_now
+    from autopipec_hpc.states import StructureStatus
+
+    now = labelling_now(db, site)  # first: it reconciles the rows of tasks that ended
+    counts = [(status, db.count(status=status)) for status in StructureStatus]
+    shown = ", ".join(f"{n} {status}" for status, n in counts if n)
+    console.print(f"structures: {shown or 'none'}", highlight=False, markup=False)
+    for held in now:
+        tasks = f"label task{'s' if len(held.jobs) != 1 else ''} {', '.join(held.jobs)}" if held.jobs else "a labeller"
+        console.print(f"labelling: {held.rows} held by {tasks} ({held.folder})", highlight=False, markup=False)

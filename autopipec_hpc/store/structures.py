@@ -34,6 +34,11 @@ SELECTION_CLAIM = "selection-claim"
 # id and label folder, so the login side can ask the scheduler whether that task ended.
 LABEL_CLAIM_KEYS = ("label_claimed_by", "label_claimed_at", "label_job", "label_folder")
 LABEL_ERROR_KEY = "label_error"
+# Times a row's labeller died while computing it (a task killed: out of memory, a crash of
+# the code, a node lost). A row that kills its task every time would otherwise go back to
+# DFT_REQUESTED and cost a task in every rerun and every loop generation, for ever.
+LABEL_DEATHS_KEY = "label_deaths"
+MAX_LABEL_DEATHS = 2
 
 
 MAX_LABEL_LENGTH = 200
@@ -113,7 +118,7 @@ PIPELINE_KEYS = frozenset({
     "status", "config_type", "source", "frame", "generation", "split", "record",
     "gamma_max", "gamma_mean", "scored_by_generation", "selected_by_generation", "labelled_by",
     "labeller", "labeller_code", "labeller_version", "labeller_hash", "label_retries",
-    *LABEL_CLAIM_KEYS, LABEL_ERROR_KEY,
+    *LABEL_CLAIM_KEYS, LABEL_ERROR_KEY, LABEL_DEATHS_KEY,
 })
 
 
@@ -372,17 +377,32 @@ class StructureRows(Database):
         with self._transaction() as db:
             for row_id in ids:
                 retries = int(db.get(id=row_id).get("label_retries", 0))
-                db.update(row_id, status=StructureStatus.DFT_REQUESTED.value, label_retries=retries + 1)
+                db.update(row_id, delete_keys=[LABEL_DEATHS_KEY], status=StructureStatus.DFT_REQUESTED.value,
+                          label_retries=retries + 1)
         return ids
 
-    def release_label(self, row_id: int, error: str | None = None) -> None:
-        """A LABELLING row back to DFT_REQUESTED, with why its label failed (if it did)."""
+    def release_label(self, row_id: int, error: str | None = None, died: bool = False) -> StructureStatus | None:
+        """A LABELLING row back to DFT_REQUESTED, with why its label failed (if it did).
+        ``died``: its labeller died while computing it; the MAX_LABEL_DEATHS-th such death
+        makes it LABEL_FAILED (``LabelTaskDied``) instead. The row's new status, or None
+        where it was not LABELLING (nothing changed)."""
         with self._transaction() as db:
-            if db.get(id=int(row_id)).get("status") != StructureStatus.LABELLING:
-                return
+            row = db.get(id=int(row_id))
+            if row.get("status") != StructureStatus.LABELLING:
+                return None
+            deaths = int(row.get(LABEL_DEATHS_KEY, 0)) + 1 if died else int(row.get(LABEL_DEATHS_KEY, 0))
+            if died and deaths >= MAX_LABEL_DEATHS:
+                reason = (f"LabelTaskDied: its labeller died while computing it {deaths} times (last: {error}); "
+                          "not tried again: `label --retry-failed` tries it once more")
+                db.update(int(row_id), delete_keys=list(LABEL_CLAIM_KEYS), status=StructureStatus.LABEL_FAILED.value,
+                          **{LABEL_ERROR_KEY: reason[:500], LABEL_DEATHS_KEY: deaths})
+                return StructureStatus.LABEL_FAILED
             extra = {LABEL_ERROR_KEY: error[:500]} if error else {}
+            if died:
+                extra[LABEL_DEATHS_KEY] = deaths
             db.update(int(row_id), delete_keys=list(LABEL_CLAIM_KEYS), status=StructureStatus.DFT_REQUESTED.value,
                       **extra)
+            return StructureStatus.DFT_REQUESTED
 
     def ready_structures(self, status: str = StructureStatus.TRAINING_READY, level: str | None = None
                          ) -> "ReadyStructures":
