@@ -4,7 +4,8 @@
 # PostgreSQL included), stop both.
 # Extra arguments go to pytest, e.g. `bash scripts/test.sh -m "not slow"`.
 # The fast tier alone, with no cluster, server or pacemaker needed (tests/conftest.py
-# skips what is absent): .venv/bin/python -m pytest -m "not slow and not slurm and not physics"
+# skips what is absent):
+#   .venv/bin/python -m pytest -n 2 -m "not slow and not slurm and not physics and not pacemaker"
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/bootstrap.sh
