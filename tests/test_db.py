@@ -141,3 +141,35 @@ def test_updating_many_rows_indexes_ases_key_tables_by_row_id(tmp_path):
     assert [plain.get(id=i).gamma_max for i in ids] == [0.0, 1.0, 2.0, 3.0, 4.0]
     plain.update(ids[0], gamma_max=9.0)  # ase itself still writes the file
     assert DatabaseManager(path).get_row(ids[0]).gamma_max == 9.0
+
+
+def test_update_rows_leaves_each_row_as_ases_own_update_would(tmp_path):
+    """update_rows writes SQLite rows in a few statements (update_key_values), not through
+    ase.db's update (which decodes and rewrites each whole row). The two files must read
+    back alike through ase.db, key by key, and answer the same queries."""
+    import shutil
+
+    path = tmp_path / "ours.db"
+    db = DatabaseManager(path)
+    ids = [db.add_candidate(bulk("Cu", "fcc", a=3.6 + 0.01 * k), f"c{k % 2}") for k in range(6)]
+    shutil.copy(path, tmp_path / "ase.db")
+    updates = [(i, {"gamma_max": 0.5 * k, "gamma_mean": 0.25, "scored_by_generation": 1,
+                    "status": "DFT_REQUESTED" if k % 3 == 0 else "CANDIDATE"}) for k, i in enumerate(ids)]
+    updates.append((ids[1], {"gamma_max": 7.0}))  # a second update of the same row: the last wins
+    db.update_rows(updates)
+    theirs = ase.db.connect(tmp_path / "ase.db")
+    with theirs:
+        for row_id, values in updates:
+            theirs.update(row_id, **values)
+    ours = ase.db.connect(path)
+    for i in ids:
+        a, b = ours.get(id=i), theirs.get(id=i)
+        assert a.key_value_pairs == b.key_value_pairs and a.data == b.data
+        np.testing.assert_array_equal(a.positions, b.positions)
+        assert a.unique_id == b.unique_id and a.ctime == b.ctime
+    for query in ("gamma_max>1", "status=DFT_REQUESTED", "scored_by_generation=1,config_type=c0", "gamma_mean"):
+        assert [r.id for r in ours.select(query)] == [r.id for r in theirs.select(query)], query
+    assert ours.get(id=ids[1]).gamma_max == 7.0
+    with pytest.raises(KeyError):  # as ase.db's update of a missing row
+        db.update_rows([(ids[0], {"gamma_max": 5.0}), (999, {"gamma_max": 1.0})])
+    assert ours.get(id=ids[0]).gamma_max == 0.0  # the failed call changed nothing

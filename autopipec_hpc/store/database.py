@@ -281,6 +281,57 @@ def index_row_ids(path: Path) -> None:
         connection.close()
 
 
+# The key-value tables ase.db keeps beside systems.key_value_pairs, for its queries.
+KEY_VALUE_TABLES = ("keys", "text_key_values", "number_key_values")
+
+
+def update_key_values(db: Any, updates: list[tuple[int, dict[str, Any]]]) -> None:
+    """``db.update(row_id, **values)`` for many rows of an ASE SQLite database, in a few
+    statements on ``db.connection`` (an open transaction). ase.db's update reads and decodes
+    each whole row (positions, data) and writes its data back: 0.3 ms a row, a third of a
+    select's own time on 700 candidates. Written as ase.db's ``SQLite3Database._update``
+    writes (key_value_pairs JSON, the key-value tables rebuilt for the row), so that ase.db
+    reads and queries these rows as its own. KeyError for a row that does not exist."""
+    import numbers
+
+    from ase.db.core import check, now
+
+    values_of: dict[int, dict[str, Any]] = {}
+    for row_id, values in updates:
+        check(values)
+        values_of.setdefault(int(row_id), {}).update(values)
+    connection = db.connection
+    ids = list(values_of)
+    merged: dict[int, dict[str, Any]] = {}
+    for start in range(0, len(ids), 500):  # under SQLite's limit on bound parameters
+        chunk = ids[start:start + 500]
+        marks = ",".join("?" * len(chunk))
+        for row_id, text in connection.execute(f"SELECT id, key_value_pairs FROM systems WHERE id IN ({marks})",
+                                               chunk):
+            merged[row_id] = {**db.decode(text), **values_of[row_id]}
+    missing = [row_id for row_id in ids if row_id not in merged]
+    if missing:
+        raise KeyError(f"no row id={missing[0]}")
+    mtime = now()
+    rows = list(merged.items())
+    cursor = connection.cursor()
+    cursor.executemany("UPDATE systems SET mtime=?, key_value_pairs=? WHERE id=?",
+                       [(mtime, db.encode(kvp), row_id) for row_id, kvp in rows])
+    for table in KEY_VALUE_TABLES:
+        cursor.executemany(f"DELETE FROM {table} WHERE id=?", [(row_id,) for row_id, _ in rows])
+    number_values, text_values, keys = [], [], []
+    for row_id, kvp in rows:
+        for key, value in kvp.items():
+            if isinstance(value, (numbers.Real, np.bool_)):
+                number_values.append((key, float(value), row_id))
+            else:
+                text_values.append((key, value, row_id))
+            keys.append((key, row_id))
+    cursor.executemany("INSERT INTO text_key_values VALUES (?, ?, ?)", text_values)
+    cursor.executemany("INSERT INTO number_key_values VALUES (?, ?, ?)", number_values)
+    cursor.executemany("INSERT INTO keys VALUES (?, ?)", keys)
+
+
 def network_filesystem(folder: Path) -> str | None:
     """The type of the network filesystem ``folder`` lies on, or None (local, or unknown)."""
     try:

@@ -22,7 +22,7 @@ from ase.calculators.singlepoint import SinglePointCalculator
 
 from autopipec_hpc.errors import ImportDataError
 from autopipec_hpc.frames import carried_labels, labels_of, read_frames
-from autopipec_hpc.store.database import Database, _clean_value, index_row_ids, is_url
+from autopipec_hpc.store.database import Database, _clean_value, index_row_ids, is_url, update_key_values
 
 # The marker row of a `select` run (active/selection.py): a record written with the rows it changed.
 SELECTION_RECORD = "selection"
@@ -271,13 +271,21 @@ class StructureRows(Database):
 
     def update_rows(self, updates: Sequence[tuple[int, dict[str, Any]]]) -> None:
         """Key-value updates of several rows in one transaction (on SQLite, with ase's key
-        tables indexed by row first: ``database.index_row_ids``)."""
-        if updates and not is_url(self.target):
+        tables indexed by row first, ``database.index_row_ids``, and written in a few
+        statements, ``database.update_key_values``)."""
+        if not updates:
+            return
+        sqlite = not is_url(self.target)
+        if sqlite:
             index_row_ids(Path(self.target))
+        cleaned = [(int(row_id), {k: c for k, v in values.items() if (c := _clean_value(v)) is not None})
+                   for row_id, values in updates]
         with self._transaction() as db:
-            for row_id, values in updates:
-                clean = {k: _clean_value(v) for k, v in values.items()}
-                db.update(int(row_id), **{k: v for k, v in clean.items() if v is not None})
+            if sqlite:
+                update_key_values(db, cleaned)  # ase.db's update, many rows at once
+                return
+            for row_id, values in cleaned:
+                db.update(row_id, **values)
 
     def set_labels(self, row_id: int, energy: float, forces: np.ndarray, status: str,
                    stress: np.ndarray | None = None, **values: Any) -> None:
