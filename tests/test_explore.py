@@ -263,6 +263,51 @@ def test_the_loop_with_a_plan_explores_selects_labels_trains_and_stops_by_its_ru
     assert any("accurate enough" in line for line in said)
 
 
+@pytest.mark.slow
+@pytest.mark.slurm
+@pytest.mark.pacemaker
+def test_on_slurm_a_loop_generation_is_scheduler_work_from_exploration_to_evaluation(trained, tmp_path):
+    """One generation of `loop --plan` on the CI cluster: the exploration is a job array on
+    the cpu partition, the selection a job, the labels a job array (EMT), generation 2 a
+    training job on the gpu partition and its evaluation after it; sacct lists every one as
+    COMPLETED, and the records and rows say what the local loop's do."""
+    import re
+
+    from autopipec_hpc.active.loop import LoopSettings, run_loop
+    from autopipec_hpc.example_data import tiny_train_config
+    from autopipec_hpc.states import LoopAction, RecordState
+    from tests.helpers import ci_site, wait_state
+
+    cpu = {"partition": "cpu", "cpus": 1, "mem_gb": 1, "time_minutes": 10}
+    site = ci_site(tmp_path, database=copy_db(trained, tmp_path), explore=cpu, select=cpu, label=cpu)
+    db = DatabaseManager(site.database)
+    settings = LoopSettings(generations=2, select=3, calculator="ase.calculators.emt:EMT",
+                            plan=_plan_file(tmp_path, gamma_lo=1.0), converge=0.9999)
+    said: list[str] = []
+    steps = run_loop(site, db, tiny_train_config().model_copy(update={"maxiter": 5}), settings, timeout_s=900,
+                     notify=said.append)
+    assert [s.action for s in steps] == [LoopAction.EXPLORE, LoopAction.SELECT, LoopAction.LABEL, LoopAction.TRAIN]
+    [selection] = db.markers("selection", 1)
+    assert 1 <= selection.n_selected <= 3
+    assert db.count(status=StructureStatus.TRAINING_READY) == 33 + selection.n_selected
+    record = db.get_record(2)
+    assert record.status == RecordState.SUCCEEDED and record.potential_path
+    # The selection's folder is beside the potential it scored with (the fixture's output here),
+    # the labels' beside the database.
+    folders = [tmp_path, Path(selection.folder)]
+    scripts = {path.name: path.read_text() for folder in folders for path in folder.rglob("*.sbatch")}
+    assert "#SBATCH --partition=gpu" in scripts["train.sbatch"], sorted(scripts)
+    for name in ("explore.sbatch", "select.sbatch", "label.sbatch", "evaluate.sbatch"):
+        assert "#SBATCH --partition=cpu" in scripts.get(name, ""), (name, sorted(scripts))
+    assert "#SBATCH --array=0-1" in scripts["explore.sbatch"]  # 4 trajectories, 2 per task
+    ids = {job_id for folder in folders for path in folder.rglob("job*.json")
+           for job_id in re.findall(r'"job_id": "(\d+(?:_\d+)?)"', path.read_text())}
+    assert len(ids) >= 5, ids  # explore tasks, select, label tasks, train, evaluate
+    for job_id in sorted(ids):
+        assert wait_state(job_id, {"COMPLETED", "FAILED", "CANCELLED"}, 60) == "COMPLETED", job_id
+    assert any("generation 2" in line for line in said), said
+
+
 @pytest.mark.parametrize("extra, culprit", [
     (["--plan", "no_such_plan.yaml"], "no_such_plan.yaml: no such file"),
     (["--converge", "0.9"], "--converge"),
