@@ -165,3 +165,36 @@ def test_gpu_job_whose_tensorflow_sees_no_gpu_fails_at_once_without_fallback(tmp
     assert not (Path(sub.spec.run_dir) / "attempt-1").exists()  # pacemaker never started
     assert wait_state(sub.jobs.evaluate.job_id, {"CANCELLED"}) == "CANCELLED"
     assert not (potentials_root(site.output_dir) / "1").exists()
+
+
+@pytest.mark.slow
+def test_on_slurm_the_validation_job_follows_the_evaluation_and_rejects_a_toy_fit(tmp_path, example_db):
+    """The validation job on the CI cluster: submitted after the evaluation (afterok), on
+    the site's validate resources; a toy fit ends REJECTED with the failed properties in
+    its record, nothing published, and sacct lists all three jobs COMPLETED (a verdict,
+    not a crash)."""
+    import json
+
+    from autopipec_hpc.errors import ValidationRejectedError
+    from autopipec_hpc.generation import Generation
+    from autopipec_hpc.states import JobRole, RecordState
+    from autopipec_hpc.validate.settings import ValidationConfig, ValidationGates
+
+    site = ci_site(tmp_path, validate={"partition": "cpu", "cpus": 1, "mem_gb": 2, "time_minutes": 15})
+    quick = ValidationConfig(supercell_atoms=32, md_steps=200, md_nve_steps=20, md_quench_steps=20,
+                             gates=ValidationGates(b0_tolerance=0.05))
+    config = tiny_train_config().model_copy(update={"validation": quick, "max_energy_rmse_mev": 1e5,
+                                                    "max_force_rmse_mev": 1e6})
+    sub = submit_generation(example_db, site, config)
+    assert sub.jobs.validate_job is not None and sub.jobs.validate_job.role == JobRole.VALIDATE
+    run = Path(sub.spec.run_dir)
+    script = (run / "validate.sbatch").read_text()
+    assert f"--dependency=afterok:{sub.jobs.evaluate.job_id}" in script and "#SBATCH --partition=cpu" in script
+    generation = Generation.open(run)
+    with pytest.raises(ValidationRejectedError, match="REJECTED, not published: validation failed: "):
+        generation.wait(900)
+    record = generation.record()
+    report = json.loads((run / "validation" / "validation.json").read_text())
+    assert record.status == RecordState.REJECTED and record.reason == "validation failed: " + "; ".join(report["failures"])
+    assert record.potential_path is None and not any(potentials_root(site.output_dir).iterdir())
+    assert job_states(run) == {"train": "COMPLETED", "evaluate": "COMPLETED", "validate": "COMPLETED"}
