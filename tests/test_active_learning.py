@@ -456,10 +456,15 @@ class _FakeScorer:
     def unknown(self, atoms):
         return sorted(set(atoms.get_chemical_symbols()) - self.elements)
 
+    def check(self, atoms):
+        from autopipec_hpc.active.gamma import basic_problem
+
+        return None, basic_problem(atoms)
+
     def gamma(self, atoms):
         return np.full(len(atoms), atoms.get_volume())
 
-    def gammas(self, batch):
+    def gammas(self, batch, environments=None):
         return [self.gamma(atoms) for atoms in batch]
 
 
@@ -531,25 +536,6 @@ def test_the_loop_reconciles_a_claim_whose_submitter_died_before_deciding(tmp_pa
     step = next_step(db, generations=2)
     assert db.get_record(1).status == RecordState.FAILED and "submitting process" in db.get_record(1).reason
     assert step.action == LoopAction.TRAIN and step.generation == 1
-
-
-def test_a_candidate_that_cannot_be_scored_is_named_not_fatal():
-    """Overlapping atoms, a NaN position, a collapsed periodic cell, no atoms: each named."""
-    from ase import Atoms
-
-    from autopipec_hpc.active.gamma import unscorable
-
-    good = bulk("Cu", "fcc", a=3.61, cubic=True)
-    overlap = good.copy()
-    overlap.positions[1] = overlap.positions[0] + [0.05, 0, 0]
-    nan = good.copy()
-    nan.positions[2, 1] = float("nan")
-    flat = Atoms("Cu2", positions=[[0, 0, 0], [1.2, 0, 0]], cell=[[3, 0, 0], [0, 3, 0], [0, 0, 0]], pbc=True)
-    assert unscorable(good) is None
-    assert "overlapping" in unscorable(overlap)
-    assert "NaN" in unscorable(nan)
-    assert "no volume" in unscorable(flat)
-    assert "no atoms" in unscorable(Atoms())
 
 
 @pytest.mark.pacemaker

@@ -1,6 +1,7 @@
 """Extrapolation grades (active/gamma.py): the batched pass gives the ASE calculator's gamma,
 structure by structure and atom by atom; a structure that cannot be scored is named and costs
-the rest of its batch nothing; the fast overlap check finds the pairs ASE's neighbour list finds."""
+the rest of its batch nothing; the overlap check (pyace's neighbour list) finds the pairs ASE's
+neighbour list finds."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ import pytest
 from ase import Atoms
 from ase.build import bulk
 
-from autopipec_hpc.active.gamma import OVERLAP_A, _closest_pair, _closest_pair_ase, unscorable
+from autopipec_hpc.active.gamma import OVERLAP_A, _closest_pair, _closest_pair_ase
 
 ELEMENTS = ["Al", "Cu"]
 
@@ -26,9 +27,17 @@ def _cell(rng, n: int, pbc, skew: float = 0.0) -> Atoms:
     atoms = Atoms(cell=cell, pbc=pbc)
     while len(atoms) < n:
         trial = atoms + Atoms(rng.choice(ELEMENTS), positions=[rng.uniform(0, 1, 3) @ cell], cell=cell, pbc=pbc)
-        if len(trial) < 2 or _closest_pair(trial, 1.8) is None:
+        if len(trial) < 2 or _closest_ase(trial, 1.8) is None:
             atoms = trial
     return atoms
+
+
+def _closest_ase(atoms, cutoff: float) -> float | None:
+    """ASE's answer: the shortest distance below ``cutoff`` between two atoms, images included."""
+    from ase.neighborlist import neighbor_list
+
+    close = neighbor_list("d", atoms, cutoff)
+    return float(close.min()) if len(close) else None
 
 
 def _potential(folder: Path, rng) -> Path:
@@ -110,14 +119,41 @@ def test_a_structure_that_cannot_be_scored_is_named_and_its_batch_is_still_score
     assert scores[1].problem == "two atoms are 0.030 A apart (overlapping)" and scores[1].gamma is None
     assert "NaN" in scores[3].problem and scores[3].gamma is None
     assert scores[4].unknown == ["H"] and scores[4].gamma is None
-    assert scores[6].problem.startswith("scoring failed (") and scores[6].gamma is None
+    assert scores[6].problem == ("pyace cannot build its neighbour list "
+                                 "(ValueError: Only fully periodic or non-periodic cell are supported)")
     for k in (0, 2, 5, 7):
         assert scores[k].problem is None and scores[k].unknown == []
         np.testing.assert_allclose(scores[k].gamma, scorer.gamma(batch[k]), rtol=1e-8, atol=1e-12)
 
 
-def test_the_overlap_check_finds_the_closest_pair_ase_finds():
-    """Periodic, skewed, free and mixed cells, and cutoffs up to beyond half a cell: the
+@pytest.mark.pacemaker
+def test_a_batch_pyace_fails_on_is_scored_one_by_one_and_only_the_culprit_is_named(scorer):
+    """If the batched pass raises although every structure passed the check, each is scored
+    alone: the one pyace fails on is named "scoring failed (...)", the others get their grades."""
+    from autopipec_hpc.active.gamma import score_batch
+
+    class _Choking:
+        """FAULT INJECTOR around the real scorer: pyace "fails" on any batch holding a marked structure."""
+
+        def __getattr__(self, name):
+            return getattr(scorer, name)
+
+        def gammas(self, batch, with_projections=False, environments=None):
+            if any(atoms.info.get("choke") for atoms in batch):
+                raise RuntimeError("pyace met something")
+            return scorer.gammas(batch, with_projections, environments)
+
+    batch = _candidates(np.random.default_rng(9))[:4]
+    batch[2].info["choke"] = True
+    scores = score_batch(_Choking(), batch, with_projections=True)
+    assert scores[2].problem == "scoring failed (RuntimeError: pyace met something)" and scores[2].gamma is None
+    for k in (0, 1, 3):
+        assert scores[k].problem is None and scores[k].projections
+        np.testing.assert_allclose(scores[k].gamma, scorer.gamma(batch[k]), rtol=1e-8, atol=1e-12)
+
+
+def test_explorations_closest_pair_is_the_one_ase_finds():
+    """The check of MD frames (explore.py). Periodic, skewed, free and mixed cells, and cutoffs up to beyond half a cell: the
     k-d tree over 27 images gives ASE's neighbour list's shortest distance, or None."""
     rng = np.random.default_rng(11)
     checked = found = 0
@@ -137,16 +173,58 @@ def test_the_overlap_check_finds_the_closest_pair_ase_finds():
     assert found > checked // 4  # pairs are found, not only their absence
 
 
-def test_an_atom_next_to_its_own_image_overlaps():
-    """A periodic cell thinner than the overlap distance: the atom overlaps its own image
-    (ASE's answer, through the fallback); two atoms close across the cell boundary, one of
-    them two cells away, overlap; without periodicity they are far apart."""
+@pytest.mark.pacemaker
+def test_the_overlap_check_finds_the_pairs_ase_finds(scorer):
+    """Periodic (also skewed) and free cells, positions unwrapped as MD frames leave them, and
+    a pair pushed to just under or over OVERLAP_A: the check (pyace's neighbour list) calls
+    overlapping exactly the structures whose shortest distance in ASE's neighbour list is
+    below it, and reports that distance."""
+    rng = np.random.default_rng(11)
+    flagged = 0
+    for k in range(48):
+        pbc = [True] * 3 if k % 2 else [False] * 3
+        atoms = _cell(rng, 2 + k % 7, pbc, skew=0.4 * (k % 3 == 0))
+        i, j = rng.choice(len(atoms), 2, replace=False)
+        direction = rng.normal(size=3)
+        gap = [0.03, 0.095, 0.105, 0.5][k % 4]
+        atoms.positions[j] = atoms.positions[i] + gap * direction / np.linalg.norm(direction)
+        # unwrapped: atoms whole cells away along the periodic directions
+        atoms.positions += (rng.integers(-3, 4, (len(atoms), 3)) * atoms.pbc) @ atoms.cell.array
+        ase = _closest_ase(atoms, 1.5)
+        env, problem = scorer.check(atoms)
+        if ase is not None and ase < OVERLAP_A:
+            assert problem == f"two atoms are {ase:.3f} A apart (overlapping)", (k, ase, problem)
+            flagged += 1
+        else:
+            assert problem is None and env is not None, (k, ase, problem)
+    assert 20 <= flagged <= 28  # both answers were exercised
+
+
+@pytest.mark.pacemaker
+def test_an_atom_next_to_its_own_image_overlaps(scorer):
+    """A periodic cell thinner than the overlap distance: the atom overlaps its own image;
+    two atoms close across the cell boundary, one of them two cells away, overlap; without
+    periodicity they are far apart."""
     thin = Atoms("Cu", positions=[[0, 0, 0]], cell=[3.0, 3.0, 0.05], pbc=True)
-    assert "0.050 A apart" in unscorable(thin)
+    assert "0.050 A apart" in scorer.check(thin)[1]
     across = Atoms("Cu2", positions=[[0.01, 1, 1], [2.96 + 6.0, 1, 1]], cell=[3.0, 3.0, 3.0], pbc=True)
-    assert "0.050 A apart" in unscorable(across)
+    assert "0.050 A apart" in scorer.check(across)[1]
     across.pbc = False
-    assert unscorable(across) is None
+    assert scorer.check(across)[1] is None
+
+
+def test_a_structure_pyace_must_not_see_is_named_without_it():
+    """No atoms, a NaN position, a collapsed periodic cell: named before any neighbour list."""
+    from autopipec_hpc.active.gamma import basic_problem
+
+    good = bulk("Cu", "fcc", a=3.61, cubic=True)
+    nan = good.copy()
+    nan.positions[2, 1] = float("nan")
+    flat = Atoms("Cu2", positions=[[0, 0, 0], [1.2, 0, 0]], cell=[[3, 0, 0], [0, 3, 0], [0, 0, 0]], pbc=True)
+    assert basic_problem(good) is None
+    assert "NaN" in basic_problem(nan)
+    assert "no volume" in basic_problem(flat)
+    assert "no atoms" in basic_problem(Atoms())
 
 
 @pytest.mark.pacemaker
