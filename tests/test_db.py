@@ -156,10 +156,12 @@ def test_update_rows_leaves_each_row_as_ases_own_update_would(tmp_path):
     updates = [(i, {"gamma_max": 0.5 * k, "gamma_mean": 0.25, "scored_by_generation": 1,
                     "status": "DFT_REQUESTED" if k % 3 == 0 else "CANDIDATE"}) for k, i in enumerate(ids)]
     updates.append((ids[1], {"gamma_max": 7.0}))  # a second update of the same row: the last wins
+    later = [(ids[2], {"status": 3.0}), (ids[3], {"note": "kept"})]  # a key changing type, a new text key
     db.update_rows(updates)
+    db.update_rows(later)
     theirs = ase.db.connect(tmp_path / "ase.db")
     with theirs:
-        for row_id, values in updates:
+        for row_id, values in updates + later:
             theirs.update(row_id, **values)
     ours = ase.db.connect(path)
     for i in ids:
@@ -167,7 +169,8 @@ def test_update_rows_leaves_each_row_as_ases_own_update_would(tmp_path):
         assert a.key_value_pairs == b.key_value_pairs and a.data == b.data
         np.testing.assert_array_equal(a.positions, b.positions)
         assert a.unique_id == b.unique_id and a.ctime == b.ctime
-    for query in ("gamma_max>1", "status=DFT_REQUESTED", "scored_by_generation=1,config_type=c0", "gamma_mean"):
+    for query in ("gamma_max>1", "status=DFT_REQUESTED", "scored_by_generation=1,config_type=c0", "gamma_mean",
+                  "status>2", "status=CANDIDATE", "note=kept", "note"):
         assert [r.id for r in ours.select(query)] == [r.id for r in theirs.select(query)], query
     assert ours.get(id=ids[1]).gamma_max == 7.0
     with pytest.raises(KeyError):  # as ase.db's update of a missing row

@@ -290,7 +290,7 @@ def update_key_values(db: Any, updates: list[tuple[int, dict[str, Any]]]) -> Non
     statements on ``db.connection`` (an open transaction). ase.db's update reads and decodes
     each whole row (positions, data) and writes its data back: 0.3 ms a row, a third of a
     select's own time on 700 candidates. Written as ase.db's ``SQLite3Database._update``
-    writes (key_value_pairs JSON, the key-value tables rebuilt for the row), so that ase.db
+    writes (key_value_pairs JSON, the key-value tables' entries of each key), so that ase.db
     reads and queries these rows as its own. KeyError for a row that does not exist."""
     import numbers
 
@@ -313,20 +313,21 @@ def update_key_values(db: Any, updates: list[tuple[int, dict[str, Any]]]) -> Non
     if missing:
         raise KeyError(f"no row id={missing[0]}")
     mtime = now()
-    rows = list(merged.items())
     cursor = connection.cursor()
     cursor.executemany("UPDATE systems SET mtime=?, key_value_pairs=? WHERE id=?",
-                       [(mtime, db.encode(kvp), row_id) for row_id, kvp in rows])
+                       [(mtime, db.encode(kvp), row_id) for row_id, kvp in merged.items()])
+    # Only the keys given change (ase rewrites every key of the row: the same end state).
+    changed = [(row_id, key) for row_id, values in values_of.items() for key in values]
     for table in KEY_VALUE_TABLES:
-        cursor.executemany(f"DELETE FROM {table} WHERE id=?", [(row_id,) for row_id, _ in rows])
+        cursor.executemany(f"DELETE FROM {table} WHERE id=? AND key=?", changed)
     number_values, text_values, keys = [], [], []
-    for row_id, kvp in rows:
-        for key, value in kvp.items():
-            if isinstance(value, (numbers.Real, np.bool_)):
-                number_values.append((key, float(value), row_id))
-            else:
-                text_values.append((key, value, row_id))
-            keys.append((key, row_id))
+    for row_id, key in changed:
+        value = merged[row_id][key]
+        if isinstance(value, (numbers.Real, np.bool_)):
+            number_values.append((key, float(value), row_id))
+        else:
+            text_values.append((key, value, row_id))
+        keys.append((key, row_id))
     cursor.executemany("INSERT INTO text_key_values VALUES (?, ?, ?)", text_values)
     cursor.executemany("INSERT INTO number_key_values VALUES (?, ?, ?)", number_values)
     cursor.executemany("INSERT INTO keys VALUES (?, ?)", keys)
