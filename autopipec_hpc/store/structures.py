@@ -273,17 +273,13 @@ class StructureRows(Database):
         """Key-value updates of several rows in one transaction (on SQLite, with ase's key
         tables indexed by row first, ``database.index_row_ids``, and written in a few
         statements, ``database.update_key_values``)."""
-        if not updates:
-            return
-        sqlite = not is_url(self.target)
-        if sqlite:
-            index_row_ids(Path(self.target))
         cleaned = [(int(row_id), {k: c for k, v in values.items() if (c := _clean_value(v)) is not None})
                    for row_id, values in updates]
+        if cleaned and not is_url(self.target):
+            index_row_ids(Path(self.target))
+            with self._transaction() as db:
+                return update_key_values(db, cleaned)  # ase.db's update, many rows at once
         with self._transaction() as db:
-            if sqlite:
-                update_key_values(db, cleaned)  # ase.db's update, many rows at once
-                return
             for row_id, values in cleaned:
                 db.update(row_id, **values)
 
