@@ -131,6 +131,10 @@ def test_validate_emt_copper_end_to_end_passes_and_keeps_its_headline():
     assert bcc.above_ground_mev > 0  # EMT copper: fcc below bcc
     headline = report.headline()
     assert headline["validation"] == "passed" and headline["validation_a0"] == pytest.approx(eos.a0)
+    assert headline["validation_element"] == "Cu"
+    two = report.model_copy(update={"elements": [report.elements[0], report.elements[0].model_copy(
+        update={"element": "Al"})]})
+    assert two.headline()["validation_element"] == "Cu (1 of 2)"  # the figures say whose they are
 
 
 def test_a_rejected_generation_stops_the_loop_with_its_line(tmp_path):
@@ -181,6 +185,7 @@ def test_a_toy_fit_is_rejected_by_name_nothing_published_and_the_loop_stops(tmp_
     assert record.status == RecordState.REJECTED and report["failures"]
     assert record.reason == "validation failed: " + "; ".join(report["failures"])
     assert record.validation == "; ".join(report["failures"]) and record.validation_a0 is not None
+    assert record.validation_element == "Cu"
     assert record.test_energy_rmse_mev is not None and record.potential_path is None  # evaluated, never published
     assert generation.job_states()[JobRole.VALIDATE] == JobState.COMPLETED  # a verdict, not a crash
     assert not any(potentials_root(site.output_dir).iterdir()), "something was published or left staged"

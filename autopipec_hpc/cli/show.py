@@ -208,14 +208,14 @@ def print_records(records: list[TrainingRecord], detail: bool = False) -> None:
             console.print(f"[b]log tail of generation {r.generation}:[/b]\n{r.log_tail}", highlight=False)
 
 
-# The validation's headline figures beside the holdout (validate/; the first element's).
-VALIDATION_HEADLINE = ("a0 A", "B0 GPa", "C11/C12/C44 GPa", "vacancy eV", "hot MD closest A")
+# The validation's headline figures beside the holdout (validate/; the first element's, named).
+VALIDATION_HEADLINE = ("validated", "a0 A", "B0 GPa", "C11/C12/C44 GPa", "vacancy eV", "hot MD closest A")
 
 
 def _headline(r: TrainingRecord | None) -> tuple[str, ...]:
     if r is None or r.validation is None:
         return ("-",) * len(VALIDATION_HEADLINE)
-    return (_fmt(r.validation_a0, 3), _fmt(r.validation_b0_gpa, 0),
+    return (r.validation_element or "-", _fmt(r.validation_a0, 3), _fmt(r.validation_b0_gpa, 0),
             "/".join(_fmt(c, 0) for c in (r.validation_c11_gpa, r.validation_c12_gpa, r.validation_c44_gpa)),
             _fmt(r.validation_vacancy_ev), _fmt(r.validation_md_min_distance))
 

@@ -111,12 +111,15 @@ class ValidationReport(_Model):
 
     def headline(self) -> dict[str, float | str]:
         """The figures a training record keeps (``RecordValues``'s ``validation_*``): the first
-        element's (validation.json has every element's), and the verdict."""
+        element's, named with how many there are (validation.json has every element's), and
+        the verdict."""
         out: dict[str, float | str] = {"validation": "passed" if self.passed else "; ".join(self.failures)[:500],
                                        "validation_wall_time_s": self.wall_time_s}
         if self.elements:
             e = self.elements[0]
             eos = e.eos
+            out["validation_element"] = e.element if len(self.elements) == 1 else \
+                f"{e.element} (1 of {len(self.elements)})"
             figures = {
                 "validation_a0": eos.a0 if eos else None, "validation_b0_gpa": eos.b0_gpa if eos else None,
                 "validation_c11_gpa": e.c11_gpa, "validation_c12_gpa": e.c12_gpa, "validation_c44_gpa": e.c44_gpa,

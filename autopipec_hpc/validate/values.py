@@ -10,6 +10,8 @@ class ValidationValues(BaseModel):
     validate_job: str | None = None  # the submission's (submission.py)
     validation: str | None = None  # "passed", or the failed properties
     validation_wall_time_s: float | None = None
+    # The element the figures below are of: the first of the potential's; validation.json has them all.
+    validation_element: str | None = None
     validation_a0: float | None = None  # Angstrom, conventional cubic edge
     validation_b0_gpa: float | None = None
     validation_c11_gpa: float | None = None
