@@ -146,3 +146,16 @@ def far_candidates():
     hot = bulk("Cu", "fcc", a=3.61, cubic=True).repeat(2)
     hot.rattle(0.35, seed=2)
     return [squeezed, slab, hot]
+
+
+def toy_validated_config():
+    """The toy fit with a quick validation that rejects it: cheap properties, and a B0 gate of
+    5 % (the toy's B0 is 12 % off EMT's, 148 against 133 GPa, so the verdict does not hang on
+    the default 10 %); the divergence limits out of the way, so the validation decides."""
+    from autopipec_hpc.example_data import tiny_train_config
+    from autopipec_hpc.validate.settings import ValidationConfig, ValidationGates
+
+    quick = ValidationConfig(supercell_atoms=32, md_steps=200, md_nve_steps=20, md_quench_steps=20,
+                             gates=ValidationGates(b0_tolerance=0.05))
+    return tiny_train_config().model_copy(update={"validation": quick, "max_energy_rmse_mev": 1e5,
+                                                  "max_force_rmse_mev": 1e6})

@@ -178,14 +178,10 @@ def test_on_slurm_the_validation_job_follows_the_evaluation_and_rejects_a_toy_fi
     from autopipec_hpc.errors import ValidationRejectedError
     from autopipec_hpc.generation import Generation
     from autopipec_hpc.states import JobRole, RecordState
-    from autopipec_hpc.validate.settings import ValidationConfig, ValidationGates
+    from tests.helpers import toy_validated_config
 
     site = ci_site(tmp_path, validate={"partition": "cpu", "cpus": 1, "mem_gb": 2, "time_minutes": 15})
-    quick = ValidationConfig(supercell_atoms=32, md_steps=200, md_nve_steps=20, md_quench_steps=20,
-                             gates=ValidationGates(b0_tolerance=0.05))
-    config = tiny_train_config().model_copy(update={"validation": quick, "max_energy_rmse_mev": 1e5,
-                                                    "max_force_rmse_mev": 1e6})
-    sub = submit_generation(example_db, site, config)
+    sub = submit_generation(example_db, site, toy_validated_config())
     assert sub.jobs.validate_job is not None and sub.jobs.validate_job.role == JobRole.VALIDATE
     run = Path(sub.spec.run_dir)
     script = (run / "validate.sbatch").read_text()

@@ -160,22 +160,15 @@ def test_a_toy_fit_is_rejected_by_name_nothing_published_and_the_loop_stops(tmp_
 
     from autopipec_hpc.active.loop import next_step
     from autopipec_hpc.errors import ValidationRejectedError
-    from autopipec_hpc.example_data import tiny_train_config
     from autopipec_hpc.generation import Generation
     from autopipec_hpc.registry import potentials_root
     from autopipec_hpc.states import JobRole, JobState
     from autopipec_hpc.store import DatabaseManager
     from autopipec_hpc.submission import submit_generation
-    from tests.helpers import run_cli
+    from tests.helpers import run_cli, toy_validated_config
 
     site = local_site()
-    # Cheap properties, and a B0 gate of 5 %: the toy's B0 is 12 % off EMT's (148 against 133 GPa),
-    # so the verdict does not hang on the default 10 %.
-    quick = ValidationConfig(supercell_atoms=32, md_steps=200, md_nve_steps=20, md_quench_steps=20,
-                             gates=ValidationGates(b0_tolerance=0.05))
-    config = tiny_train_config().model_copy(update={"validation": quick, "max_energy_rmse_mev": 1e5,
-                                                    "max_force_rmse_mev": 1e6})
-    sub = submit_generation(example_db, site, config)
+    sub = submit_generation(example_db, site, toy_validated_config())
     assert sub.jobs.validate_job is not None and sub.jobs.validate_job.role == JobRole.VALIDATE
     generation = Generation.open(sub.spec.run_dir)
     with pytest.raises(ValidationRejectedError, match="REJECTED, not published: validation failed: "):

@@ -29,9 +29,10 @@ OVERLAP_A = 0.1
 def _closest_pair(atoms, cutoff: float) -> float | None:
     """The shortest distance between two atoms (periodic images included) if it is below
     ``cutoff``, else None. A k-d tree over the atoms' wrapped positions and their 26
-    neighbouring images: ASE's neighbor_list gives the same answer but cost ~7 ms per
-    structure, most of a select's time. Cells thinner than ``cutoff`` (an atom within
-    reach of its own image two cells away) go to ASE."""
+    neighbouring images: ASE's neighbor_list gives the same answer at ~7 ms a structure, too
+    slow for the frames an exploration checks (explore.py; select uses pyace's neighbour
+    list, ``GammaScorer.check``). Cells thinner than ``cutoff`` (an atom within reach of
+    its own image two cells away) go to ASE."""
     from scipy.spatial import cKDTree
 
     positions = atoms.positions
