@@ -106,7 +106,8 @@ def wait_state(job_id: str, wanted: set[str], timeout_s: float = 60, name: str |
 # The tests' toy fits (tiny_train_config: 116 parameters, 20 iterations) train on pacemaker's
 # TensorFlow evaluator: pyace has no analytic gradient, so each iteration costs it 117 loss
 # evaluations, 88 s a fit on the example data against tensorpot's 20 s (startup included).
-# Tests that need a slow fit (a time limit that must strike mid-fit) name pyace themselves.
+# A fit that a time limit must strike mid-way is made long (maxiter), not slow: pyace resumed
+# near a minimum can stall a whole attempt (test_slurm's time-limit test says why).
 TOY_EVALUATOR = "tensorpot"
 
 
