@@ -36,7 +36,8 @@ from autopipec_hpc.errors import (
 )
 from autopipec_hpc.files import atomic_write_text
 from autopipec_hpc.processes import commit_point, die_with_local_controller, stop_on_signals
-from autopipec_hpc.pacemaker.files import FITTING_DATA_INFO, INTERIM_POTENTIAL, PACEMAKER_INPUT, TEST_PREDICTIONS, TrainingResult, iterations_done, learning_curve
+from autopipec_hpc.pacemaker.files import FITTING_DATA_INFO, PACEMAKER_INPUT, TEST_PREDICTIONS, TrainingResult, learning_curve
+from autopipec_hpc.pacemaker.resume import remaining_iterations, resume_point, stalled
 from autopipec_hpc.pacemaker.run import PacemakerWrapper, check_divergence
 from autopipec_hpc.run_folder import RunFolder, RunSpec, attempt_number
 
@@ -108,14 +109,10 @@ class TrainJob(submitit.helpers.Checkpointable):
         folder = spec.folder
         folder.requeue_marker.unlink(missing_ok=True)
         previous = folder.attempts()
-        resume_from = next(
-            (a / INTERIM_POTENTIAL for a in reversed(previous) if (a / INTERIM_POTENTIAL).exists()), None
-        )
+        resume_from = resume_point(previous)
         attempt = folder.next_attempt
         if resume_from is not None:
-            # The iteration budget is the generation's, not the attempt's.
-            done = sum(iterations_done(a) for a in previous)
-            config = config.model_copy(update={"maxiter": max(1, config.maxiter - done)})
+            config = config.model_copy(update={"maxiter": remaining_iterations(config.maxiter, previous)})
         evaluator = spec.evaluator or str(site.pacemaker.evaluator)
         threads = job_threads(site)
         try:
@@ -170,6 +167,12 @@ class TrainJob(submitit.helpers.Checkpointable):
         restarts = max(0, len(spec.folder.attempts()) - 1)
         if restarts >= spec.site.max_restarts:
             record_failure(spec, RecordState.FAILED, f"time limit reached after {restarts} restarts (max_restarts)")
+            return None
+        attempts = spec.folder.attempts()
+        stall = attempts and stalled(attempts[-1], spec.site.train.time_minutes,
+                                     spec.evaluator or str(spec.site.pacemaker.evaluator))
+        if stall:
+            record_failure(spec, RecordState.FAILED, stall)
             return None
         spec.folder.requeue_marker.touch()
         update_record(

@@ -96,3 +96,4 @@ def test_jobs_json_of_either_format_loads(tmp_path):
                                               name="autopipec-g1-evaluate-0123abcd", time_minutes=9))
     new.save(tmp_path)
     assert SubmittedJobs.load(tmp_path) == new
+
