@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import importlib.resources
 from pathlib import Path
-
-import jinja2
+from typing import TYPE_CHECKING
 
 from autopipec_hpc import __version__
 from autopipec_hpc.errors import TrainingFailedError
+
+if TYPE_CHECKING:
+    import jinja2
 
 
 # The top-level job_templates/ folder, packaged into the wheel under this name (pyproject.toml).
@@ -30,6 +32,8 @@ def yaml_float(value: float) -> str:
 
 def template_environment(directory: Path | None = None) -> jinja2.Environment:
     """Jinja2 over ``directory``; by default the job templates installed with the package."""
+    import jinja2  # only where something is rendered: the CLI starts without it
+
     if directory is None:
         try:
             directory = Path(str(importlib.resources.files(TEMPLATES_PACKAGE)))

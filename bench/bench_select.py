@@ -13,7 +13,8 @@ cells cycled to N, each with its own Gaussian rattle of 0.05 A, imported as
 CANDIDATE rows (``import --status CANDIDATE``); the same structures go into a
 pandas pickle for ``pace_select``.
 
-Timed, each in a fresh process, the contenders alternating, best of R:
+Timed, each in a fresh process, the contenders alternating, best of R (our package
+byte-compiled first, as ``pip install`` leaves it):
 
 - ours: ``autopipec-hpc select --db COPY --generation 1 --max M`` (the command
   as a user runs it: D-optimal, gamma_min 1, every candidate scored and its gamma
@@ -170,6 +171,13 @@ def main() -> None:
         potential = train(root, args.maxiter)
         marker.write_text(str(potential))
 
+    # pip compiles an installed package's modules; an editable install under
+    # PYTHONDONTWRITEBYTECODE (this machine's default) would compile ours anew in every run.
+    import compileall
+
+    import autopipec_hpc
+
+    compileall.compile_dir(str(Path(autopipec_hpc.__file__).parent), quiet=1)
     db, pickle = candidates_db(root, args.n, seed=1)
     print(f"candidates: {args.n} rattled (0.05 A) copies of the 105 cells; best of {args.repeats}, "
           f"contenders alternate; --max {args.max}", flush=True)

@@ -176,3 +176,16 @@ def test_update_rows_leaves_each_row_as_ases_own_update_would(tmp_path):
     with pytest.raises(KeyError):  # as ase.db's update of a missing row
         db.update_rows([(ids[0], {"gamma_max": 5.0}), (999, {"gamma_max": 1.0})])
     assert ours.get(id=ids[0]).gamma_max == 0.0  # the failed call changed nothing
+
+
+def test_update_rows_refuses_what_ases_check_refuses_on_any_row(tmp_path):
+    """Keys are checked by ase's rule once each (values are cleaned before, _clean_value): a
+    bad key is refused on whichever row it comes, after rows whose keys passed, and the call
+    writes nothing."""
+    db = DatabaseManager(tmp_path / "s.db")
+    ids = [db.add_candidate(bulk("Cu", "fcc", a=3.6 + 0.01 * k), "c") for k in range(3)]
+    good = [(i, {"gamma_max": 1.0, "note": "ok"}) for i in ids[:2]]
+    for bad in ({"id": 3.0}, {"bad key": 1.0}, {"gamma_max": 2.0, "energy": 1.0}):
+        with pytest.raises(ValueError, match="Bad key"):
+            db.update_rows(good + [(ids[2], bad)])
+        assert all(db.get_row(i).get("gamma_max") is None for i in ids)

@@ -25,7 +25,6 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from pydantic import BaseModel, ConfigDict
-from submitit.core.utils import JobPaths
 
 from autopipec_hpc.config import JobResources
 from autopipec_hpc.errors import SchedulerError
@@ -98,12 +97,16 @@ class SubmittedJob(BaseModel):
     @property
     def stderr(self) -> Path:
         """The job's log of errors (submitit names it after the job id)."""
+        from submitit.core.utils import JobPaths  # submitit imports asyncio: not on every CLI start
+
         return JobPaths(self.folder, self.job_id).stderr
 
     def last_error(self) -> str | None:
         """The job's own last error, as it wrote it: the last line of the traceback in its
         result pickle (submitit's, for a body that raised), else the last exception line of
         its log of errors; None where it wrote none (killed outright, or it succeeded)."""
+        from submitit.core.utils import JobPaths
+
         paths = JobPaths(self.folder, self.job_id)
         try:
             with open(paths.result_pickle, "rb") as handle:
