@@ -36,7 +36,7 @@ from autopipec_hpc.errors import (
 )
 from autopipec_hpc.files import atomic_write_text
 from autopipec_hpc.processes import commit_point, die_with_local_controller, stop_on_signals
-from autopipec_hpc.pacemaker.files import FITTING_DATA_INFO, PACEMAKER_INPUT, TEST_PREDICTIONS, TrainingResult, learning_curve
+from autopipec_hpc.pacemaker.files import FITTING_DATA_INFO, PACEMAKER_INPUT, TEST_PREDICTIONS, TrainingResult, iterations_done, learning_curve
 from autopipec_hpc.pacemaker.resume import remaining_iterations, resume_point, stalled
 from autopipec_hpc.pacemaker.run import PacemakerWrapper, check_divergence
 from autopipec_hpc.run_folder import RunFolder, RunSpec, attempt_number

@@ -124,7 +124,7 @@ def test_updating_many_rows_indexes_ases_key_tables_by_row_id(tmp_path):
     size). update_rows indexes the tables once; ase reads and writes the file as before."""
     import sqlite3
 
-    from autopipec_hpc.store.database import ID_INDEXES
+    from autopipec_hpc.store.sqlite_rows import ID_INDEXES
 
     path = tmp_path / "c.db"
     db = DatabaseManager(path)
@@ -189,3 +189,39 @@ def test_update_rows_refuses_what_ases_check_refuses_on_any_row(tmp_path):
         with pytest.raises(ValueError, match="Bad key"):
             db.update_rows(good + [(ids[2], bad)])
         assert all(db.get_row(i).get("gamma_max") is None for i in ids)
+
+
+def test_iter_structure_rows_reads_the_rows_as_ase_db_reads_them(database):
+    """iter_structure_rows reads SQLite rows from ase's schema directly (sqlite_rows; on PostgreSQL,
+    through ase.db): the same ids, structures and exact labels as ase.db's own rows, page by
+    page, other statuses left out."""
+    from ase import Atoms
+
+    from autopipec_hpc.store.structures import label_of
+
+    db = DatabaseManager(database)
+    rng = np.random.default_rng(3)
+    skewed = bulk("Cu", "fcc", a=3.6, cubic=True)
+    skewed.set_cell(skewed.cell.array + rng.normal(0, 0.2, (3, 3)), scale_atoms=True)
+    skewed.rattle(0.1, seed=1)
+    structures = [
+        (bulk("Cu", "fcc", a=3.6), "bulk"),
+        (skewed, "1"),  # a number-like label: quoted in its key, exact in the row's data
+        (Atoms("Cu2", positions=[[0, 0, 0], [0, 0, 2.4]]), "dimer"),  # no cell, no pbc
+        (Atoms("Cu3", positions=rng.normal(0, 2, (3, 3)), cell=[8, 8, 12], pbc=[True, True, False]), "True"),
+    ]
+    ids = [db.add_candidate(atoms, label) for atoms, label in structures]
+    db.update_rows([(ids[2], {"status": StructureStatus.DFT_REQUESTED.value})])
+    plain = ase.db.connect(database)
+    expected = [plain.get(id=i) for i in ids if i != ids[2]]
+    got = list(db.iter_structure_rows(StructureStatus.CANDIDATE, page=2))
+    assert [r.id for r in got] == [r.id for r in expected]
+    for mine, theirs in zip(got, expected):
+        atoms = theirs.toatoms()
+        np.testing.assert_array_equal(mine.atoms.numbers, atoms.numbers)
+        np.testing.assert_array_equal(mine.atoms.positions, atoms.positions)
+        np.testing.assert_array_equal(mine.atoms.cell.array, atoms.cell.array)
+        np.testing.assert_array_equal(mine.atoms.pbc, atoms.pbc)
+        assert mine.label == label_of(theirs)
+    assert [r.label for r in got] == ["bulk", "1", "True"]
+    assert list(db.iter_structure_rows(StructureStatus.LABEL_FAILED)) == []

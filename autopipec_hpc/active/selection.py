@@ -39,7 +39,6 @@ from pydantic import BaseModel, ConfigDict
 from autopipec_hpc import registry
 from autopipec_hpc.states import RecordState, Strategy, StructureStatus
 from autopipec_hpc.store import DatabaseManager
-from autopipec_hpc.store.structures import label_of
 from autopipec_hpc.errors import SelectionError, one_line
 from autopipec_hpc.files import atomic_write_text, fresh_dir
 from autopipec_hpc.processes import final_commit
@@ -261,9 +260,10 @@ def _select(db: DatabaseManager, request: SelectionRequest, claim: SelectionClai
     skipped: dict[int, list[str]] = {}
     unusable: dict[int, str] = {}
     scored = above = 0
-    for rows in _batches(db.iter_rows(status=StructureStatus.CANDIDATE), request.batch):
+    labels: dict[int, str] = {}
+    for rows in _batches(db.iter_structure_rows(StructureStatus.CANDIDATE), request.batch):
         updates, chunk = [], []
-        structures = [row.toatoms() for row in rows]
+        structures = [row.atoms for row in rows]
         # One batched pass per batch (gamma.py); one row that cannot be scored never ends the step.
         scores = score_batch(scorer, structures, with_projections=chooser is not None)
         for row, atoms, score in zip(rows, structures, scores):
@@ -271,12 +271,12 @@ def _select(db: DatabaseManager, request: SelectionRequest, claim: SelectionClai
                 skipped[row.id] = score.unknown
                 continue
             if score.problem is not None:
-                log.warning("candidate id=%s (%s) skipped: %s", row.id, label_of(row), score.problem)
+                log.warning("candidate id=%s (%s) skipped: %s", row.id, row.label, score.problem)
                 unusable[row.id] = score.problem
                 continue
             g = score.gamma
             gmax, gmean = float(g.max()), float(g.mean())
-            s = summary[label_of(row)]
+            s = summary[row.label]
             s.scored += 1
             s.gamma_max.append(gmax)
             s.above_5 += gmax > GAMMA_WRITE
@@ -289,6 +289,7 @@ def _select(db: DatabaseManager, request: SelectionRequest, claim: SelectionClai
                 above += 1
             elif strategy != Strategy.RANDOM:
                 continue
+            labels[row.id] = row.label  # of a structure that may be chosen
             if chooser is not None:
                 chunk.append((row.id, len(atoms), gmax, score.projections))
             else:
@@ -308,8 +309,7 @@ def _select(db: DatabaseManager, request: SelectionRequest, claim: SelectionClai
     chosen = within_atoms(ranked, request.max_atoms)
     atoms_of = dict(ranked)
     for row_id in chosen:
-        # The spelling it was scored under: a number-like label's key is quoted (label_key).
-        tally = summary[label_of(db.get_row(row_id))]
+        tally = summary[labels[row_id]]
         tally.selected += 1
         tally.selected_atoms += atoms_of[row_id]
     selected_atoms = sum(atoms_of[row_id] for row_id in chosen)

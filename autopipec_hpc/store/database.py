@@ -13,7 +13,6 @@ import inspect
 import logging
 import math
 import re
-import os
 import sqlite3
 import sys
 import time
@@ -28,6 +27,7 @@ import ase.db
 import numpy as np
 
 from autopipec_hpc.errors import DatabaseBusyError, DatabaseError
+from autopipec_hpc.store.sqlite_rows import StructureRow, config_label, structure_rows
 
 log = logging.getLogger(__name__)
 
@@ -159,6 +159,27 @@ class Database:
         sel = {k: str(v) if isinstance(v, StrEnum) else v for k, v in selection.items()}
         return self._select_paged(page=page, **sel)
 
+    def iter_structure_rows(self, status: str, page: int = 500) -> Iterator[StructureRow]:
+        """The rows with ``status`` as (id, Atoms, config_type label), in id order, a page at
+        a time: read from ase's SQLite schema directly where it can (``sqlite_rows``), else
+        through ase.db (PostgreSQL)."""
+        last = 0
+        while True:
+            try:
+                with self._transaction() as db:
+                    rows = None if is_url(self.target) else structure_rows(db, str(status), last, page)
+                    if rows is None:
+                        rows = [StructureRow(r.id, r.toatoms(), config_label(r.key_value_pairs, r.data))
+                                for r in db.select(f"id>{last}", sort="id", limit=page, status=str(status))]
+            except Exception as exc:
+                if not _from_below(exc):
+                    raise
+                raise as_database_error(self.target, exc) from exc
+            yield from rows
+            if len(rows) < page:
+                return
+            last = rows[-1].id
+
     def get_row(self, row_id: int):
         return self._db.get(id=int(row_id))
 
@@ -253,92 +274,6 @@ def check_ase_sqlite(path: Path, target: str, must_exist: bool) -> None:
 
 NETWORK_FILESYSTEMS = ("nfs", "nfs4", "cifs", "smb3", "smbfs", "lustre", "gpfs", "beegfs", "fuse.sshfs",
                        "glusterfs", "ceph", "9p")
-
-# ase.db's SQLite schema indexes its key-value tables by key only, and every update of a
-# row deletes that row's entries first (``DELETE ... WHERE id in (...)``): a scan of the
-# whole table, so writing gamma on 7,000 candidates took 45 s, growing with the database
-# squared. An index on ``id`` makes each update independent of the size; ase ignores it.
-ID_INDEXES = {f"autopipec_{table}_id": table for table in ("keys", "text_key_values", "number_key_values", "species")}
-
-
-def index_row_ids(path: Path) -> None:
-    """Add the indexes of ``ID_INDEXES`` to an ASE SQLite file that lacks them. Only an
-    optimisation: a read-only file, a busy writer or an old schema leaves the file as it is."""
-    try:
-        connection = sqlite3.connect(str(path), timeout=0.5)
-    except sqlite3.Error:
-        return
-    try:
-        present = {row[0] for row in connection.execute("SELECT name FROM sqlite_master")}
-        missing = [(name, table) for name, table in ID_INDEXES.items() if name not in present and table in present]
-        if missing and os.access(path, os.W_OK):
-            with connection:
-                for name, table in missing:
-                    connection.execute(f"CREATE INDEX IF NOT EXISTS {name} ON {table}(id)")
-    except sqlite3.Error as exc:
-        log.debug("database %s: row-id indexes not added (%s)", path, exc)
-    finally:
-        connection.close()
-
-
-# The key-value tables ase.db keeps beside systems.key_value_pairs, for its queries.
-KEY_VALUE_TABLES = ("keys", "text_key_values", "number_key_values")
-
-
-def update_key_values(db: Any, updates: list[tuple[int, dict[str, Any]]]) -> None:
-    """``db.update(row_id, **values)`` for many rows of an ASE SQLite database, in a few
-    statements on ``db.connection`` (an open transaction). ase.db's update reads and decodes
-    each whole row (positions, data) and writes its data back: 0.3 ms a row, a third of a
-    select's own time on 700 candidates. Written as ase.db's ``SQLite3Database._update``
-    writes (key_value_pairs JSON, the key-value tables' entries of each key), so that ase.db
-    reads and queries these rows as its own. KeyError for a row that does not exist."""
-    import numbers
-
-    from ase.db.core import check, now
-
-    values_of: dict[int, dict[str, Any]] = {}
-    named: set[str] = set()
-    for row_id, values in updates:
-        # ase's check of a key's name (a chemical-formula parse) costs 25 us: once per key;
-        # a value is checked each time, except a number under a key already checked, which passes.
-        unchecked = {key: value for key, value in values.items()
-                     if key not in named or not isinstance(value, (numbers.Real, np.bool_))}
-        if unchecked:
-            check(unchecked)
-            named.update(unchecked)
-        values_of.setdefault(int(row_id), {}).update(values)
-    connection = db.connection
-    ids = list(values_of)
-    merged: dict[int, dict[str, Any]] = {}
-    for start in range(0, len(ids), 500):  # under SQLite's limit on bound parameters
-        chunk = ids[start:start + 500]
-        marks = ",".join("?" * len(chunk))
-        for row_id, text in connection.execute(f"SELECT id, key_value_pairs FROM systems WHERE id IN ({marks})",
-                                               chunk):
-            merged[row_id] = {**db.decode(text), **values_of[row_id]}
-    missing = [row_id for row_id in ids if row_id not in merged]
-    if missing:
-        raise KeyError(f"no row id={missing[0]}")
-    mtime = now()
-    cursor = connection.cursor()
-    cursor.executemany("UPDATE systems SET mtime=?, key_value_pairs=? WHERE id=?",
-                       [(mtime, db.encode(kvp), row_id) for row_id, kvp in merged.items()])
-    # Only the keys given change (ase rewrites every key of the row: the same end state).
-    changed = [(row_id, key) for row_id, values in values_of.items() for key in values]
-    for table in KEY_VALUE_TABLES:
-        cursor.executemany(f"DELETE FROM {table} WHERE id=? AND key=?", changed)
-    number_values, text_values, keys = [], [], []
-    for row_id, key in changed:
-        value = merged[row_id][key]
-        if isinstance(value, (numbers.Real, np.bool_)):
-            number_values.append((key, float(value), row_id))
-        else:
-            text_values.append((key, value, row_id))
-        keys.append((key, row_id))
-    cursor.executemany("INSERT INTO text_key_values VALUES (?, ?, ?)", text_values)
-    cursor.executemany("INSERT INTO number_key_values VALUES (?, ?, ?)", number_values)
-    cursor.executemany("INSERT INTO keys VALUES (?, ?)", keys)
-
 
 def network_filesystem(folder: Path) -> str | None:
     """The type of the network filesystem ``folder`` lies on, or None (local, or unknown)."""

@@ -22,7 +22,8 @@ from ase.calculators.singlepoint import SinglePointCalculator
 
 from autopipec_hpc.errors import ImportDataError
 from autopipec_hpc.frames import carried_labels, labels_of, read_frames
-from autopipec_hpc.store.database import Database, _clean_value, index_row_ids, is_url, update_key_values
+from autopipec_hpc.store.database import Database, _clean_value, is_url
+from autopipec_hpc.store.sqlite_rows import config_label, index_row_ids, update_key_values
 
 # The marker row of a `select` run (active/selection.py): a record written with the rows it changed.
 SELECTION_RECORD = "selection"
@@ -86,8 +87,7 @@ def label_key(label: str, data: dict[str, Any]) -> tuple[str, dict[str, Any]]:
 
 def label_of(row) -> str:
     """The exact label of a structure row (see ``label_key``)."""
-    exact = row.data.get("config_type") if row.data else None
-    return str(exact) if exact is not None else str(row.get("config_type", "default"))
+    return config_label(row.key_value_pairs, row.data)
 
 
 class ReadyStructures:
@@ -271,8 +271,8 @@ class StructureRows(Database):
 
     def update_rows(self, updates: Sequence[tuple[int, dict[str, Any]]]) -> None:
         """Key-value updates of several rows in one transaction (on SQLite, with ase's key
-        tables indexed by row first, ``database.index_row_ids``, and written in a few
-        statements, ``database.update_key_values``)."""
+        tables indexed by row first, ``sqlite_rows.index_row_ids``, and written in a few
+        statements, ``sqlite_rows.update_key_values``)."""
         cleaned = [(int(row_id), {k: c for k, v in values.items() if (c := _clean_value(v)) is not None})
                    for row_id, values in updates]
         if cleaned and not is_url(self.target):
