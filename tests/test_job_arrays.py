@@ -50,7 +50,7 @@ def test_sacct_row_of_an_array_not_yet_started_stands_for_each_of_its_tasks():
     assert [states[j] for j in jobs] == [JobState.COMPLETED, JobState.RUNNING, JobState.PENDING,
                                         JobState.PENDING, JobState.UNKNOWN, JobState.PENDING]
     # another job's array under the same id is not ours
-    assert parse_sacct(f"77_[0-5]|autopipec-g1-label-ffffffff|PENDING\n", jobs) == {j: JobState.UNKNOWN for j in jobs}
+    assert parse_sacct("77_[0-5]|autopipec-g1-label-ffffffff|PENDING\n", jobs) == {j: JobState.UNKNOWN for j in jobs}
 
 
 def test_local_array_runs_every_task_and_a_failed_task_fails_alone(tmp_path):

@@ -24,7 +24,7 @@ from autopipec_hpc.cli import main
 from autopipec_hpc.config import SiteConfig
 from autopipec_hpc.states import StructureStatus
 from autopipec_hpc.store import DatabaseManager
-from tests.helpers import near_candidates, run_cli
+from tests.helpers import near_candidates
 
 FAULTS = "autopipec_hpc.testing.fault_labeller:FaultInjectingEMT"
 

@@ -16,7 +16,7 @@ from autopipec_hpc.testing.fault_calculator import FusingPairCalculator
 from autopipec_hpc.validate import properties as props
 from autopipec_hpc.validate.gate import verdict
 from autopipec_hpc.validate.md import md_stability
-from autopipec_hpc.validate.reference import GroundState, LabelledStructure, ground_states, phase_of
+from autopipec_hpc.validate.reference import LabelledStructure, ground_states, phase_of
 from autopipec_hpc.validate.report import EOSResult, ElementResult, ValidationReport
 from autopipec_hpc.validate.run import validate, validate_dimers
 from autopipec_hpc.validate.settings import ValidationConfig, ValidationGates
