@@ -225,3 +225,16 @@ def test_iter_structure_rows_reads_the_rows_as_ase_db_reads_them(database):
         assert mine.label == label_of(theirs)
     assert [r.label for r in got] == ["bulk", "1", "True"]
     assert list(db.iter_structure_rows(StructureStatus.LABEL_FAILED)) == []
+
+
+def test_iter_structure_rows_reads_a_row_without_pbc_as_ase_db_does(tmp_path):
+    """A row whose pbc column is NULL (older writers) is read as ase.db reads it: not periodic."""
+    import sqlite3
+
+    path = tmp_path / "s.db"
+    db = DatabaseManager(path)
+    row_id = db.add_candidate(bulk("Cu", "fcc", a=3.6), "bulk")
+    with sqlite3.connect(path) as connection:
+        connection.execute("UPDATE systems SET pbc = NULL WHERE id = ?", (row_id,))
+    (mine,) = db.iter_structure_rows(StructureStatus.CANDIDATE)
+    assert mine.atoms.pbc.tolist() == ase.db.connect(path).get(id=row_id).toatoms().pbc.tolist() == [False] * 3

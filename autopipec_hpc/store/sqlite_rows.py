@@ -53,7 +53,7 @@ def structure_rows(db: Any, status: str, after: int, page: int) -> list[Structur
     rows = []
     for row_id, numbers, positions, cell, pbc, text, data in found:
         atoms = Atoms(numbers=db.deblob(numbers, np.int32), positions=db.deblob(positions, shape=(-1, 3)),
-                      cell=db.deblob(cell, shape=(3, 3)), pbc=(pbc & PBC_BITS).astype(bool))
+                      cell=db.deblob(cell, shape=(3, 3)), pbc=(int(pbc or 0) & PBC_BITS).astype(bool))
         decoded = db.decode(data) if data is not None else None
         rows.append(StructureRow(row_id, atoms, config_label(db.decode(text), decoded)))
     return rows
