@@ -164,14 +164,13 @@ class TrainJob(submitit.helpers.Checkpointable):
 
     def checkpoint(self, run_dir: str) -> submitit.helpers.DelayedSubmission | None:
         spec = RunSpec.load(run_dir)
-        restarts = max(0, len(spec.folder.attempts()) - 1)
+        attempts = spec.folder.attempts()
+        restarts = max(0, len(attempts) - 1)
         if restarts >= spec.site.max_restarts:
             record_failure(spec, RecordState.FAILED, f"time limit reached after {restarts} restarts (max_restarts)")
             return None
-        attempts = spec.folder.attempts()
-        stall = attempts and stalled(attempts[-1], spec.site.train.time_minutes,
-                                     spec.evaluator or str(spec.site.pacemaker.evaluator))
-        if stall:
+        if attempts and (stall := stalled(attempts[-1], spec.site.train.time_minutes,
+                                          spec.evaluator or str(spec.site.pacemaker.evaluator))):
             record_failure(spec, RecordState.FAILED, stall)
             return None
         spec.folder.requeue_marker.touch()

@@ -263,10 +263,9 @@ def _select(db: DatabaseManager, request: SelectionRequest, claim: SelectionClai
     labels: dict[int, str] = {}
     for rows in _batches(db.iter_structure_rows(StructureStatus.CANDIDATE), request.batch):
         updates, chunk = [], []
-        structures = [row.atoms for row in rows]
         # One batched pass per batch (gamma.py); one row that cannot be scored never ends the step.
-        scores = score_batch(scorer, structures, with_projections=chooser is not None)
-        for row, atoms, score in zip(rows, structures, scores):
+        scores = score_batch(scorer, [row.atoms for row in rows], with_projections=chooser is not None)
+        for row, score in zip(rows, scores):
             if score.unknown:
                 skipped[row.id] = score.unknown
                 continue
@@ -291,11 +290,11 @@ def _select(db: DatabaseManager, request: SelectionRequest, claim: SelectionClai
                 continue
             labels[row.id] = row.label  # of a structure that may be chosen
             if chooser is not None:
-                chunk.append((row.id, len(atoms), gmax, score.projections))
+                chunk.append((row.id, len(row.atoms), gmax, score.projections))
             else:
                 key = gmax if strategy == Strategy.TOP_GAMMA else float(rng.random())
                 # The best keys, as many as could ever be chosen (an atoms budget takes a prefix).
-                item = (key, row.id, len(atoms))
+                item = (key, row.id, len(row.atoms))
                 if len(heap) < max_select:
                     heapq.heappush(heap, item)
                 else:

@@ -163,22 +163,16 @@ class Database:
         """The rows with ``status`` as (id, Atoms, config_type label), in id order, a page at
         a time: read from ase's SQLite schema directly where it can (``sqlite_rows``), else
         through ase.db (PostgreSQL)."""
-        last = 0
-        while True:
-            try:
-                with self._transaction() as db:
-                    rows = None if is_url(self.target) else structure_rows(db, str(status), last, page)
-                    if rows is None:
-                        rows = [StructureRow(r.id, r.toatoms(), config_label(r.key_value_pairs, r.data))
-                                for r in db.select(f"id>{last}", sort="id", limit=page, status=str(status))]
-            except Exception as exc:
-                if not _from_below(exc):
-                    raise
-                raise as_database_error(self.target, exc) from exc
-            yield from rows
-            if len(rows) < page:
-                return
-            last = rows[-1].id
+
+        def fetch(last: int) -> list[StructureRow]:
+            with self._transaction() as db:
+                rows = None if is_url(self.target) else structure_rows(db, str(status), last, page)
+                if rows is None:
+                    rows = [StructureRow(r.id, r.toatoms(), config_label(r.key_value_pairs, r.data))
+                            for r in db.select(f"id>{last}", sort="id", limit=page, status=str(status))]
+                return rows
+
+        return self._paged(fetch, page)
 
     def get_row(self, row_id: int):
         return self._db.get(id=int(row_id))
@@ -186,13 +180,17 @@ class Database:
     def count(self, **selection: Any) -> int:
         return self._db.count(**{k: str(v) if isinstance(v, StrEnum) else v for k, v in selection.items()})
 
-    def _select_paged(self, page: int = 500, **selection: Any):
-        """Rows in id order, ``page`` at a time: ase.db's SQLite backend fetches a
-        whole result set at once, which would grow with the database."""
+    def _select_paged(self, page: int = 500, **selection: Any) -> Iterator[Any]:
+        return self._paged(lambda last: self._page(f"id>{last}", page, selection), page)
+
+    def _paged(self, fetch: Callable[[int], list[Any]], page: int) -> Iterator[Any]:
+        """Rows in id order, ``page`` at a time (``fetch(last id)`` reads the next page):
+        ase.db's SQLite backend fetches a whole result set at once, which would grow with
+        the database."""
         last = 0
         while True:
             try:
-                rows = self._page(f"id>{last}", page, selection)
+                rows = fetch(last)
             except Exception as exc:
                 if not _from_below(exc):
                     raise
