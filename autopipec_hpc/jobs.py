@@ -50,7 +50,7 @@ def update_record(spec: RunSpec, status: RecordState, reason: str = "", values: 
     """A job's write of its generation's record: only as the run that holds the claim,
     only forward, retried while the database is busy (bounded). Pass the ``db`` whose
     records lock is held, if one is (the lock is re-entrant per manager only)."""
-    db = db or DatabaseManager(spec.database)
+    db = db or DatabaseManager(spec.database, must_exist=True)
     return patiently(
         lambda: db.update_record(spec.generation, spec.run_dir, status, reason=reason, values=values, data=data),
         f"generation {spec.generation}: writing {status}", patience_s,
@@ -81,7 +81,7 @@ def _reclaim_for_rerun(spec: RunSpec) -> bool:
     """A kept job script resubmitted by hand after its run failed: the run folder
     claims its generation again (a new record, as any new claim), unless another
     run holds it, it succeeded, or it was cancelled."""
-    db = DatabaseManager(spec.database)
+    db = DatabaseManager(spec.database, must_exist=True)
     record = patiently(lambda: db.get_record(spec.generation), f"generation {spec.generation}: reading its record")
     if record is None or str(record.run_dir) != spec.run_dir:
         return False
@@ -111,6 +111,9 @@ class TrainJob(submitit.helpers.Checkpointable):
         previous = folder.attempts()
         resume_from = resume_point(previous)
         attempt = folder.next_attempt
+        warm_start = _warm_start(folder)
+        if warm_start is not None:
+            config = config.model_copy(update={"maxiter": config.warm_start_maxiter})
         if resume_from is not None:
             config = config.model_copy(update={"maxiter": remaining_iterations(config.maxiter, previous)})
         evaluator = spec.evaluator or str(site.pacemaker.evaluator)
@@ -142,7 +145,7 @@ class TrainJob(submitit.helpers.Checkpointable):
                 config,
                 run_dir=attempt,
                 elements=manifest.elements,
-                initial_potential=resume_from or _warm_start(folder),
+                initial_potential=resume_from or warm_start,
                 generation=spec.generation,
             )
         except TrainingDivergenceError as exc:
@@ -235,7 +238,7 @@ def evaluate_and_publish(spec: RunSpec, attempt: Path) -> dict[str, Any]:
 
     config = spec.config
     site = spec.site
-    db = DatabaseManager(spec.database)
+    db = DatabaseManager(spec.database, must_exist=True)
     patiently(lambda: _still_ours(db, spec), f"generation {spec.generation}: reading its record")
     manifest = DatasetManifest.load(spec.dataset_dir)
     result = TrainingResult.load(attempt)
@@ -366,7 +369,7 @@ def validate_and_publish(spec: RunSpec, waiting: Path) -> dict[str, Any]:
     from autopipec_hpc.validate.report import PLOT, REPORT
     from autopipec_hpc.validate.run import validate_potential
 
-    db = DatabaseManager(spec.database)
+    db = DatabaseManager(spec.database, must_exist=True)
     patiently(lambda: _still_ours(db, spec), f"generation {spec.generation}: reading its record")
     manifest = DatasetManifest.load(spec.dataset_dir)
     try:

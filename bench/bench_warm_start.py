@@ -3,7 +3,7 @@
 Run from the project root (needs ../shared/data/cu_fhiaims_105.extxyz, read in place):
 
     .venv/bin/python bench/bench_warm_start.py            # 3 fits of 500 iterations: ~10-20 min on 2 cores
-    .venv/bin/python bench/bench_warm_start.py --before   # also the warm start without early stopping
+    .venv/bin/python bench/bench_warm_start.py --before   # also the warm starts of the loop before
 
 What the loop does, with the project's own stages: the 105 FHI-aims Cu cells are split
 once into a fixed holdout (every 4th cell of each config type, never trained on) and a
@@ -16,7 +16,8 @@ does). Generation 2 is fitted twice on the same dataset: warm (pacemaker ``-p`` 
 generation 1's potential, staged by ``warm_start.stage_parent_potential``) and cold.
 
 Fits: the default ``TrainConfig`` (100 functions per element, kappa 0.3, maxiter 500,
-early stopping on) run by ``PacemakerWrapper.run_training`` (tensorpot, 2 threads), as a
+early stopping on; a warm start runs at most ``warm_start_maxiter``, 0.3 of maxiter, as a
+training job runs it) run by ``PacemakerWrapper.run_training`` (tensorpot, 2 threads), as a
 training job runs it. Scored as the evaluation job scores: ``registry.stage_potential``
 then ``evaluation.evaluate`` with the deployed calculator (ACE + ZBL + reference
 energies) against the raw DFT labels of the fixed holdout. The wall time is the whole
@@ -109,7 +110,10 @@ def main() -> None:
     parser.add_argument("--functions", type=int, default=TrainConfig().b_basis_size,
                         help="functions per element (default: TrainConfig's)")
     parser.add_argument("--before", action="store_true",
-                        help="also fit the warm start without early stopping (what the loop did before)")
+                        help="also the warm starts the loop ran before: all of maxiter with early stopping, "
+                             "and without")
+    parser.add_argument("--fractions", type=float, nargs="*", default=[],
+                        help="also warm starts at these shares of maxiter (warm_start_maxiter_fraction)")
     parser.add_argument("--keep", action="store_true", help="keep the temporary folder (datasets, fits)")
     args = parser.parse_args()
     if not PACEMAKER.exists():
@@ -137,6 +141,8 @@ def main() -> None:
             "early stopping off")
     print(f"generation 1: {len(gen1.train_ids)} train + {len(gen1.test_ids)} test; generation 2: "
           f"{len(gen2.train_ids)} train + {len(gen2.test_ids)} test; fixed holdout {len(held.train_ids)} cells; {stop}")
+    print(f"warm start: at most {config.warm_start_maxiter} iterations (warm_start_maxiter_fraction "
+          f"{config.warm_start_maxiter_fraction})")
     print(f"\n{'fit':<28} {'wall s':>8} {'iters':>6} {'':>11} {'holdout E':>10} {'holdout F':>10}")
     print(f"{'':<28} {'':>8} {'':>6} {'':>11} {'meV/atom':>10} {'meV/A':>10}", flush=True)
     t0 = time.perf_counter()
@@ -144,15 +150,24 @@ def main() -> None:
     show(cold1, args.maxiter)
     parent_yaml = stage_parent_potential(Parent(1, cold1.staging, registry.read_manifest(cold1.staging)),
                                          root / "parent.yaml")
-    warm = fit(root, "gen2-warm", gen2, warm_config, held.train_paths, initial=parent_yaml)
-    show(warm, args.maxiter)
+    # As a training job runs a warm start (jobs.TrainJob): a share of maxiter.
+    capped = warm_config.model_copy(update={"maxiter": warm_config.warm_start_maxiter})
+    warm = fit(root, "gen2-warm", gen2, capped, held.train_paths, initial=parent_yaml)
+    show(warm, capped.maxiter)
     cold2 = fit(root, "gen2-cold", gen2, warm_config, held.train_paths)
     show(cold2, args.maxiter)
-    before = None
+    before = []
+    for share in args.fractions:
+        other = warm_config.model_copy(update={"warm_start_maxiter_fraction": share})
+        other = other.model_copy(update={"maxiter": other.warm_start_maxiter})
+        before.append(fit(root, f"gen2-warm-{share:g}-of-maxiter", gen2, other, held.train_paths,
+                          initial=parent_yaml))
+        show(before[-1], other.maxiter)
     if args.before:
         off = warm_config.model_copy(update={"early_stopping_min_improvement": None})
-        before = fit(root, "gen2-warm-no-early-stopping", gen2, off, held.train_paths, initial=parent_yaml)
-        show(before, args.maxiter)
+        for name, config_before in (("gen2-warm-all-of-maxiter", warm_config), ("gen2-warm-no-early-stopping", off)):
+            before.append(fit(root, name, gen2, config_before, held.train_paths, initial=parent_yaml))
+            show(before[-1], args.maxiter)
 
     ratio = warm.wall_s / cold2.wall_s
     no_worse = warm.holdout_e <= cold2.holdout_e and warm.holdout_f <= cold2.holdout_f
@@ -160,9 +175,9 @@ def main() -> None:
           f"{ratio:.2f}x; target <= 0.5x: {verdict(ratio <= 0.5)}")
     print(f"holdout warm vs cold: E {warm.holdout_e:.2f} vs {cold2.holdout_e:.2f} meV/atom, F {warm.holdout_f:.2f} "
           f"vs {cold2.holdout_f:.2f} meV/A; equal or better: {verdict(no_worse)}")
-    if before is not None:
-        print(f"warm start without early stopping: {before.wall_s:.1f} s = {before.wall_s / cold2.wall_s:.2f}x the "
-              f"cold fit; holdout E {before.holdout_e:.2f}, F {before.holdout_f:.2f}")
+    for earlier in before:
+        print(f"{earlier.name}: {earlier.wall_s:.1f} s = {earlier.wall_s / cold2.wall_s:.2f}x the cold fit; "
+              f"holdout E {earlier.holdout_e:.2f}, F {earlier.holdout_f:.2f}")
     print(f"all fits: {time.perf_counter() - t0:.0f} s")
     if args.keep:
         print(f"kept: {root}")

@@ -257,6 +257,10 @@ def test_warm_start_loads_the_parent_and_trains_exactly_our_targets(trained, tmp
     assert "lammps_extrapolation.in" in manifest["files"]
     start = yaml.safe_load((run / "warm_start.yaml").read_text())
     assert "reference_energy" not in start["metadata"]
+    # It began near its optimum: it ran a share of maxiter (warm_start_maxiter_fraction).
+    rendered = yaml.safe_load((run / "attempt-1" / "input.yaml").read_text())
+    assert rendered["fit"]["maxiter"] == config.warm_start_maxiter == 6  # 0.3 of 20
+    assert len(warm) <= 6 + 1  # iteration 0 and at most six more
     assert main(["results", "--db", database, "--site", str(_write_site(site, tmp_path))]) == 0
 
 

@@ -332,3 +332,32 @@ def test_a_database_locked_when_a_failing_training_ends_is_waited_out(tmp_path, 
     logs = "".join(p.read_text(errors="replace") for p in Path(sub.spec.run_dir).glob("submitit/*.err"))
     assert "writing FAILED: database busy" in logs, logs[-2000:]
     assert not (potentials_root(site.output_dir) / "1").exists()
+
+
+@pytest.mark.pacemaker
+def test_a_database_gone_while_a_job_runs_is_not_made_anew_by_the_job(tmp_path, example_db, local_site):
+    """The database moved away (or a compute node without its folder mounted): the job ends
+    without making an empty database in its place, and its record is put right once the
+    database is back."""
+    site = local_site(str(make_fault_pacemaker(tmp_path, "hang")))
+    sub = submit_generation(example_db, site, tiny_train_config())
+    folder = RunFolder(sub.spec.run_dir)
+    deadline = time.monotonic() + 60
+    while not (folder.path / "attempt-1" / "grandchild.pid").exists() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    moved = Path(f"{example_db}.moved")
+    os.rename(example_db, moved)
+    for name in ("grandchild.pid", "pacemaker.pid"):  # the fit ends: the job writes its record
+        os.kill(int((folder.path / "attempt-1" / name).read_text()), signal.SIGKILL)
+    jobs = SubmittedJobs.load(folder.path)
+    deadline = time.monotonic() + 60
+    while any(pid_alive(int(job.job_id)) for job in (jobs.train, jobs.evaluate)) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not any(pid_alive(int(job.job_id)) for job in (jobs.train, jobs.evaluate))
+    assert not Path(example_db).exists()
+    logs = "".join(p.read_text(errors="replace") for p in (folder.path / "submitit").glob("*.err"))
+    assert "does not exist" in logs, logs[-2000:]
+    os.rename(moved, example_db)
+    done, record = _status_until(tmp_path, _site_file(tmp_path, site), 1, {"FAILED"})
+    assert record.status == RecordState.FAILED, (record, done.stdout)
+    assert not (potentials_root(site.output_dir) / "1").exists()

@@ -423,3 +423,64 @@ def test_select_on_a_read_only_database_is_one_line_exit_2(trained, tmp_path):
                     "--out", str(tmp_path / "sel"), timeout=300)
         _one_error_line(done, f"database {database} cannot be written")
         assert _digest(database) == before
+
+
+# -- one transaction is one transaction ---------------------------------------------------
+# ase.db commits inside an open connection every `commit_frequency` (5,000) calls, and its
+# delete commits and VACUUMs; either split what the store writes as one step.
+
+@pytest.fixture
+def commits_every_20_calls(monkeypatch):
+    """ase.db's own commit frequency, lowered from 5,000 so that a test reaches it fast."""
+    from ase.db.sqlite import SQLite3Database
+
+    monkeypatch.setattr(SQLite3Database.managed_connection.__wrapped__, "__defaults__", (20,))
+
+
+def _full_disk_after(monkeypatch, calls: int) -> None:
+    """ase.db's row writes fail from the ``calls``-th on, as on a disk that filled up."""
+    from ase.db.sqlite import SQLite3Database
+
+    real, count = SQLite3Database._write, [0]
+
+    def write(self, *args, **kwargs):
+        count[0] += 1
+        if count[0] >= calls:
+            raise OSError(28, "No space left on device")
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(SQLite3Database, "_write", write)
+
+
+def test_an_import_longer_than_ases_commit_frequency_is_still_all_or_nothing(
+        tmp_path, monkeypatch, commits_every_20_calls):
+    src = tmp_path / "many.extxyz"
+    ase.io.write(src, [_cu(3.6 + 0.001 * k) for k in range(50)])
+    database = DatabaseManager(tmp_path / "s.db")
+    _full_disk_after(monkeypatch, 45)
+    with pytest.raises(DatabaseError, match="No space left"):
+        database.import_files([src])
+    assert DatabaseManager(tmp_path / "s.db").count() == 0
+
+
+def test_a_forced_claim_that_fails_to_write_keeps_the_record_it_replaces(tmp_path, monkeypatch):
+    database = DatabaseManager(tmp_path / "s.db")
+    number, run_dir = database.claim(1, lambda n: tmp_path / f"gen-{n}")
+    database.update_record(1, run_dir, RecordState.SUCCEEDED, "published")
+    _full_disk_after(monkeypatch, 1)
+    with pytest.raises(DatabaseError, match="No space left"):
+        database.claim(1, lambda n: tmp_path / f"gen-{n}-again", force=True)
+    record = DatabaseManager(tmp_path / "s.db").get_record(1)
+    assert record is not None and record.status == RecordState.SUCCEEDED
+
+
+def test_a_selection_commit_that_fails_keeps_its_claim_and_changes_no_row(tmp_path, monkeypatch):
+    database = DatabaseManager(tmp_path / "s.db")
+    ids = [database.add_candidate(_cu(labelled=False), "bulk") for _ in range(3)]
+    claim_row = database.write_selection_claim(1, {"claimed_by": "test"})
+    _full_disk_after(monkeypatch, 1)
+    with pytest.raises(DatabaseError, match="No space left"):
+        database.commit_selection(1, ids[:2], values={"n_selected": 2}, data={}, claim_row=claim_row)
+    after = DatabaseManager(tmp_path / "s.db")
+    assert [row.id for row in after.selection_claims(1)] == [claim_row]
+    assert after.count(status=StructureStatus.CANDIDATE) == 3

@@ -50,7 +50,7 @@ class LabelTask:
         die_with_local_controller()
         labels = LabelFolder(folder)
         request = labels.request()
-        db = DatabaseManager(request.database)
+        db = DatabaseManager(request.database, must_exist=True)
         outcome = label_rows(db, request.labeller, request.tasks[index], folder=str(labels.path),
                              job_id=task_job_id(), predictions=Predictions(request.potentials))
         labels.save_outcome(index, outcome)

@@ -60,7 +60,7 @@ class SelectJob:
         try:
             database, request = SelectionRequest.load(folder)
             # The job's own handle, opened from its saved request: one per job.
-            db = DatabaseManager(database)
+            db = DatabaseManager(database, must_exist=True)
             # Submitted under a claim: a job whose claim was dropped (its submitter was
             # reckoned gone before the job was known) selects nothing.
             claim = find_claim(db, request.generation, request.claim or "")

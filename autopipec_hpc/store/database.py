@@ -93,6 +93,19 @@ def guard_public_methods(cls: type) -> type:
             setattr(cls, name, _guarded(value))
     return cls
 
+def _existing_only(connect: Callable[[], Any], path: Path, target: str) -> Callable[[], Any]:
+    """``connect`` for a database that must exist: SQLite would make an empty file in place
+    of one gone since (moved away, or a job on a node where its folder is not mounted), and
+    records would be written into that."""
+
+    def connect_existing() -> Any:
+        if not path.exists():
+            raise DatabaseError(f"database {target} does not exist (any more)")
+        return connect()
+
+    return connect_existing
+
+
 def describe_database_error(target: str, exc: BaseException) -> str:
     target = redact(target)
     text = " ".join((str(exc) or type(exc).__name__).split())
@@ -153,6 +166,8 @@ class Database:
             self._db = ase.db.connect(self.target, append=True, use_lock_file=False)
         except Exception as exc:  # ase raises many kinds; the path is what the user needs
             raise DatabaseError(f"cannot open database {redact(self.target)!r}: {exc}") from exc
+        if must_exist and not is_url(self.target):
+            self._db._connect = _existing_only(self._db._connect, Path(self.target), self.target)
 
     def iter_rows(self, page: int = 500, **selection: Any) -> Iterator[Any]:
         """The rows matching ``selection`` (ase.db rows), in id order, a page at a time."""
@@ -216,7 +231,10 @@ class Database:
         # Not `with self._db`: its rollback fails on ase-db-backends' PostgreSQL
         # connection wrapper, which has no rollback() (psycopg2's own is `.con`).
         connection = self._db._connect()
-        self._db.connection, self._db.change_count = connection, 0
+        # ase makes its schema on first use and commits it; made here, before the held
+        # commits, so that a rollback cannot leave its tables without their version row.
+        self._db._initialize(connection)
+        self._db.connection, self._db.change_count = _HeldCommits(connection), 0
         try:
             yield self._db
         except BaseException:
@@ -229,6 +247,32 @@ class Database:
             connection.close()
 
 guard_public_methods(Database)
+
+
+class _HeldCommits:
+    """A transaction's connection as ase.db sees it, its commit() held for the end of the
+    transaction: ase.db commits inside one every 5,000 calls (``managed_connection``'s
+    commit_frequency), so a kill, an error or a full disk in an import of more rows left
+    the first thousands written."""
+
+    def __init__(self, connection: Any) -> None:
+        self.connection = connection
+
+    def commit(self) -> None:
+        pass
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.connection, name)
+
+
+def delete_rows(db: Any, ids: list[int]) -> None:
+    """ase.db's ``delete`` in the open transaction of ``db`` (``Database._transaction``).
+    ase's own commits what the transaction did so far and then VACUUMs, rewriting the whole
+    file: a claim's delete committed apart from the write it belongs with."""
+    from ase.db.sqlite import all_tables
+
+    tables = db._get_external_table_names() + all_tables[::-1]
+    db._delete(db.connection.cursor(), [int(row_id) for row_id in ids], tables=tables)
 
 # A table every ASE SQLite database has (ase/db/sqlite.py: init_statements).
 ASE_TABLE = "systems"

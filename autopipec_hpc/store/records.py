@@ -25,7 +25,7 @@ from ase import Atoms
 from pydantic import ConfigDict, ValidationError, field_validator
 
 from autopipec_hpc.errors import ClaimError, DatabaseBusyError, DatabaseError, PublicationError
-from autopipec_hpc.store.database import Database, _clean_value, _guarded, is_url, redact
+from autopipec_hpc.store.database import Database, _clean_value, _guarded, delete_rows, is_url, redact
 from autopipec_hpc.validate.values import ValidationValues
 
 log = logging.getLogger(__name__)
@@ -328,7 +328,7 @@ class TrainingRecords(Database):
         distinct generations. The winner's record is new (nothing of an earlier run of
         that generation is merged into it). Raises ClaimError for a generation in flight,
         or one that succeeded unless ``force``."""
-        with self.locked(), self._transaction():
+        with self.locked(), self._transaction() as db:
             number = self.next_generation() if generation is None else int(generation)
             existing = self.get_record(number)
             if existing is not None and existing.status.is_active:
@@ -351,7 +351,7 @@ class TrainingRecords(Database):
                 kept[PUBLISHED] = {"reason": existing.reason, "values": existing.values,
                                    "data": {k: v for k, v in existing.data.items() if k != PUBLISHED}}
             if existing is not None:
-                self._db.delete([existing.row_id])
+                delete_rows(db, [existing.row_id])  # with the write below, or not at all
             given = values.stored() if isinstance(values, RecordValues) else dict(values or {})
             self.write_record(number, RecordState.SUBMITTED, values={**given, **owner}, data=kept)
             return number, run_dir

@@ -22,7 +22,7 @@ from ase.calculators.singlepoint import SinglePointCalculator
 
 from autopipec_hpc.errors import ImportDataError
 from autopipec_hpc.frames import carried_labels, labels_of, read_frames
-from autopipec_hpc.store.database import Database, _clean_value, is_url
+from autopipec_hpc.store.database import Database, _clean_value, delete_rows, is_url
 from autopipec_hpc.store.sqlite_rows import config_label, index_row_ids, update_key_values
 
 # The marker row of a `select` run (active/selection.py): a record written with the rows it changed.
@@ -319,7 +319,7 @@ class StructureRows(Database):
         clean = {k: _clean_value(v) for k, v in values.items()}
         with self._transaction() as db:
             if claim_row is not None:
-                db.delete([int(claim_row)])
+                delete_rows(db, [int(claim_row)])
             for row_id in row_ids:
                 if db.get(id=int(row_id)).get("status") != StructureStatus.CANDIDATE:
                     continue
@@ -349,7 +349,8 @@ class StructureRows(Database):
         self._db.update(int(row_id), **{k: v for k, v in clean.items() if v is not None})
 
     def drop_selection_claim(self, row_id: int) -> None:
-        self._db.delete([int(row_id)])
+        with self._transaction() as db:
+            delete_rows(db, [int(row_id)])
 
     def claim_label(self, row_id: int, claimant: str, **holder: Any) -> bool:
         """Make a DFT_REQUESTED row LABELLING, held by ``claimant`` (and ``holder``: its
