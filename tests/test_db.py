@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import sqlite3
+from pathlib import Path
+
 import ase.db
 import ase.io
 import numpy as np
@@ -156,7 +159,8 @@ def test_update_rows_leaves_each_row_as_ases_own_update_would(tmp_path):
     updates = [(i, {"gamma_max": 0.5 * k, "gamma_mean": 0.25, "scored_by_generation": 1,
                     "status": "DFT_REQUESTED" if k % 3 == 0 else "CANDIDATE"}) for k, i in enumerate(ids)]
     updates.append((ids[1], {"gamma_max": 7.0}))  # a second update of the same row: the last wins
-    later = [(ids[2], {"status": 3.0}), (ids[3], {"note": "kept"})]  # a key changing type, a new text key
+    later = [(ids[2], {"status": 3.0}), (ids[3], {"note": "kept"}),  # a key changing kind, a new text key
+             (ids[4], {"gamma_max": 11.0}), (ids[5], {"status": "LABELLED"})]  # kept kinds, new values
     db.update_rows(updates)
     db.update_rows(later)
     theirs = ase.db.connect(tmp_path / "ase.db")
@@ -173,6 +177,13 @@ def test_update_rows_leaves_each_row_as_ases_own_update_would(tmp_path):
                   "status>2", "status=CANDIDATE", "note=kept", "note"):
         assert [r.id for r in ours.select(query)] == [r.id for r in theirs.select(query)], query
     assert ours.get(id=ids[1]).gamma_max == 7.0
+
+    def key_tables(file: Path) -> dict[str, list]:
+        with sqlite3.connect(file) as con:
+            return {table: sorted(con.execute(f"SELECT * FROM {table}").fetchall())
+                    for table in ("keys", "text_key_values", "number_key_values")}
+
+    assert key_tables(path) == key_tables(tmp_path / "ase.db")  # entry for entry
     with pytest.raises(KeyError):  # as ase.db's update of a missing row
         db.update_rows([(ids[0], {"gamma_max": 5.0}), (999, {"gamma_max": 1.0})])
     assert ours.get(id=ids[0]).gamma_max == 0.0  # the failed call changed nothing

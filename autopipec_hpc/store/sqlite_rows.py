@@ -6,6 +6,7 @@ anything else (PostgreSQL, an old schema) goes through ase.db as before.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import sqlite3
@@ -55,8 +56,16 @@ def structure_rows(db: Any, status: str, after: int, page: int) -> list[Structur
         atoms = Atoms(numbers=db.deblob(numbers, np.int32), positions=db.deblob(positions, shape=(-1, 3)),
                       cell=db.deblob(cell, shape=(3, 3)), pbc=(int(pbc or 0) & PBC_BITS).astype(bool))
         decoded = db.decode(data) if data is not None else None
-        rows.append(StructureRow(row_id, atoms, config_label(db.decode(text), decoded)))
+        rows.append(StructureRow(row_id, atoms, config_label(key_values(db, text), decoded)))
     return rows
+
+
+def key_values(db: Any, text: str) -> dict[str, Any]:
+    """A row's ``key_value_pairs`` column as ase.db reads it. They are a flat JSON object of
+    identifiers to numbers, bools and strings (``ase.db.core.check``), which ``json.loads``
+    reads alike without ase's walk over every key and value for int keys and arrays
+    (``jsonio.decode``): 0.35 s of a select of 7,000 candidates."""
+    return json.loads(text) if isinstance(text, str) else db.decode(text)
 
 
 # ase.db's SQLite schema indexes its key-value tables by key only, and every update of a
@@ -114,32 +123,53 @@ def update_key_values(db: Any, updates: list[tuple[int, dict[str, Any]]]) -> Non
         values_of.setdefault(int(row_id), {}).update(values)
     connection = db.connection
     ids = list(values_of)
-    merged: dict[int, dict[str, Any]] = {}
+    old: dict[int, dict[str, Any]] = {}
     for start in range(0, len(ids), 500):  # under SQLite's limit on bound parameters
         chunk = ids[start:start + 500]
         marks = ",".join("?" * len(chunk))
         for row_id, text in connection.execute(f"SELECT id, key_value_pairs FROM systems WHERE id IN ({marks})",
                                                chunk):
-            merged[row_id] = {**db.decode(text), **values_of[row_id]}
-    missing = [row_id for row_id in ids if row_id not in merged]
+            old[row_id] = key_values(db, text)
+    missing = [row_id for row_id in ids if row_id not in old]
     if missing:
         raise KeyError(f"no row id={missing[0]}")
+    merged = {row_id: {**old[row_id], **values} for row_id, values in values_of.items()}
     mtime = now()
     cursor = connection.cursor()
     cursor.executemany("UPDATE systems SET mtime=?, key_value_pairs=? WHERE id=?",
                        [(mtime, db.encode(kvp), row_id) for row_id, kvp in merged.items()])
-    # Only the keys given change (ase rewrites every key of the row: the same end state).
-    changed = [(row_id, key) for row_id, values in values_of.items() for key in values]
-    for table in KEY_VALUE_TABLES:
-        cursor.executemany(f"DELETE FROM {table} WHERE id=? AND key=?", changed)
-    number_values, text_values, keys = [], [], []
-    for row_id, key in changed:
-        value = merged[row_id][key]
-        if isinstance(value, (numbers.Real, np.bool_)):
-            number_values.append((key, float(value), row_id))
-        else:
-            text_values.append((key, value, row_id))
-        keys.append((key, row_id))
-    cursor.executemany("INSERT INTO text_key_values VALUES (?, ?, ?)", text_values)
-    cursor.executemany("INSERT INTO number_key_values VALUES (?, ?, ?)", number_values)
-    cursor.executemany("INSERT INTO keys VALUES (?, ?)", keys)
+    # Each key given ends with the entries ase's update leaves: one in `keys`, one in the
+    # table of its value's kind (ase rewrites every key of the row: the same end state). A
+    # key a row already had keeps its `keys` entry and, keeping its kind, has its value
+    # updated in place: re-scoring 7,000 candidates wrote 6 statements a key, now 1.
+    deleted: dict[str, list] = {table: [] for table in KEY_VALUE_TABLES}
+    updated: dict[str, list] = {"text_key_values": [], "number_key_values": []}
+    inserted: dict[str, list] = {table: [] for table in KEY_VALUE_TABLES}
+    for row_id, values in values_of.items():
+        before = old[row_id]
+        for key in values:
+            value = merged[row_id][key]
+            table = _table_of(value)
+            stored = float(value) if table == "number_key_values" else value
+            if key not in before:
+                inserted["keys"].append((key, row_id))
+                inserted[table].append((key, stored, row_id))
+            elif _table_of(before[key]) == table:
+                updated[table].append((stored, row_id, key))
+            else:
+                deleted[_table_of(before[key])].append((row_id, key))
+                inserted[table].append((key, stored, row_id))
+    for table, rows in deleted.items():
+        cursor.executemany(f"DELETE FROM {table} WHERE id=? AND key=?", rows)
+    for table, rows in updated.items():
+        cursor.executemany(f"UPDATE {table} SET value=? WHERE id=? AND key=?", rows)
+    cursor.executemany("INSERT INTO keys VALUES (?, ?)", inserted["keys"])
+    cursor.executemany("INSERT INTO text_key_values VALUES (?, ?, ?)", inserted["text_key_values"])
+    cursor.executemany("INSERT INTO number_key_values VALUES (?, ?, ?)", inserted["number_key_values"])
+
+
+def _table_of(value: Any) -> str:
+    """The key-value table ase.db files ``value`` in (``SQLite3Database._update``)."""
+    import numbers
+
+    return "number_key_values" if isinstance(value, (numbers.Real, np.bool_)) else "text_key_values"
