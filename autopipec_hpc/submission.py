@@ -128,7 +128,7 @@ def prepare_run(
 
     The claim comes first and is atomic, so two submits never train one generation;
     a failure after it leaves the record FAILED with the reason."""
-    db = DatabaseManager(database)
+    db = DatabaseManager(database, must_exist=True)  # nothing to train in one it would make
     if db.count(status=StructureStatus.TRAINING_READY) == 0:
         raise InsufficientDataError(
             f"no structures with status={StructureStatus.TRAINING_READY} in {db.target}; nothing written"

@@ -58,7 +58,7 @@ def check_warm_start(database: str, config: TrainConfig) -> tuple[TrainConfig, P
     if config.ladder_step is not None:
         # The loop sets warm_start with model_copy, past TrainConfig's own check.
         raise ConfigError(f"warm_start from generation {n}: {LADDER_WARM_START}")
-    db = DatabaseManager(database)
+    db = DatabaseManager(database, must_exist=True)
     record = db.get_record(n)
     if record is None or record.status != RecordState.SUCCEEDED or record.potential_path is None:
         state = "no training record" if record is None else f"record {record.status}"

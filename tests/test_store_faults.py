@@ -484,3 +484,12 @@ def test_a_selection_commit_that_fails_keeps_its_claim_and_changes_no_row(tmp_pa
     after = DatabaseManager(tmp_path / "s.db")
     assert [row.id for row in after.selection_claims(1)] == [claim_row]
     assert after.count(status=StructureStatus.CANDIDATE) == 3
+
+
+@pytest.mark.parametrize("command", [["submit"], ["submit", "--from-generation", "1"], ["select", "--generation", "1"],
+                                     ["status"], ["results"], ["prepare", "--out", "out"]])
+def test_a_command_that_needs_a_database_leaves_none_behind_when_it_is_missing(tmp_path, command):
+    missing = tmp_path / "nowhere" / "s.db"
+    done = _cli(tmp_path, *command, "--db", str(missing))
+    _one_error_line(done, str(missing))
+    assert not missing.exists() and not missing.parent.exists()
