@@ -10,12 +10,25 @@ import argparse
 from pathlib import Path
 from typing import NoReturn
 
-from autopipec_hpc import __version__
 from autopipec_hpc.states import StructureStatus
 from autopipec_hpc.templates import DEFAULT_SITE
 
 
 # -- parser ---------------------------------------------------------------------
+class _Version(argparse.Action):
+    """argparse's version action, the version read only when asked for (``autopipec_hpc``)."""
+
+    def __init__(self, option_strings: list[str], dest: str = argparse.SUPPRESS,
+                 default: str = argparse.SUPPRESS, help: str | None = None) -> None:
+        super().__init__(option_strings, dest=dest, default=default, nargs=0, help=help)
+
+    def __call__(self, parser, namespace, values, option_string=None) -> NoReturn:
+        from autopipec_hpc import __version__
+
+        print(f"{parser.prog} {__version__}")
+        parser.exit()
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _OneLineParser(
         prog="autopipec-hpc",
@@ -24,7 +37,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
     parser.add_argument("--debug", action="store_true",
                         help="show the traceback of an unexpected error (also: AUTOPIPEC_DEBUG=1)")
-    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    parser.add_argument("--version", action=_Version, help="show the version and exit")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("import", help="load labelled structures from ASE-readable files")

@@ -121,21 +121,14 @@ def update_key_values(db: Any, updates: list[tuple[int, dict[str, Any]]]) -> Non
             check(unchecked)
             named.update(unchecked)
         values_of.setdefault(int(row_id), {}).update(values)
-    connection = db.connection
     ids = list(values_of)
-    old: dict[int, dict[str, Any]] = {}
-    for start in range(0, len(ids), 500):  # under SQLite's limit on bound parameters
-        chunk = ids[start:start + 500]
-        marks = ",".join("?" * len(chunk))
-        for row_id, text in connection.execute(f"SELECT id, key_value_pairs FROM systems WHERE id IN ({marks})",
-                                               chunk):
-            old[row_id] = key_values(db, text)
+    old = key_values_of(db, ids)
     missing = [row_id for row_id in ids if row_id not in old]
     if missing:
         raise KeyError(f"no row id={missing[0]}")
     merged = {row_id: {**old[row_id], **values} for row_id, values in values_of.items()}
     mtime = now()
-    cursor = connection.cursor()
+    cursor = db.connection.cursor()
     cursor.executemany("UPDATE systems SET mtime=?, key_value_pairs=? WHERE id=?",
                        [(mtime, db.encode(kvp), row_id) for row_id, kvp in merged.items()])
     # Each key given ends with the entries ase's update leaves: one in `keys`, one in the
@@ -166,6 +159,18 @@ def update_key_values(db: Any, updates: list[tuple[int, dict[str, Any]]]) -> Non
     cursor.executemany("INSERT INTO keys VALUES (?, ?)", inserted["keys"])
     cursor.executemany("INSERT INTO text_key_values VALUES (?, ?, ?)", inserted["text_key_values"])
     cursor.executemany("INSERT INTO number_key_values VALUES (?, ?, ?)", inserted["number_key_values"])
+
+
+def key_values_of(db: Any, ids: list[int]) -> dict[int, dict[str, Any]]:
+    """{row id: its key-value pairs} of the rows of ``ids`` that exist, read on ``db.connection``."""
+    found: dict[int, dict[str, Any]] = {}
+    for start in range(0, len(ids), 500):  # under SQLite's limit on bound parameters
+        chunk = [int(row_id) for row_id in ids[start:start + 500]]
+        marks = ",".join("?" * len(chunk))
+        for row_id, text in db.connection.execute(
+                f"SELECT id, key_value_pairs FROM systems WHERE id IN ({marks})", chunk):
+            found[row_id] = key_values(db, text)
+    return found
 
 
 def _table_of(value: Any) -> str:

@@ -7,8 +7,6 @@ per-atom ``force_mask`` in ``data``.
 
 from __future__ import annotations
 
-from autopipec_hpc.states import StructureStatus
-
 import re
 import time
 import unicodedata
@@ -22,8 +20,9 @@ from ase.calculators.singlepoint import SinglePointCalculator
 
 from autopipec_hpc.errors import ImportDataError
 from autopipec_hpc.frames import carried_labels, labels_of, read_frames
+from autopipec_hpc.states import StructureStatus
 from autopipec_hpc.store.database import Database, _clean_value, delete_rows, is_url
-from autopipec_hpc.store.sqlite_rows import config_label, index_row_ids, update_key_values
+from autopipec_hpc.store.sqlite_rows import config_label, index_row_ids, key_values_of, update_key_values
 
 # The marker row of a `select` run (active/selection.py): a record written with the rows it changed.
 SELECTION_RECORD = "selection"
@@ -40,13 +39,8 @@ LABEL_ERROR_KEY = "label_error"
 # DFT_REQUESTED and cost a task in every rerun and every loop generation, for ever.
 LABEL_DEATHS_KEY = "label_deaths"
 MAX_LABEL_DEATHS = 2
-
-
 MAX_LABEL_LENGTH = 200
-
 _LABEL_WORDS = {"energy": "an energy", "forces": "forces"}
-
-
 _STATUS_WORD = re.compile(r"^[A-Za-z][A-Za-z0-9_]{0,63}$")
 
 
@@ -315,20 +309,24 @@ class StructureRows(Database):
         """In one transaction: the chosen CANDIDATE rows become DFT_REQUESTED (any other
         row is left alone), a ``record=selection`` row records the step and the selection's
         claim row ``claim_row`` is deleted; returns how many rows changed status."""
-        changed = 0
         clean = {k: _clean_value(v) for k, v in values.items()}
+        chosen = {"status": StructureStatus.DFT_REQUESTED.value, "selected_by_generation": int(generation)}
         with self._transaction() as db:
             if claim_row is not None:
                 delete_rows(db, [int(claim_row)])
-            for row_id in row_ids:
-                if db.get(id=int(row_id)).get("status") != StructureStatus.CANDIDATE:
-                    continue
-                db.update(int(row_id), status=StructureStatus.DFT_REQUESTED.value,
-                          selected_by_generation=int(generation))
-                changed += 1
+            if is_url(self.target):
+                current = {int(i): db.get(id=int(i)).key_value_pairs for i in row_ids}
+            else:
+                current = key_values_of(db, list(row_ids))
+            changed = [int(i) for i in row_ids if current.get(int(i), {}).get("status") == StructureStatus.CANDIDATE]
+            if is_url(self.target):
+                for row_id in changed:
+                    db.update(row_id, **chosen)
+            else:
+                update_key_values(db, [(row_id, chosen) for row_id in changed])
             db.write(Atoms(), record=SELECTION_RECORD, generation=int(generation), updated=time.time(),
                      data=data, **{k: v for k, v in clean.items() if v is not None})
-        return changed
+        return len(changed)
 
     # -- claims: a selection in flight, a row being labelled ------------------------
     # Each is decided by the caller under the records' lock (``DatabaseManager.locked``).
