@@ -19,6 +19,7 @@ from autopipec_hpc.config import SiteConfig
 from autopipec_hpc.store import DatabaseManager
 from autopipec_hpc.errors import (
     AutopipecError,
+    DatabaseError,
     InsufficientDataError,
     TrainingDivergenceError,
     TrainingFailedError,
@@ -175,8 +176,12 @@ def test_train_generation_runs_a_whole_generation_on_the_sites_database(tmp_path
         train_generation(site, tiny_train_config(), timeout_s=300)
     record = DatabaseManager(example_db).get_record(1)
     assert record.status == "DIVERGED" and record.run_dir.parent == tmp_path / "runs"
+    DatabaseManager(tmp_path / "empty.db").count()  # an ASE database without rows
     with pytest.raises(InsufficientDataError):
         train_generation(site, tiny_train_config(), database=str(tmp_path / "empty.db"))
+    with pytest.raises(DatabaseError, match="does not exist"):
+        train_generation(site, tiny_train_config(), database=str(tmp_path / "absent.db"))
+    assert not (tmp_path / "absent.db").exists()
 
 
 def test_hanging_trainer_is_killed_at_the_timeout(tmp_path, example_db, local_site):
@@ -228,6 +233,7 @@ def test_cancel_right_after_submit_never_starts_the_trainer(tmp_path, example_db
 
 def test_insufficient_data_submits_nothing(tmp_path, local_site):
     site = local_site()
+    DatabaseManager(tmp_path / "empty.db").count()  # an ASE database without rows
     with pytest.raises(InsufficientDataError):
         submit_generation(str(tmp_path / "empty.db"), site, tiny_train_config())
     assert not (tmp_path / "runs").exists() or not list((tmp_path / "runs").iterdir())
