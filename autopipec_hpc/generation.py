@@ -98,7 +98,7 @@ class Generation:
         spec = RunSpec.load(run_dir)
         folder = RunFolder(run_dir)
         jobs = SubmittedJobs.load(run_dir) if folder.jobs_file.exists() else None
-        return cls(spec, jobs, scheduler_for(spec.site), db or DatabaseManager(spec.database), follow)
+        return cls(spec, jobs, scheduler_for(spec.site), db or DatabaseManager(spec.database, must_exist=True), follow)
 
     @classmethod
     def find(cls, site: SiteConfig, generation: int, database: str | None = None) -> "Generation":

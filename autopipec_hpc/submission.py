@@ -199,14 +199,14 @@ def submit_generation(
         spec.save()
         jobs = submit_jobs(scheduler, spec, site)
     except BaseException as exc:
-        DatabaseManager(spec.database).update_record(
+        DatabaseManager(spec.database, must_exist=True).update_record(
             spec.generation, spec.run_dir, RecordState.FAILED, reason=f"not submitted: {one_line(exc)}"
         )
         raise
     # The jobs run already: the training job may have written RUNNING (or more) by now,
     # so the job ids are added without a state, and a busy database is waited out
     # (bounded) instead of failing a submission whose jobs are queued.
-    db = DatabaseManager(spec.database)
+    db = DatabaseManager(spec.database, must_exist=True)
     job_values = {"scheduler": jobs.scheduler, "train_job": jobs.train.job_id, "evaluate_job": jobs.evaluate.job_id,
                   "evaluator": str(plan.evaluator), "parameters": plan.parameters}
     if jobs.validate_job is not None:

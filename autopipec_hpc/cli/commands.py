@@ -138,7 +138,7 @@ def cmd_results(args: argparse.Namespace) -> int:
             raise AutopipecError(f"no training record for generation {args.generation} in {database}")
     print_records(records, detail=args.generation is not None)
     if args.common_holdout:
-        print_common_holdout(DatabaseManager(database))
+        print_common_holdout(DatabaseManager(database, must_exist=True))
     return 0
 
 
