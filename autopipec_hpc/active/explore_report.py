@@ -10,6 +10,7 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict
 
 from autopipec_hpc.active.explore_folder import ExplorationFolder
+from autopipec_hpc.files import atomic_output
 from autopipec_hpc.states import StopReason
 
 
@@ -117,5 +118,6 @@ def _figure(folder: ExplorationFolder, summary: ExploreSummary, results: list[di
     fig.suptitle(f"generation {summary.generation}: {summary.total.seen} frames seen, "
                  f"{summary.accurate_share:.1%} accurate, {summary.imported} candidates kept", fontsize=10)
     fig.tight_layout()
-    fig.savefig(folder.figure_file, dpi=90)
+    with atomic_output(folder.figure_file, "wb") as handle:  # a full disk leaves no half figure
+        fig.savefig(handle, format="png", dpi=90)
     return folder.figure_file.name
