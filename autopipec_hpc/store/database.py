@@ -231,11 +231,11 @@ class Database:
         # Not `with self._db`: its rollback fails on ase-db-backends' PostgreSQL
         # connection wrapper, which has no rollback() (psycopg2's own is `.con`).
         connection = self._db._connect()
-        # ase makes its schema on first use and commits it; made here, before the held
-        # commits, so that a rollback cannot leave its tables without their version row.
-        self._db._initialize(connection)
-        self._db.connection, self._db.change_count = _HeldCommits(connection), 0
         try:
+            # ase makes its schema on first use and commits it; made here, before the held
+            # commits, so that a rollback cannot leave its tables without their version row.
+            self._db._initialize(connection)
+            self._db.connection, self._db.change_count = _HeldCommits(connection), 0
             yield self._db
         except BaseException:
             getattr(connection, "con", connection).rollback()
