@@ -10,9 +10,17 @@ fits. After every generation: holdout energy and force RMSE of the deployed
 model (ACE + ZBL + reference energies vs EMT), the worst force error, and the
 share of the pool whose max extrapolation grade exceeds 5.
 
+The starting set also holds an energy-volume set of fcc copper (7 one-atom cells,
+config type `fcc_eos`), as real DFT datasets do: the validation of every
+generation then judges a0 and B0 against it (EMT's own EOS) instead of against
+the previous generation, whose figures move by more than the 10 % gate while
+the loop is still learning (without the set, generation 3 was REJECTED in every
+run: B0 122.7 -> 135.8 GPa, or 133.8 -> 156.9 without the warm-start cap).
+
 Warm vs cold: on the D-optimal run's final data, a cold start (same settings)
-is trained as one more generation; the warm-started generation's time to reach
-the cold start's final training loss (pacemaker's metrics.txt, every iteration) is compared with the cold start's wall time.
+is trained as one more generation; its fit's wall time and holdout errors are
+compared with the warm-started generation's (the issue's target: at most 0.5x,
+at equal or better holdout error).
 
     .venv/bin/python bench/bench_active_learning.py [--select 8] [--pool 300] [--functions 100] [--maxiter 150]
 
@@ -39,8 +47,7 @@ from autopipec_hpc.active.loop import LoopSettings, run_loop
 from autopipec_hpc.active.gamma import GammaScorer
 from autopipec_hpc.config import SiteConfig
 from autopipec_hpc.store import DatabaseManager
-from autopipec_hpc.example_data import CANDIDATE_SHARES, candidate_structure, demo_train_config
-from autopipec_hpc.pacemaker.files import read_metrics_table
+from autopipec_hpc.example_data import CANDIDATE_SHARES, FCC_A, candidate_structure, demo_train_config
 from autopipec_hpc.submission import train_generation
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import holdout_errors  # noqa: E402
@@ -67,25 +74,11 @@ def site_for(root: Path, database: str) -> SiteConfig:
                       database=database, pacemaker={"command": "pacemaker", "evaluator": "auto"}, train={"cpus": 2})
 
 
-def time_to_reach(run_dir: Path, target_loss: float) -> tuple[float | None, float]:
-    """Seconds until the fit's holdout loss (pacemaker's test_metrics.txt, every display
-    step) is at or below ``target_loss``: its start-up (wall time less iterations x
-    s/iteration) plus the iterations needed; None if never. Also the fit's wall time."""
+def fit_wall(run_dir: Path) -> float:
+    """The fit's whole pacemaker run, start-up included (its training.json)."""
     import json
 
-    attempt = run_dir / "attempt-1"
-    wall = json.loads((attempt / "training.json").read_text())["wall_time_s"]
-    per = json.loads((attempt / "progress.json").read_text())["s_per_iteration"]
-    table = read_metrics_table(attempt / "test_metrics.txt")
-    startup = max(0.0, wall - per * int(table["iter_num"].max()))
-    for _, row in table.iterrows():
-        if float(row["loss"]) <= target_loss * 1.0001:
-            return startup + per * int(row["iter_num"]), wall
-    return None, wall
-
-
-def final_test_loss(run_dir: Path) -> float:
-    return float(read_metrics_table(run_dir / "attempt-1" / "test_metrics.txt")["loss"].iloc[-1])
+    return float(json.loads((run_dir / "attempt-1" / "training.json").read_text())["wall_time_s"])
 
 
 def main() -> int:
@@ -96,6 +89,9 @@ def main() -> int:
     parser.add_argument("--functions", type=int, default=100, help="functions per element (b_basis_size)")
     parser.add_argument("--maxiter", type=int, default=150)
     parser.add_argument("--seed", type=int, default=2026)
+    parser.add_argument("--warm-fraction", type=float, default=None,
+                        help="warm_start_maxiter_fraction of the warm-started generations (default: TrainConfig's; "
+                             "1 runs all of maxiter)")
     parser.add_argument("--keep", action="store_true", help="keep the temporary folder")
     args = parser.parse_args()
     logging.disable(logging.WARNING)
@@ -104,6 +100,8 @@ def main() -> int:
     root = Path(tempfile.mkdtemp(prefix="bench-al-"))
     config = demo_train_config().model_copy(
         update={"b_basis_size": args.functions, "maxiter": args.maxiter, "seed": args.seed})
+    if args.warm_fraction is not None:
+        config = config.model_copy(update={"warm_start_maxiter_fraction": args.warm_fraction})
 
     pool = []
     for kind, share in CANDIDATE_SHARES.items():
@@ -111,9 +109,13 @@ def main() -> int:
     holdout = [labelled(make(kind, rng)) for kind in KINDS for _ in range(10)]
     start_kinds = ["equilibrium"] * (args.start - 4) + ["hot_md", "vacancy", "surface", "compressed"]
     start = [(labelled(make(kind, rng)), kind) for kind in start_kinds]
+    from ase.build import bulk
+
+    start += [(labelled(bulk("Cu", "fcc", a=FCC_A * x)), "fcc_eos") for x in np.linspace(0.97, 1.03, 7)]
     print(f"pool {len(pool)} candidates ({', '.join(f'{k} {sum(1 for _, c in pool if c == k)}' for k in KINDS)}); "
           f"holdout {len(holdout)} (10 per kind); start {len(start)} labelled; {GENERATIONS} generations x "
-          f"{args.select} labels; fits: {config.b_basis_size} functions, {config.maxiter} iterations")
+          f"{args.select} labels; fits: {config.b_basis_size} functions, {config.maxiter} iterations "
+          f"({config.warm_start_maxiter} when warm-started)")
 
     base_db = str(root / "base" / "structures.db")
     db = DatabaseManager(base_db)
@@ -171,21 +173,19 @@ def main() -> int:
     cold = train_generation(site_for(sroot, database), config.model_copy(update={"warm_start": None}),
                             generation=final + 1, timeout_s=3600)
     warm = DatabaseManager(database).get_record(final)
-    # The holdout loss, pacemaker's own, every display step: the cold start's last one is the mark.
-    target = final_test_loss(Path(cold.run_dir))
-    reach, warm_wall = time_to_reach(Path(warm.run_dir), target)
-    _, cold_wall = time_to_reach(Path(cold.run_dir), target)
+    walls = {name: fit_wall(Path(record.run_dir)) for name, record in (("warm", warm), ("cold", cold))}
+    errors = {name: holdout_errors(Path(record.potential_path), holdout) for name, record in (("warm", warm),
+                                                                                           ("cold", cold))}
     print(f"\nwarm vs cold on the same {warm.values['n_train']} + {warm.values['n_test']} structures "
-          f"(generation {final} warm from {final - 1}, generation {final + 1} cold):")
-    print(f"  cold start: {cold_wall:.1f} s fit wall time, final holdout loss {target:.4g}; holdout E "
-          f"{cold.test_energy_rmse_mev:.2f} meV/at, F {cold.test_force_rmse_mev:.1f} meV/A")
-    print(f"  warm start: holdout E {warm.test_energy_rmse_mev:.2f} meV/at, F {warm.test_force_rmse_mev:.1f} meV/A")
-    if reach is None:
-        print(f"  warm start: never reached it within {warm_wall:.1f} s: target NOT MET")
-    else:
-        print(f"  warm start: reached it after {reach:.1f} s of its {warm_wall:.1f} s fit "
-              f"({100 * reach / cold_wall:.0f} % of the cold start's wall time): target (<= 50 %) "
-              f"{'MET' if reach <= 0.5 * cold_wall else 'NOT MET'}")
+          f"(generation {final} warm from {final - 1}, generation {final + 1} cold), fit wall time and the "
+          "fixed holdout:")
+    for name in ("warm", "cold"):
+        e, f, fmax = errors[name]
+        print(f"  {name}: {walls[name]:.1f} s, holdout E {e:.2f} meV/at, F {f:.1f} meV/A, worst F {fmax:.0f} meV/A")
+    ratio = walls["warm"] / walls["cold"]
+    no_worse = errors["warm"][0] <= errors["cold"][0] and errors["warm"][1] <= errors["cold"][1]
+    print(f"  warm / cold wall {ratio:.2f}x: target (<= 0.5x) {'MET' if ratio <= 0.5 else 'NOT MET'}; holdout "
+          f"equal or better: {'MET' if no_worse else 'NOT MET'}")
     print(f"\ntotal {time.monotonic() - t0:.0f} s; folder {root}{' (kept)' if args.keep else ' (removed)'}")
     if not args.keep:
         shutil.rmtree(root, ignore_errors=True)
