@@ -113,7 +113,7 @@ class TrainJob(submitit.helpers.Checkpointable):
         attempt = folder.next_attempt
         warm_start = _warm_start(folder)
         if warm_start is not None:
-            config = config.model_copy(update={"maxiter": config.warm_start_maxiter})
+            config = config.model_copy(update={"maxiter": config.warm_start_budget})
         if resume_from is not None:
             config = config.model_copy(update={"maxiter": remaining_iterations(config.maxiter, previous)})
         evaluator = spec.evaluator or str(site.pacemaker.evaluator)

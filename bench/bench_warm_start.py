@@ -16,7 +16,7 @@ does). Generation 2 is fitted twice on the same dataset: warm (pacemaker ``-p`` 
 generation 1's potential, staged by ``warm_start.stage_parent_potential``) and cold.
 
 Fits: the default ``TrainConfig`` (100 functions per element, kappa 0.3, maxiter 500,
-early stopping on; a warm start runs at most ``warm_start_maxiter``, 0.3 of maxiter, as a
+early stopping on; a warm start runs at most ``warm_start_maxiter``, 150 iterations, as a
 training job runs it) run by ``PacemakerWrapper.run_training`` (tensorpot, 2 threads), as a
 training job runs it. Scored as the evaluation job scores: ``registry.stage_potential``
 then ``evaluation.evaluate`` with the deployed calculator (ACE + ZBL + reference
@@ -112,8 +112,8 @@ def main() -> None:
     parser.add_argument("--before", action="store_true",
                         help="also the warm starts the loop ran before: all of maxiter with early stopping, "
                              "and without")
-    parser.add_argument("--fractions", type=float, nargs="*", default=[],
-                        help="also warm starts at these shares of maxiter (warm_start_maxiter_fraction)")
+    parser.add_argument("--budgets", type=int, nargs="*", default=[],
+                        help="also warm starts of at most these many iterations (warm_start_maxiter)")
     parser.add_argument("--keep", action="store_true", help="keep the temporary folder (datasets, fits)")
     args = parser.parse_args()
     if not PACEMAKER.exists():
@@ -141,8 +141,7 @@ def main() -> None:
             "early stopping off")
     print(f"generation 1: {len(gen1.train_ids)} train + {len(gen1.test_ids)} test; generation 2: "
           f"{len(gen2.train_ids)} train + {len(gen2.test_ids)} test; fixed holdout {len(held.train_ids)} cells; {stop}")
-    print(f"warm start: at most {config.warm_start_maxiter} iterations (warm_start_maxiter_fraction "
-          f"{config.warm_start_maxiter_fraction})")
+    print(f"warm start: at most {config.warm_start_budget} iterations (warm_start_maxiter {config.warm_start_maxiter})")
     print(f"\n{'fit':<28} {'wall s':>8} {'iters':>6} {'':>11} {'holdout E':>10} {'holdout F':>10}")
     print(f"{'':<28} {'':>8} {'':>6} {'':>11} {'meV/atom':>10} {'meV/A':>10}", flush=True)
     t0 = time.perf_counter()
@@ -151,16 +150,15 @@ def main() -> None:
     parent_yaml = stage_parent_potential(Parent(1, cold1.staging, registry.read_manifest(cold1.staging)),
                                          root / "parent.yaml")
     # As a training job runs a warm start (jobs.TrainJob): a share of maxiter.
-    capped = warm_config.model_copy(update={"maxiter": warm_config.warm_start_maxiter})
+    capped = warm_config.model_copy(update={"maxiter": warm_config.warm_start_budget})
     warm = fit(root, "gen2-warm", gen2, capped, held.train_paths, initial=parent_yaml)
     show(warm, capped.maxiter)
     cold2 = fit(root, "gen2-cold", gen2, warm_config, held.train_paths)
     show(cold2, args.maxiter)
     before = []
-    for share in args.fractions:
-        other = warm_config.model_copy(update={"warm_start_maxiter_fraction": share})
-        other = other.model_copy(update={"maxiter": other.warm_start_maxiter})
-        before.append(fit(root, f"gen2-warm-{share:g}-of-maxiter", gen2, other, held.train_paths,
+    for budget in args.budgets:
+        other = warm_config.model_copy(update={"maxiter": min(budget, warm_config.maxiter)})
+        before.append(fit(root, f"gen2-warm-{other.maxiter}-iterations", gen2, other, held.train_paths,
                           initial=parent_yaml))
         show(before[-1], other.maxiter)
     if args.before:

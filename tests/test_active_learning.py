@@ -226,7 +226,7 @@ def test_warm_start_loads_the_parent_and_trains_exactly_our_targets(trained, tmp
     root, _, parent = trained
     database = copy_db(trained, tmp_path)
     site = _child_site(tmp_path, database)
-    config = tiny_train_config().model_copy(update={"warm_start": 1})
+    config = tiny_train_config().model_copy(update={"warm_start": 1, "warm_start_maxiter": 6})
     record = train_generation(site, config, generation=2, timeout_s=900)
     assert record.values["parent_generation"] == 1
     manifest = json.loads((Path(record.potential_path) / "potential.json").read_text())
@@ -257,9 +257,9 @@ def test_warm_start_loads_the_parent_and_trains_exactly_our_targets(trained, tmp
     assert "lammps_extrapolation.in" in manifest["files"]
     start = yaml.safe_load((run / "warm_start.yaml").read_text())
     assert "reference_energy" not in start["metadata"]
-    # It began near its optimum: it ran a share of maxiter (warm_start_maxiter_fraction).
+    # It began near its optimum: it ran at most warm_start_maxiter iterations, not maxiter's 20.
     rendered = yaml.safe_load((run / "attempt-1" / "input.yaml").read_text())
-    assert rendered["fit"]["maxiter"] == config.warm_start_maxiter == 6  # 0.3 of 20
+    assert rendered["fit"]["maxiter"] == config.warm_start_budget == 6
     assert len(warm) <= 6 + 1  # iteration 0 and at most six more
     assert main(["results", "--db", database, "--site", str(_write_site(site, tmp_path))]) == 0
 

@@ -155,11 +155,10 @@ def test_ladder_step_with_a_warm_start_is_refused_by_name(tmp_path):
     assert TrainConfig(ladder_step=10).warm_start is None and TrainConfig(warm_start=1).ladder_step is None
 
 
-def test_a_warm_start_runs_a_share_of_maxiter(tmp_path):
-    assert TrainConfig().warm_start_maxiter == 150  # 0.3 of the default 500
-    assert TrainConfig(maxiter=2).warm_start_maxiter == 1  # never none at all
-    assert TrainConfig(warm_start_maxiter_fraction=None).warm_start_maxiter == 500
-    assert TrainConfig.from_yaml(write(tmp_path, "maxiter: 1000\nwarm_start_maxiter_fraction: 0.5\n")) \
-        .warm_start_maxiter == 500
-    with pytest.raises(ConfigError, match="warm_start_maxiter_fraction"):
-        TrainConfig.from_yaml(write(tmp_path, "warm_start_maxiter_fraction: 1.5\n"))
+def test_a_warm_start_runs_at_most_warm_start_maxiter(tmp_path):
+    assert TrainConfig().warm_start_budget == 150  # of the default 500
+    assert TrainConfig(maxiter=20).warm_start_budget == 20  # never more than maxiter
+    assert TrainConfig(warm_start_maxiter=None).warm_start_budget == 500
+    assert TrainConfig.from_yaml(write(tmp_path, "maxiter: 1000\nwarm_start_maxiter: 400\n")).warm_start_budget == 400
+    with pytest.raises(ConfigError, match="warm_start_maxiter"):
+        TrainConfig.from_yaml(write(tmp_path, "warm_start_maxiter: 0\n"))
