@@ -82,6 +82,17 @@ def test_simultaneous_plain_submits_get_distinct_generations(tmp_path, example_d
     assert len({r.run_dir for r in records}) == 3
 
 
+def _training_that_hangs(tmp_path: Path, example_db: str, local_site):
+    """A generation submitted with the hanging fault injector, once its fit has started."""
+    site = local_site(str(make_fault_pacemaker(tmp_path, "hang")))
+    sub = submit_generation(example_db, site, tiny_train_config())
+    folder = RunFolder(sub.spec.run_dir)
+    deadline = time.monotonic() + 60
+    while not (folder.path / "attempt-1" / "grandchild.pid").exists() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    return site, sub, folder
+
+
 def _end(locker: subprocess.Popen) -> None:
     """Let the process holding the lock finish its hold; kill it if it overstays."""
     try:
@@ -109,12 +120,7 @@ def _processes_of(submitit_dir: Path) -> list[int]:
 @pytest.mark.pacemaker
 @pytest.mark.parametrize("victims", [("train",), ("train", "evaluate")])
 def test_jobs_killed_with_sigkill_end_failed_without_anyone_waiting(tmp_path, example_db, local_site, victims):
-    site = local_site(str(make_fault_pacemaker(tmp_path, "hang")))
-    sub = submit_generation(example_db, site, tiny_train_config())
-    folder = RunFolder(sub.spec.run_dir)
-    deadline = time.monotonic() + 60
-    while not (folder.path / "attempt-1" / "grandchild.pid").exists() and time.monotonic() < deadline:
-        time.sleep(0.2)
+    site, sub, folder = _training_that_hangs(tmp_path, example_db, local_site)
     jobs = SubmittedJobs.load(folder.path)
     for which in victims:
         os.kill(int(jobs.by_role(which).job_id), signal.SIGKILL)
@@ -277,12 +283,7 @@ def test_a_publication_that_never_got_its_succeeded_record_is_taken_back(tmp_pat
     milliseconds in publish_and_record, so the folder it had published is made here by
     hand): the reconciliation that records FAILED takes the publication back, so the
     record and the published folders never disagree."""
-    site = local_site(str(make_fault_pacemaker(tmp_path, "hang")))
-    sub = submit_generation(example_db, site, tiny_train_config())
-    folder = RunFolder(sub.spec.run_dir)
-    deadline = time.monotonic() + 60
-    while not (folder.path / "attempt-1" / "grandchild.pid").exists() and time.monotonic() < deadline:
-        time.sleep(0.2)
+    site, sub, folder = _training_that_hangs(tmp_path, example_db, local_site)
     published = potentials_root(site.output_dir) / "1"
     published.mkdir(parents=True)
     (published / "metrics.json").write_text(json.dumps({"attempt": str(folder.path / "attempt-1")}))
@@ -339,12 +340,7 @@ def test_a_database_gone_while_a_job_runs_is_not_made_anew_by_the_job(tmp_path, 
     """The database moved away (or a compute node without its folder mounted): the job ends
     without making an empty database in its place, and its record is put right once the
     database is back."""
-    site = local_site(str(make_fault_pacemaker(tmp_path, "hang")))
-    sub = submit_generation(example_db, site, tiny_train_config())
-    folder = RunFolder(sub.spec.run_dir)
-    deadline = time.monotonic() + 60
-    while not (folder.path / "attempt-1" / "grandchild.pid").exists() and time.monotonic() < deadline:
-        time.sleep(0.2)
+    site, sub, folder = _training_that_hangs(tmp_path, example_db, local_site)
     moved = Path(f"{example_db}.moved")
     os.rename(example_db, moved)
     for name in ("grandchild.pid", "pacemaker.pid"):  # the fit ends: the job writes its record

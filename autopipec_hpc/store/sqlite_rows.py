@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import numbers
 import os
 import sqlite3
 from dataclasses import dataclass
@@ -52,8 +53,8 @@ def structure_rows(db: Any, status: str, after: int, page: int) -> list[Structur
                  "(SELECT id FROM text_key_values WHERE key = 'status' AND value = ?) ORDER BY id LIMIT ?")
         found = connection.execute(query, (after, status, page)).fetchall()
     rows = []
-    for row_id, numbers, positions, cell, pbc, text, data in found:
-        atoms = Atoms(numbers=db.deblob(numbers, np.int32), positions=db.deblob(positions, shape=(-1, 3)),
+    for row_id, species, positions, cell, pbc, text, data in found:
+        atoms = Atoms(numbers=db.deblob(species, np.int32), positions=db.deblob(positions, shape=(-1, 3)),
                       cell=db.deblob(cell, shape=(3, 3)), pbc=(int(pbc or 0) & PBC_BITS).astype(bool))
         decoded = db.decode(data) if data is not None else None
         rows.append(StructureRow(row_id, atoms, config_label(key_values(db, text), decoded)))
@@ -106,8 +107,6 @@ def update_key_values(db: Any, updates: list[tuple[int, dict[str, Any]]]) -> Non
     select's own time on 700 candidates. Written as ase.db's ``SQLite3Database._update``
     writes (key_value_pairs JSON, the key-value tables' entries of each key), so that ase.db
     reads and queries these rows as its own. KeyError for a row that does not exist."""
-    import numbers
-
     from ase.db.core import check, now
 
     values_of: dict[int, dict[str, Any]] = {}
@@ -175,6 +174,4 @@ def key_values_of(db: Any, ids: list[int]) -> dict[int, dict[str, Any]]:
 
 def _table_of(value: Any) -> str:
     """The key-value table ase.db files ``value`` in (``SQLite3Database._update``)."""
-    import numbers
-
     return "number_key_values" if isinstance(value, (numbers.Real, np.bool_)) else "text_key_values"
